@@ -1,0 +1,193 @@
+"""Every setting of a dreamfleet run in one typed, flat namespace, named after diffusers' train_dreambooth flags.
+
+The same names are used in the YAML `--config` file, in a manifest's `params` column (per-subject overrides) and in
+`run.json`. A setting left unset takes the default of the base model's preset: real models get the DreamBooth
+literature's values, the `tiny` models small ones so a CPU finishes in minutes. Explicit settings always win.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SettingsError(ValueError):
+    """A setting is unknown, of the wrong type or out of range; the message names it."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+    # Which family of defaults fills unset values; set from --base-model ("tiny" for the tiny models).
+    preset: Literal["standard", "tiny"] = "standard"
+
+    # Fine-tuning
+    mode: Literal["lora", "full"] = "lora"
+    max_train_steps: int = Field(800, ge=1)
+    learning_rate: float | None = Field(None, gt=0, le=1.0)  # None: by mode and preset, see DEFAULT_LEARNING_RATES
+    train_text_encoder: bool = False
+    lora_rank: int = Field(4, ge=1, le=1024)
+    lora_alpha: float | None = Field(None, gt=0)  # None: equal to lora_rank, as diffusers' scripts do
+    lora_target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
+    text_encoder_lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = Field(1.0, gt=0)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    use_8bit_adam: bool = True  # only takes effect where bitsandbytes and CUDA are both present
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: bf16 on GPU, no on CPU
+    checkpointing_steps: int = Field(200, ge=1)
+    checkpoints_total_limit: int = Field(2, ge=1)
+
+    # Data
+    resolution: int = Field(512, ge=8, le=4096)
+    center_crop: bool = True
+    max_image_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard for every image read
+
+    # Class-prior preservation
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(200, ge=1)
+    sample_batch_size: int = Field(4, ge=1)
+
+    # Generation (also used for class images)
+    num_images_per_prompt: int = Field(4, ge=1, le=256)
+    num_inference_steps: int = Field(30, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)
+    scheduler: Literal["ddim", "dpmsolver++", "euler_a"] = "ddim"
+    negative_prompt: str = ""
+
+    # Fleet
+    max_attempts: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> Settings:
+        if self.lr_warmup_steps > self.max_train_steps:
+            raise ValueError(
+                f"lr_warmup_steps ({self.lr_warmup_steps}) exceeds max_train_steps ({self.max_train_steps})"
+            )
+        return self
+
+    @property
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return DEFAULT_LEARNING_RATES[(self.preset, self.mode)]
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
+    def effective_mixed_precision(self, device_type: str) -> str:
+        if self.mixed_precision is not None:
+            return self.mixed_precision
+        return "bf16" if device_type == "cuda" else "no"
+
+    def with_overrides(self, overrides: dict[str, Any], *, source: str = "params") -> Settings:
+        """A copy with `overrides` applied, validated; `source` names where they came from in errors."""
+        return _validate({**self.model_dump(), **overrides}, source=source)
+
+
+SETTING_NAMES = frozenset(Settings.model_fields)
+
+# Keys a manifest row may not override: they belong to the whole run, not to one subject.
+RUN_ONLY_SETTINGS = frozenset({"preset", "max_attempts", "mixed_precision"})
+
+# The literature's rates for real models (DreamBooth paper, diffusers' scripts); for the tiny random models, the
+# rates at which 100 steps visibly move generations towards the subject (sweep in bench/RESULTS.md).
+DEFAULT_LEARNING_RATES = {
+    ("standard", "lora"): 1e-4,
+    ("standard", "full"): 5e-6,
+    ("tiny", "lora"): 5e-3,
+    ("tiny", "full"): 1e-3,
+}
+
+# Small models need small work: a CPU trains a tiny subject in seconds with these.
+TINY_PRESET: dict[str, Any] = {
+    "preset": "tiny",
+    "max_train_steps": 100,
+    "lora_rank": 8,
+    "checkpointing_steps": 20,
+    "resolution": 32,
+    "num_class_images": 4,
+    "num_images_per_prompt": 2,
+    "num_inference_steps": 10,
+    "sample_batch_size": 4,
+}
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "settings"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{source}: unknown setting '{key}'")
+        else:
+            parts.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def _validate(values: dict[str, Any], *, source: str) -> Settings:
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as err:
+        raise SettingsError(_format_error(err, source)) from None
+
+
+def preset_for(base_model: str) -> dict[str, Any]:
+    return dict(TINY_PRESET) if base_model == "tiny" else {}
+
+
+def load_settings(
+    base_model: str = "tiny",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Preset for the base model, then the YAML config file, then command-line overrides; each layer wins."""
+    values = preset_for(base_model)
+    if config_file is not None:
+        text = Path(config_file).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{config_file}: a config file must be a mapping of setting names to values")
+        values.update(_check_known(loaded, source=str(config_file)))
+    values.update(_check_known(overrides or {}, source="command line"))
+    return _validate(values, source=str(config_file) if config_file else "settings")
+
+
+def _check_known(values: dict[str, Any], *, source: str) -> dict[str, Any]:
+    unknown = sorted(set(values) - SETTING_NAMES)
+    if unknown:
+        raise SettingsError(f"{source}: unknown setting(s) {', '.join(repr(k) for k in unknown)}")
+    return values
+
+
+def parse_params(text: str | None) -> dict[str, Any]:
+    """The `params` column: a JSON object of per-subject overrides. Raises SettingsError naming the problem."""
+    if text is None or text.strip() == "":
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SettingsError(f"params: not valid JSON ({err.msg} at char {err.pos})") from None
+    if not isinstance(value, dict):
+        raise SettingsError(f"params: must be a JSON object, got {type(value).__name__}")
+    unknown = sorted(set(value) - SETTING_NAMES)
+    if unknown:
+        raise SettingsError(f"params: unknown setting(s) {', '.join(repr(k) for k in unknown)}")
+    run_only = sorted(set(value) & RUN_ONLY_SETTINGS)
+    if run_only:
+        raise SettingsError(f"params: {', '.join(repr(k) for k in run_only)} can only be set for the whole run")
+    return value
