@@ -1,0 +1,102 @@
+"""A subject's training examples, prepared once: instance and class images as cached VAE latent distributions,
+prompts as token ids and, while the text encoder is frozen, as cached embeddings.
+
+Encoding happens here a single time; every training step only samples from the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.images import read_image, resize_and_crop
+from engine.models import BaseModel
+from engine.settings import Settings
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """HWC uint8 RGB → CHW float in [-1, 1], the range Stable Diffusion's VAE expects."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_pixels(uris: Sequence[str], settings: Settings) -> torch.Tensor:
+    """Images at `uris` as one [N, 3, R, R] tensor in [-1, 1]; an undecodable image raises ImageError naming it."""
+    images = [read_image(uri, max_pixels=settings.max_image_pixels) for uri in uris]
+    return torch.stack([to_tensor(resize_and_crop(im, settings.resolution, settings.center_crop)) for im in images])
+
+
+@dataclass
+class LatentPool:
+    """Mean and std of each image's VAE posterior; a step draws a fresh latent from them, as encoding would."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.mean[indices], self.std[indices]
+        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return mean + std * noise
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+
+@torch.no_grad()
+def encode_latents(base: BaseModel, pixels: torch.Tensor, batch_size: int = 8) -> LatentPool:
+    means, stds = [], []
+    scale = base.vae.config.scaling_factor
+    for start in range(0, pixels.shape[0], batch_size):
+        dist = base.vae.encode(pixels[start : start + batch_size].to(base.device)).latent_dist
+        means.append(dist.mean * scale)
+        stds.append(dist.std * scale)
+    return LatentPool(torch.cat(means), torch.cat(stds))
+
+
+def tokenize(base: BaseModel, prompt: str) -> torch.Tensor:
+    return base.tokenizer(
+        prompt, padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(base.device)
+
+
+@dataclass
+class TrainingExamples:
+    instance: LatentPool
+    instance_ids: torch.Tensor
+    class_: LatentPool | None
+    class_ids: torch.Tensor | None
+    cached_embeddings: dict[str, torch.Tensor] | None  # None while the text encoder trains
+
+    def embeddings(self, base: BaseModel, which: str, batch: int) -> torch.Tensor:
+        if self.cached_embeddings is not None:
+            emb = self.cached_embeddings[which]
+        else:
+            emb = base.text_encoder(self.instance_ids if which == "instance" else self.class_ids)[0]
+        return emb.expand(batch, -1, -1)
+
+
+def prepare_examples(
+    base: BaseModel,
+    instance_uris: Sequence[str],
+    instance_prompt: str,
+    settings: Settings,
+    class_uris: Sequence[str] | None = None,
+    class_prompt: str | None = None,
+) -> TrainingExamples:
+    instance = encode_latents(base, load_pixels(instance_uris, settings))
+    instance_ids = tokenize(base, instance_prompt)
+    class_pool = class_ids = None
+    if class_uris:
+        class_pool = encode_latents(base, load_pixels(class_uris, settings))
+        class_ids = tokenize(base, class_prompt or "")
+    cached = None
+    if not settings.train_text_encoder:
+        with torch.no_grad():
+            cached = {"instance": base.text_encoder(instance_ids)[0]}
+            if class_ids is not None:
+                cached["class"] = base.text_encoder(class_ids)[0]
+    return TrainingExamples(instance, instance_ids, class_pool, class_ids, cached)

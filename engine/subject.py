@@ -1,0 +1,36 @@
+"""One subject to personalise: the manifest row the engine needs, and its stable default seed."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+SUBJECT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def stable_seed(text: str) -> int:
+    """A seed derived from `text` alone, identical on every machine and Python process (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Subject:
+    subject_id: str
+    instance_images: tuple[str, ...]
+    instance_prompt: str
+    class_prompt: str | None = None
+    prompts: tuple[str, ...] = ()
+    num_images_per_prompt: int | None = None
+    seed: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Subject ids become directory names: the pattern (no '/', no leading '.') keeps them inside the run.
+        if not SUBJECT_ID_PATTERN.fullmatch(self.subject_id):
+            raise ValueError(f"invalid subject_id {self.subject_id!r}: must match {SUBJECT_ID_PATTERN.pattern}")
+
+    @property
+    def effective_seed(self) -> int:
+        return self.seed if self.seed is not None else stable_seed(self.subject_id)
