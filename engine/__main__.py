@@ -12,25 +12,12 @@ import json
 import sys
 import time
 
-import yaml
-
 from engine import storage
 from engine.class_images import ClassImageCache
 from engine.models import default_device, load_base_model, resolve_base_model
-from engine.settings import SettingsError, load_settings
+from engine.settings import SettingsError, load_settings, parse_assignments
 from engine.subject import Subject
 from engine.train import train_subject
-
-
-def parse_assignments(pairs: list[str]) -> dict:
-    """`key=value` pairs, values parsed as YAML so numbers, booleans and lists keep their types."""
-    values = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SettingsError(f"--set {pair!r}: expected key=value")
-        values[key.strip()] = yaml.safe_load(value)
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:

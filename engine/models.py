@@ -120,10 +120,10 @@ class BaseModel:
                 module.load_state_dict(self._base_state[component])
             for param in module.parameters():
                 param.grad = None
-            if component == "unet" and module.is_gradient_checkpointing:
+            if component == "unet":
                 module.disable_gradient_checkpointing()
-            elif component == "text_encoder" and module.is_gradient_checkpointing:
-                module.gradient_checkpointing_disable()
+            else:
+                module.activation_checkpointing_disable()
             module.requires_grad_(False)
             module.eval()
         self.vae.requires_grad_(False)

@@ -191,3 +191,14 @@ def parse_params(text: str | None) -> dict[str, Any]:
     if run_only:
         raise SettingsError(f"params: {', '.join(repr(k) for k in run_only)} can only be set for the whole run")
     return value
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, Any]:
+    """Command-line `key=value` pairs; values parsed as YAML so numbers, booleans and lists keep their types."""
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SettingsError(f"--set {pair!r}: expected key=value")
+        values[key.strip()] = yaml.safe_load(value)
+    return values

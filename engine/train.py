@@ -117,7 +117,7 @@ def attach_trainable(base: BaseModel, settings: Settings) -> dict[str, torch.nn.
     if settings.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         if settings.train_text_encoder:
-            base.text_encoder.gradient_checkpointing_enable()
+            base.text_encoder.activation_checkpointing_enable()
     return trainable
 
 

@@ -1,0 +1,120 @@
+"""The `dreamfleet` command line (also `python -m ray_jobs`): parses arguments and hands each command to its module.
+
+Exit status, for every command: 0 everything succeeded; 1 the run finished but some subjects or rows failed;
+2 nothing was run (bad arguments, unreadable or invalid manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.models import ModelError
+from engine.settings import Settings, SettingsError, load_settings, parse_assignments
+from ray_jobs.manifest import ManifestError, read_subjects_manifest
+from ray_jobs.run_dir import RunConflictError
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_NOT_RUN = 0, 1, 2
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    settings = load_settings(args.base_model, args.config)
+    manifest = read_subjects_manifest(args.manifest, settings, check_images=not args.skip_image_check)
+    for error in manifest.errors:
+        print(error)
+    total = len(manifest.subjects) + len(manifest.errors)
+    print(f"{args.manifest}: {total} rows, {len(manifest.subjects)} valid, {len(manifest.errors)} invalid")
+    return EXIT_OK if not manifest.errors else EXIT_NOT_RUN
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.base_model, args.config, parse_assignments(args.set))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ray_jobs.fleet import FleetRequest, train_manifest
+
+    request = FleetRequest(
+        manifest=args.manifest,
+        out=args.out,
+        settings=_settings(args),
+        base_model=args.base_model,
+        address=args.address,
+        gpus_per_job=args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job,
+        workers=args.workers,
+        extend=args.extend,
+        command=args.command,
+        show_progress=not args.no_progress,
+    )
+    code, run = train_manifest(request)
+    print(f"run directory: {run.uri}")
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ray_jobs.progress import print_summary
+    from ray_jobs.run_dir import RunDirectory, summarize
+
+    run = RunDirectory(args.run)
+    record = run.read_run()
+    if record is None:
+        print(f"error: {args.run}: no run.json; not a dreamfleet run directory", file=sys.stderr)
+        return EXIT_NOT_RUN
+    statuses = run.read_statuses()
+    print(f"run {run.uri}: manifest {record['manifest']}, base model {record['base_model']}, "
+          f"started {record['started_at']}, ended {record['ended_at'] or '(running or interrupted)'}")  # fmt: skip
+    failures = [(s.subject_id, s.error or "") for s in sorted(statuses.values(), key=lambda s: s.subject_id)
+                if s.state == "failed"]  # fmt: skip
+    failures += [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in run.read_rejected_rows()]
+    print_summary(summarize(statuses), failures)
+    return EXIT_OK
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="subjects manifest, Parquet (any fsspec URI)")
+    parser.add_argument("--out", required=True, help="run directory (any fsspec URI); rerunning resumes it")
+    parser.add_argument("--base-model", default="tiny", help="tiny, a local diffusers directory, or a hub id")
+    parser.add_argument("--config", help="YAML settings file; flags override it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    parser.add_argument("--gpus-per-job", type=float, default=1.0, help="GPU share per worker; 0.5 packs two per GPU")
+    parser.add_argument("--cpus-per-job", type=float, default=1.0, help="CPUs reserved per worker")
+    parser.add_argument("--workers", type=int, help="number of workers (default: as many as the cluster holds)")
+    parser.add_argument("--extend", action="store_true", help="accept another manifest or settings for this RUN")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamfleet", description="DreamBooth fine-tunes and VLM passes on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="check a manifest's schema and every row")
+    validate.add_argument("manifest", help="Parquet manifest (any fsspec URI)")
+    validate.add_argument("--kind", choices=["subjects"], default="subjects")
+    validate.add_argument("--base-model", default="tiny", help="decides which defaults apply to params checks")
+    validate.add_argument("--config", help="YAML settings file")
+    validate.add_argument("--skip-image-check", action="store_true", help="do not open every image URI")
+    validate.set_defaults(handler=cmd_validate)
+
+    train = commands.add_parser("train", help="DreamBooth for every subject, sharded over the fleet")
+    _add_run_flags(train)
+    train.set_defaults(handler=cmd_train)
+
+    status = commands.add_parser("status", help="per-state counts and failed subjects, read from RUN alone")
+    status.add_argument("run", help="run directory (any fsspec URI)")
+    status.set_defaults(handler=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ManifestError, SettingsError, RunConflictError, ModelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NOT_RUN
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Training a whole manifest on the fleet: manifest → plan → scheduler → run directory, and the exit status."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from engine.models import fingerprint, resolve_base_model
+from engine.settings import Settings
+from ray_jobs.manifest import SubjectsManifest, read_subjects_manifest
+from ray_jobs.plan import TRAINED_STATES, plan_training, row_has_own_folder
+from ray_jobs.progress import print_summary
+from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
+from ray_jobs.scheduler import FleetOptions, FleetScheduler, worker_slots
+
+EXIT_OK, EXIT_SOME_FAILED = 0, 1
+
+
+@dataclass
+class FleetRequest:
+    """What a user asked for on the command line."""
+
+    manifest: str
+    out: str
+    settings: Settings
+    base_model: str = "tiny"
+    address: str | None = None
+    gpus_per_job: float = 1.0
+    cpus_per_job: float = 1.0
+    workers: int | None = None
+    extend: bool = False
+    command: str = "train"
+    show_progress: bool = True
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address`, or start a local one sized to this machine, unless Ray is already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+
+
+def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple[str, str]]:
+    """Bad rows become failed subjects where their id allows a folder; the rest are listed in rejected_rows.json."""
+    good_ids = {s.subject_id for s in manifest.subjects}
+    bad_ids = [e.subject_id for e in manifest.errors]
+    rejected = []
+    for error in manifest.errors:
+        if row_has_own_folder(error, good_ids, bad_ids):
+            run.write_status(SubjectStatus(error.subject_id, state="failed", error=f"manifest row {error.row}: {error.reason}"))
+        else:
+            rejected.append({"row": error.row, "subject_id": error.subject_id, "reason": error.reason})
+    run.write_rejected_rows(rejected)
+    return [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in rejected]
+
+
+def train_manifest(request: FleetRequest, on_event=None) -> tuple[int, RunDirectory]:
+    """Train every subject of the manifest that is not trained yet. Returns the exit status and the run."""
+    manifest = read_subjects_manifest(request.manifest, request.settings, check_images=False)
+    run = RunDirectory(request.out)
+    base_path = resolve_base_model(request.base_model)
+    run.start(
+        command=request.command,
+        manifest_uri=request.manifest,
+        manifest_fingerprint=manifest.fingerprint,
+        settings=request.settings,
+        base_model=request.base_model,
+        base_model_path=str(base_path),
+        extend=request.extend,
+    )
+    rejected = record_bad_rows(run, manifest)
+    existing = run.read_statuses([s.subject_id for s in manifest.subjects])
+    plan = plan_training(manifest.subjects, manifest.errors, existing, request.settings, fingerprint(base_path))
+    if plan.subjects:
+        connect(request.address)
+        num_workers, gpus_per_job = worker_slots(
+            request.gpus_per_job, request.cpus_per_job, request.workers, local=request.address is None
+        )
+        options = FleetOptions(
+            base_model=request.base_model,
+            num_workers=num_workers,
+            gpus_per_job=gpus_per_job,
+            cpus_per_job=request.cpus_per_job,
+        )
+        FleetScheduler(
+            run, plan, options, request.settings.max_attempts, on_event=on_event, show_progress=request.show_progress
+        ).run()
+    statuses = run.read_statuses()
+    counts = summarize(statuses)
+    run.finish(counts)
+    failures = [(s.subject_id, s.error or "") for s in statuses.values() if s.state == "failed"] + rejected
+    print_summary(counts, failures)
+    all_trained = all(statuses[s.subject_id].state in TRAINED_STATES for s in manifest.subjects)
+    return (EXIT_OK if all_trained and not manifest.errors else EXIT_SOME_FAILED), run

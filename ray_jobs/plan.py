@@ -1,0 +1,83 @@
+"""Planning a fleet run, with no Ray in it: which class-image sets to make and which subjects still need training.
+
+The plan is read from the manifest, the settings and the run directory alone, so it can be unit-tested and so a
+rerun on the same RUN does only what is left (Ray Data's lesson: what to do, apart from how it runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.class_images import class_set_key
+from engine.settings import Settings
+from engine.subject import SUBJECT_ID_PATTERN, Subject
+from ray_jobs.manifest import RowError
+from ray_jobs.run_dir import SubjectStatus
+
+# States in which a subject's training is finished; a rerun skips them.
+TRAINED_STATES = frozenset({"trained", "generating", "done"})
+
+
+@dataclass(frozen=True)
+class ClassSetJob:
+    key: str
+    class_prompt: str
+    settings: Settings
+
+
+@dataclass
+class SubjectJob:
+    subject: Subject
+    settings: Settings
+    class_set: str | None  # key of the class-image set it needs, None without prior preservation
+    status: SubjectStatus
+    tries: int = 0  # attempts in this invocation; status.attempts counts every invocation's
+
+
+@dataclass
+class TrainingPlan:
+    class_sets: list[ClassSetJob]
+    subjects: list[SubjectJob]
+    already_trained: list[str]
+    bad_rows: list[RowError]  # rows of the manifest that cannot be trained, with their reasons
+    statuses: dict[str, SubjectStatus] = field(default_factory=dict)  # every subject's status after planning
+
+
+def subject_settings(subject: Subject, settings: Settings) -> Settings:
+    return settings.with_overrides(subject.params, source=f"subject {subject.subject_id!r} params")
+
+
+def plan_training(
+    subjects: list[Subject],
+    bad_rows: list[RowError],
+    existing: dict[str, SubjectStatus],
+    settings: Settings,
+    base_fingerprint: str,
+) -> TrainingPlan:
+    """Everything left to do for `subjects`, given the statuses `existing` in the run directory.
+
+    A subject already trained is skipped; one that failed in an earlier invocation is tried again with a fresh
+    budget of attempts (its history is kept), since a rerun is how a user says "try again".
+    """
+    class_sets: dict[str, ClassSetJob] = {}
+    jobs, already_trained = [], []
+    statuses = dict(existing)
+    for subject in subjects:
+        status = existing.get(subject.subject_id) or SubjectStatus(subject.subject_id)
+        statuses[subject.subject_id] = status
+        if status.state in TRAINED_STATES:
+            already_trained.append(subject.subject_id)
+            continue
+        own = subject_settings(subject, settings)
+        key = None
+        if own.with_prior_preservation:
+            key = class_set_key(base_fingerprint, subject.class_prompt, own)
+            class_sets.setdefault(key, ClassSetJob(key, subject.class_prompt, own))
+        jobs.append(SubjectJob(subject, own, key, status))
+    return TrainingPlan(list(class_sets.values()), jobs, already_trained, bad_rows, statuses)
+
+
+def row_has_own_folder(error: RowError, good_ids: set[str], bad_ids: list[str | None]) -> bool:
+    """A bad row gets a failed status.json only if its id is a valid name no other row uses."""
+    sid = error.subject_id
+    return bool(sid) and SUBJECT_ID_PATTERN.fullmatch(sid) is not None and sid not in good_ids and bad_ids.count(sid) == 1

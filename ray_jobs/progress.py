@@ -1,0 +1,65 @@
+"""The driver's live view of a fleet run: one progress bar with done / failed / running counts and an ETA."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class FleetProgress:
+    def __init__(self, total: int, enabled: bool = True, label: str = "subjects"):
+        self.done = self.failed = self.running = 0
+        self.enabled = enabled
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("done {task.fields[done]} · failed {task.fields[failed]} · running {task.fields[running]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            disable=not enabled,
+        )
+        self._task = self._bar.add_task(label, total=total, done=0, failed=0, running=0)
+
+    def __enter__(self) -> FleetProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.stop()
+
+    def _refresh(self, advance: int = 0) -> None:
+        self._bar.update(self._task, advance=advance, done=self.done, failed=self.failed, running=self.running)
+
+    def started(self) -> None:
+        self.running += 1
+        self._refresh()
+
+    def requeued(self) -> None:
+        self.running -= 1
+        self._refresh()
+
+    def finished(self, ok: bool) -> None:
+        self.running -= 1
+        self.done += ok
+        self.failed += not ok
+        self._refresh(advance=1)
+
+
+def print_summary(counts: dict[str, int], failures: list[tuple[str, str]], console: Console | None = None) -> None:
+    """The final table: subjects by state, then every failure with its reason."""
+    console = console or Console()
+    table = Table(title="subjects by state")
+    for state in counts:
+        table.add_column(state, justify="right")
+    table.add_row(*(str(n) for n in counts.values()))
+    console.print(table)
+    if failures:
+        failed = Table(title="failed")
+        failed.add_column("subject / row")
+        failed.add_column("reason", overflow="fold")
+        for who, reason in failures:
+            failed.add_row(who, reason)
+        console.print(failed)

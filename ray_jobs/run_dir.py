@@ -1,0 +1,168 @@
+"""The run directory, the single source of truth of a run: `run.json` and each subject's `status.json`.
+
+Only the driver writes here (workers write checkpoints, weights and images), so state changes never race. Every
+write is atomic (see engine.storage), and everything can be read back without Ray: `dreamfleet status RUN`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from engine import storage
+from engine.settings import Settings
+
+STATES = ("pending", "training", "trained", "generating", "done", "failed")
+# Settings that may differ between invocations on the same RUN without changing what a subject is.
+OPERATIONAL_SETTINGS = frozenset({"max_attempts"})
+STATUS_READ_THREADS = 32  # reading statuses is storage round trips; overlap them on object stores
+
+
+class RunConflictError(ValueError):
+    """RUN already belongs to another manifest or to incompatible settings."""
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("dreamfleet", "torch", "diffusers", "transformers", "peft", "ray", "pyarrow"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def subject_dir(run: str, subject_id: str) -> str:
+    return storage.join(run, "subjects", subject_id)
+
+
+@dataclass
+class SubjectStatus:
+    subject_id: str
+    state: str = "pending"
+    attempts: int = 0
+    error: str | None = None
+    history: list[dict[str, Any]] | None = None  # one entry per attempt: outcome, error, resumed_from, steps run
+    worker: dict[str, Any] | None = None  # pid, node and GPU ids of the worker of the latest attempt
+    updated_at: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "history": self.history or []}
+
+
+class RunDirectory:
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+
+    @property
+    def run_json(self) -> str:
+        return storage.join(self.uri, "run.json")
+
+    @property
+    def class_images(self) -> str:
+        return storage.join(self.uri, "class_images")
+
+    def read_run(self) -> dict[str, Any] | None:
+        return storage.read_json(self.run_json) if storage.exists(self.run_json) else None
+
+    def start(
+        self,
+        *,
+        command: str,
+        manifest_uri: str,
+        manifest_fingerprint: str,
+        settings: Settings,
+        base_model: str,
+        base_model_path: str,
+        extend: bool,
+    ) -> dict[str, Any]:
+        """Create run.json, or check that this invocation matches the one that created it, and record it."""
+        record = self.read_run()
+        invocation = {"command": command, "manifest": manifest_uri, "manifest_fingerprint": manifest_fingerprint,
+                      "started_at": now(), "ended_at": None}  # fmt: skip
+        if record is None:
+            record = {
+                "manifest": manifest_uri,
+                "manifest_fingerprint": manifest_fingerprint,
+                "settings": settings.model_dump(),
+                "base_model": base_model,
+                "base_model_path": base_model_path,
+                "versions": versions(),
+                "started_at": invocation["started_at"],
+                "ended_at": None,
+                "invocations": [],
+            }
+        elif not extend:
+            self._check_compatible(record, manifest_fingerprint, settings, base_model)
+        else:
+            record["settings"] = settings.model_dump()
+            record["manifest_fingerprint"] = manifest_fingerprint
+        record["invocations"].append(invocation)
+        storage.write_json(self.run_json, record)
+        return record
+
+    def _check_compatible(self, record: dict, fingerprint: str, settings: Settings, base_model: str) -> None:
+        if record["manifest_fingerprint"] != fingerprint:
+            raise RunConflictError(
+                f"{self.uri} was started with another manifest ({record['manifest']}); "
+                "use a new --out, or --extend to add this manifest's subjects to the run"
+            )
+        if record["base_model"] != base_model:
+            raise RunConflictError(f"{self.uri} was started with base model {record['base_model']!r}, not {base_model!r}")
+        old, new = record["settings"], settings.model_dump()
+        changed = sorted(k for k in set(old) | set(new) if k not in OPERATIONAL_SETTINGS and old.get(k) != new.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise RunConflictError(f"{self.uri} was started with other settings ({details}); use --extend to accept them")
+
+    def finish(self, summary: dict[str, int]) -> None:
+        record = self.read_run()
+        record["ended_at"] = record["invocations"][-1]["ended_at"] = now()
+        record["invocations"][-1]["summary"] = summary
+        storage.write_json(self.run_json, record)
+
+    def status_uri(self, subject_id: str) -> str:
+        return storage.join(subject_dir(self.uri, subject_id), "status.json")
+
+    def read_status(self, subject_id: str) -> SubjectStatus | None:
+        uri = self.status_uri(subject_id)
+        if not storage.exists(uri):
+            return None
+        return SubjectStatus(**storage.read_json(uri))
+
+    def write_status(self, status: SubjectStatus) -> None:
+        status.updated_at = now()
+        storage.write_json(self.status_uri(status.subject_id), status.to_json())
+
+    def read_statuses(self, subject_ids: list[str] | None = None) -> dict[str, SubjectStatus]:
+        """Statuses of `subject_ids` (default: every subject folder in RUN) that exist."""
+        if subject_ids is None:
+            subject_ids = storage.listdir(storage.join(self.uri, "subjects"))
+        with ThreadPoolExecutor(STATUS_READ_THREADS) as pool:
+            found = pool.map(self.read_status, subject_ids)
+        return {s.subject_id: s for s in found if s is not None}
+
+    @property
+    def rejected_rows_uri(self) -> str:
+        return storage.join(self.uri, "rejected_rows.json")
+
+    def write_rejected_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Manifest rows that could not become subjects at all (e.g. an invalid subject_id): they have no folder."""
+        storage.write_json(self.rejected_rows_uri, rows)
+
+    def read_rejected_rows(self) -> list[dict[str, Any]]:
+        return storage.read_json(self.rejected_rows_uri) if storage.exists(self.rejected_rows_uri) else []
+
+
+def summarize(statuses: dict[str, SubjectStatus]) -> dict[str, int]:
+    counts = Counter(s.state for s in statuses.values())
+    return {state: counts.get(state, 0) for state in STATES}

@@ -1,0 +1,232 @@
+"""The fleet scheduler: hands a plan's jobs to long-lived worker actors, one job per actor at a time.
+
+- Class-image sets first, each on exactly one actor; a subject waits only for its own set.
+- At most one job in flight per actor: the driver holds a bounded number of futures whatever the manifest's size.
+- A subject's failure is retried up to `max_attempts` (an OOM retry turns on gradient checkpointing, then halves the
+  micro-batch); a dead worker is replaced and its subject re-queued, resuming from its last checkpoint.
+- Every state change is written to RUN at once: the driver can be killed at any point and rerun.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from engine.settings import Settings
+from ray_jobs.plan import ClassSetJob, SubjectJob, TrainingPlan
+from ray_jobs.progress import FleetProgress
+from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
+from ray_jobs.worker import SubjectWorker
+
+
+class FleetError(RuntimeError):
+    """The fleet cannot make progress at all (e.g. no worker can even start)."""
+
+
+@dataclass
+class FleetOptions:
+    base_model: str
+    num_workers: int
+    gpus_per_job: float
+    cpus_per_job: float = 1.0
+    cache_dir: str | None = None
+    worker_class: type = SubjectWorker  # a stand-in with the same methods serves the scheduling benchmark
+
+
+def worker_slots(gpus_per_job: float, cpus_per_job: float, requested: int | None, local: bool) -> tuple[int, float]:
+    """How many workers to start and the GPU share each asks for.
+
+    By default, as many workers as the cluster's GPUs hold at `gpus_per_job` each. A local cluster without GPUs
+    (a laptop, CI) runs CPU workers instead of waiting forever for a GPU; a remote cluster keeps the request, since
+    its autoscaler may still add GPU nodes.
+    """
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    if local and gpus == 0:
+        gpus_per_job = 0.0
+    if requested:
+        return requested, gpus_per_job
+    if gpus > 0 and gpus_per_job > 0:
+        return max(1, int(gpus / gpus_per_job + 1e-9)), gpus_per_job
+    return max(1, int(resources.get("CPU", 1) / max(cpus_per_job, 1e-9) + 1e-9)), gpus_per_job
+
+
+def oom_adjusted(settings: Settings) -> Settings:
+    """Settings that need less memory for the same effective batch."""
+    if not settings.gradient_checkpointing:
+        return settings.model_copy(update={"gradient_checkpointing": True})
+    if settings.train_batch_size > 1:
+        return settings.model_copy(
+            update={
+                "train_batch_size": settings.train_batch_size // 2,
+                "gradient_accumulation_steps": settings.gradient_accumulation_steps * 2,
+            }
+        )
+    return settings
+
+
+class FleetScheduler:
+    def __init__(
+        self,
+        run: RunDirectory,
+        plan: TrainingPlan,
+        options: FleetOptions,
+        max_attempts: int,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        show_progress: bool = True,
+    ):
+        self.run_dir = run
+        self.plan = plan
+        self.options = options
+        self.max_attempts = max_attempts
+        self.on_event = on_event or (lambda kind, data: None)
+        self.progress = FleetProgress(len(plan.subjects), enabled=show_progress)
+        self.queue: deque[ClassSetJob | SubjectJob] = deque()
+        self.waiting: dict[str, list[SubjectJob]] = {}
+        self.ready_sets: dict[str, list[str]] = {}
+        self.set_attempts: dict[str, int] = {}
+        self.in_flight: dict[ray.ObjectRef, tuple[Any, ClassSetJob | SubjectJob]] = {}
+        self.idle: deque = deque()
+        self.identities: dict[Any, ray.ObjectRef] = {}
+        self.worker_deaths = 0
+
+    # -- workers -------------------------------------------------------------------------------------------------
+
+    def _start_worker(self):
+        cls = ray.remote(self.options.worker_class).options(
+            num_gpus=self.options.gpus_per_job, num_cpus=self.options.cpus_per_job, max_restarts=0
+        )
+        actor = cls.remote(self.options.base_model, self.options.cache_dir)
+        self.identities[actor] = actor.identity.remote()
+        return actor
+
+    def _identity(self, actor) -> dict[str, Any] | None:
+        try:
+            return ray.get(self.identities[actor])
+        except RayActorError:  # it died starting up; the job's own call will report that
+            return None
+
+    def _replace(self, actor) -> None:
+        self.worker_deaths += 1
+        if self.worker_deaths > 3 * self.options.num_workers + 3:
+            raise FleetError(f"{self.worker_deaths} workers died; the last failure was not one subject's fault")
+        ray.kill(actor, no_restart=True)
+        self.identities.pop(actor, None)
+        self.idle.append(self._start_worker())
+        self.on_event("worker_replaced", {})
+
+    # -- queueing ------------------------------------------------------------------------------------------------
+
+    def _enqueue_plan(self) -> None:
+        from engine.class_images import ClassImageCache
+
+        cache = ClassImageCache(self.run_dir.class_images)
+        for job in self.plan.class_sets:
+            uris = cache.lookup(job.key)
+            if uris is not None:
+                self.ready_sets[job.key] = uris
+                self.on_event("class_set_cached", {"images": len(uris)})
+            else:
+                self.queue.append(job)
+        for job in self.plan.subjects:
+            if job.class_set is not None and job.class_set not in self.ready_sets:
+                self.waiting.setdefault(job.class_set, []).append(job)
+            else:
+                self.queue.append(job)
+            # A subject that failed before, or was interrupted mid-training, is pending again; its history stays.
+            job.status.state = "pending"
+            self.run_dir.write_status(job.status)
+
+    def _submit(self, actor, job: ClassSetJob | SubjectJob) -> None:
+        if isinstance(job, ClassSetJob):
+            ref = actor.make_class_set.remote(self.run_dir.class_images, job.class_prompt, job.settings)
+        else:
+            job.tries += 1
+            job.status.state, job.status.attempts = "training", job.status.attempts + 1
+            job.status.worker = self._identity(actor)
+            self.run_dir.write_status(job.status)
+            self.progress.started()
+            ref = actor.train.remote(self.run_dir.uri, job.subject, job.settings, self.ready_sets.get(job.class_set))
+        self.in_flight[ref] = (actor, job)
+
+    # -- outcomes ------------------------------------------------------------------------------------------------
+
+    def _class_set_done(self, job: ClassSetJob, outcome: dict[str, Any]) -> None:
+        if outcome["ok"]:
+            self.ready_sets[job.key] = outcome["uris"]
+            self.on_event("class_set_generated", {"images": outcome["generated"]})
+            self.queue.extend(self.waiting.pop(job.key, []))
+            return
+        self.set_attempts[job.key] = self.set_attempts.get(job.key, 0) + 1
+        if outcome.get("retryable", True) and self.set_attempts[job.key] < self.max_attempts:
+            self.queue.appendleft(job)
+            return
+        for subject_job in self.waiting.pop(job.key, []):
+            self._fail(subject_job, f"class images for {job.class_prompt!r} could not be made: {outcome['error']}")
+
+    def _subject_done(self, job: SubjectJob, outcome: dict[str, Any]) -> None:
+        status = job.status
+        entry = {k: outcome.get(k) for k in ("ok", "error", "resumed_from", "steps_run", "seconds", "final_loss")}
+        status.history = [*(status.history or []), {"attempt": status.attempts, **entry}]
+        if outcome["ok"]:
+            status.state, status.error = "trained", None
+            self.run_dir.write_status(status)
+            self.progress.finished(ok=True)
+            self.on_event("subject_attempt", {"outcome": "success", "step_seconds": outcome.get("step_seconds", [])})
+            return
+        kind = "oom" if outcome.get("oom") else "worker_died" if outcome.get("worker_died") else "error"
+        self.on_event("subject_attempt", {"outcome": kind, "step_seconds": []})
+        if outcome.get("retryable", True) and job.tries < self.max_attempts:
+            if outcome.get("oom"):
+                job.settings = oom_adjusted(job.settings)
+            status.state, status.error = "pending", outcome["error"]
+            self.run_dir.write_status(status)
+            self.progress.requeued()
+            self.queue.append(job)
+            return
+        self._fail(job, outcome["error"], started=True)
+
+    def _fail(self, job: SubjectJob, reason: str, started: bool = False) -> None:
+        job.status.state, job.status.error = "failed", reason
+        self.run_dir.write_status(job.status)
+        if not started:
+            self.progress.started()
+        self.progress.finished(ok=False)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, int]:
+        """Run the plan to completion; returns counts of subjects by state."""
+        self._enqueue_plan()
+        work = len(self.queue) + sum(len(v) for v in self.waiting.values())
+        for _ in range(min(self.options.num_workers, work)):
+            self.idle.append(self._start_worker())
+        with self.progress:
+            while self.queue or self.in_flight:
+                while self.idle and self.queue:
+                    self._submit(self.idle.popleft(), self.queue.popleft())
+                done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+                for ref in done:
+                    actor, job = self.in_flight.pop(ref)
+                    try:
+                        outcome = ray.get(ref)
+                    except RayActorError as err:
+                        outcome = {"ok": False, "error": f"worker process died: {type(err).__name__}",
+                                   "retryable": True, "worker_died": True}  # fmt: skip
+                        self._replace(actor)
+                    else:
+                        self.idle.append(actor)
+                    if isinstance(job, ClassSetJob):
+                        self._class_set_done(job, outcome)
+                    else:
+                        self._subject_done(job, outcome)
+                self.on_event("tick", {"queued": len(self.queue), "running": len(self.in_flight)})
+        for actor in self.idle:
+            ray.kill(actor, no_restart=True)
+        return summarize(self.plan.statuses)
