@@ -5,13 +5,18 @@ Each image's starting noise comes from its own generator, so an image is the sam
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
+from engine import storage
 from engine.models import BaseModel
 from engine.settings import Settings
+from engine.subject import Subject
 
 
 def make_scheduler(name: str, config: dict):
@@ -91,3 +96,68 @@ def generate(
 
 def _vae_scale(base: BaseModel) -> int:
     return 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    prompt_index: int
+    image_index: int
+    prompt: str
+    seed: int
+    name: str  # file name under the subject's images/ folder
+
+
+def plan_subject_images(subject: Subject, settings: Settings) -> list[PlannedImage]:
+    """Every image a subject's prompts ask for, each with its own seed and file name."""
+    count = subject.num_images_per_prompt or settings.num_images_per_prompt
+    return [
+        PlannedImage(p, i, prompt, image_seed(subject.effective_seed, p, i), f"p{p:04d}-i{i:04d}.png")
+        for p, prompt in enumerate(subject.prompts)
+        for i in range(count)
+    ]
+
+
+def png_bytes(image: Image.Image, text: dict[str, str]) -> bytes:
+    """PNG with its generation parameters in tEXt chunks, readable by any PNG tool."""
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def render_subject(base: BaseModel, subject: Subject, settings: Settings, images_dir: str) -> list[dict]:
+    """Generate the subject's missing images into `images_dir` with whatever weights `base` carries now.
+
+    Returns one row per planned image (existing ones included), in the columns of SPEC's generations.parquet.
+    Images already present are skipped, so a retried or resumed subject never renders one twice.
+    """
+    planned = plan_subject_images(subject, settings)
+    present = set(storage.listdir(images_dir))
+    missing = [p for p in planned if p.name not in present]
+    batch = settings.generation_batch_size
+    for start in range(0, len(missing), batch):
+        chunk = missing[start : start + batch]
+        images = generate(base, [p.prompt for p in chunk], [p.seed for p in chunk], settings, batch)
+        for item, image in zip(chunk, images):
+            text = {
+                "prompt": item.prompt, "negative_prompt": settings.negative_prompt, "seed": str(item.seed),
+                "num_inference_steps": str(settings.num_inference_steps), "guidance_scale": str(settings.guidance_scale),
+                "scheduler": settings.scheduler, "subject_id": subject.subject_id,
+            }  # fmt: skip
+            storage.write_bytes(storage.join(images_dir, item.name), png_bytes(image, text))
+    return [
+        {
+            "subject_id": subject.subject_id,
+            "prompt": p.prompt,
+            "prompt_index": p.prompt_index,
+            "image_index": p.image_index,
+            "seed": p.seed,
+            "image": storage.join(images_dir, p.name),
+            "guidance_scale": settings.guidance_scale,
+            "num_inference_steps": settings.num_inference_steps,
+            "scheduler": settings.scheduler,
+        }
+        for p in planned
+    ]

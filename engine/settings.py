@@ -68,6 +68,7 @@ class Settings(BaseModel):
     guidance_scale: float = Field(7.5, ge=0)
     scheduler: Literal["ddim", "dpmsolver++", "euler_a"] = "ddim"
     negative_prompt: str = ""
+    generation_batch_size: int = Field(8, ge=1, le=256)  # images per UNet batch (CFG doubles it inside)
 
     # Fleet
     max_attempts: int = Field(3, ge=1)

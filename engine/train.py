@@ -27,7 +27,7 @@ from engine.instance_data import TrainingExamples, prepare_examples
 from engine.models import LORA_ADAPTER, BaseModel
 from engine.settings import Settings
 from engine.subject import Subject
-from engine.weights import export_weights
+from engine.weights import export_weights, lora_components, lora_config
 
 # Settings that change the optimisation itself; a checkpoint made with other values cannot be resumed.
 TRAINING_IDENTITY_KEYS = (
@@ -78,29 +78,10 @@ def training_identity(subject: Subject, settings: Settings, base: BaseModel) -> 
 
 def attach_trainable(base: BaseModel, settings: Settings) -> dict[str, torch.nn.Parameter]:
     """Make the subject's weights trainable on the shared base model; returns them by stable name."""
-    from peft import LoraConfig
-
     base.reset()
     if settings.mode == "lora":
-        base.add_lora(
-            "unet",
-            LoraConfig(
-                r=settings.lora_rank,
-                lora_alpha=settings.effective_lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(settings.lora_target_modules),
-            ),
-        )
-        if settings.train_text_encoder:
-            base.add_lora(
-                "text_encoder",
-                LoraConfig(
-                    r=settings.lora_rank,
-                    lora_alpha=settings.effective_lora_alpha,
-                    init_lora_weights="gaussian",
-                    target_modules=list(settings.text_encoder_lora_target_modules),
-                ),
-            )
+        for component in lora_components(settings):
+            base.add_lora(component, lora_config(settings, component))
     else:
         base.snapshot("unet")
         base.unet.requires_grad_(True)

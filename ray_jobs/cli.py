@@ -31,8 +31,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.base_model, args.config, parse_assignments(args.set))
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from ray_jobs.fleet import FleetRequest, train_manifest
+STAGES = {"train": ("train",), "generate": ("generate",), "run": ("train", "generate")}
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """train, generate and run: the manifest's subjects through the fleet, resuming whatever RUN holds."""
+    from ray_jobs.fleet import FleetRequest, run_manifest
 
     request = FleetRequest(
         manifest=args.manifest,
@@ -47,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         command=args.command,
         show_progress=not args.no_progress,
     )
-    code, run = train_manifest(request)
+    code, run = run_manifest(request, STAGES[args.command])
     print(f"run directory: {run.uri}")
     return code
 
@@ -97,9 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--skip-image-check", action="store_true", help="do not open every image URI")
     validate.set_defaults(handler=cmd_validate)
 
-    train = commands.add_parser("train", help="DreamBooth for every subject, sharded over the fleet")
-    _add_run_flags(train)
-    train.set_defaults(handler=cmd_train)
+    for name, text in (
+        ("train", "DreamBooth for every subject, sharded over the fleet"),
+        ("generate", "guided generation with each trained subject"),
+        ("run", "train, then generate"),
+    ):
+        fleet_command = commands.add_parser(name, help=text)
+        _add_run_flags(fleet_command)
+        fleet_command.set_defaults(handler=cmd_fleet)
 
     status = commands.add_parser("status", help="per-state counts and failed subjects, read from RUN alone")
     status.add_argument("run", help="run directory (any fsspec URI)")

@@ -1,4 +1,7 @@
-"""Training a whole manifest on the fleet: manifest → plan → scheduler → run directory, and the exit status."""
+"""A whole manifest on the fleet: manifest → plan → scheduler → run directory, and the exit status.
+
+`dreamfleet train` runs the "train" stage, `generate` the "generate" stage, `run` both (then moderation).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from dataclasses import dataclass
 from engine.models import fingerprint, resolve_base_model
 from engine.settings import Settings
 from ray_jobs.manifest import SubjectsManifest, read_subjects_manifest
-from ray_jobs.plan import TRAINED_STATES, plan_training, row_has_own_folder
+from ray_jobs.generations import assemble_generations
+from ray_jobs.plan import plan_fleet, row_has_own_folder
 from ray_jobs.progress import print_summary
 from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
 from ray_jobs.scheduler import FleetOptions, FleetScheduler, worker_slots
@@ -59,8 +63,11 @@ def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple
     return [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in rejected]
 
 
-def train_manifest(request: FleetRequest, on_event=None) -> tuple[int, RunDirectory]:
-    """Train every subject of the manifest that is not trained yet. Returns the exit status and the run."""
+FINAL_STATE = {"train": "trained", "generate": "done"}
+
+
+def run_manifest(request: FleetRequest, stages: tuple[str, ...], on_event=None) -> tuple[int, RunDirectory]:
+    """Take every subject of the manifest through `stages`, skipping what RUN shows done. Returns (exit, run)."""
     manifest = read_subjects_manifest(request.manifest, request.settings, check_images=False)
     run = RunDirectory(request.out)
     base_path = resolve_base_model(request.base_model)
@@ -75,7 +82,7 @@ def train_manifest(request: FleetRequest, on_event=None) -> tuple[int, RunDirect
     )
     rejected = record_bad_rows(run, manifest)
     existing = run.read_statuses([s.subject_id for s in manifest.subjects])
-    plan = plan_training(manifest.subjects, manifest.errors, existing, request.settings, fingerprint(base_path))
+    plan = plan_fleet(manifest.subjects, manifest.errors, existing, request.settings, fingerprint(base_path), stages)
     if plan.subjects:
         connect(request.address)
         num_workers, gpus_per_job = worker_slots(
@@ -90,10 +97,15 @@ def train_manifest(request: FleetRequest, on_event=None) -> tuple[int, RunDirect
         FleetScheduler(
             run, plan, options, request.settings.max_attempts, on_event=on_event, show_progress=request.show_progress
         ).run()
-    statuses = run.read_statuses()
+    statuses = {**plan.statuses, **run.read_statuses()}  # planned subjects may have no status file yet
+    if "generate" in stages:
+        assemble_generations(run, manifest.passthrough)
     counts = summarize(statuses)
     run.finish(counts)
     failures = [(s.subject_id, s.error or "") for s in statuses.values() if s.state == "failed"] + rejected
+    failures += [(sid, f"not trained yet (state {statuses[sid].state}); run `dreamfleet train` first")
+                 for sid in plan.not_trained if statuses[sid].state != "failed"]  # fmt: skip
     print_summary(counts, failures)
-    all_trained = all(statuses[s.subject_id].state in TRAINED_STATES for s in manifest.subjects)
-    return (EXIT_OK if all_trained and not manifest.errors else EXIT_SOME_FAILED), run
+    final = FINAL_STATE[stages[-1]]
+    complete = all(statuses[s.subject_id].state in (final, "done") for s in manifest.subjects)
+    return (EXIT_OK if complete and not manifest.errors else EXIT_SOME_FAILED), run

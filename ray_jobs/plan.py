@@ -1,4 +1,5 @@
-"""Planning a fleet run, with no Ray in it: which class-image sets to make and which subjects still need training.
+"""Planning a fleet run, with no Ray in it: which class-image sets to make, which subjects still need training and
+which still need their images generated.
 
 The plan is read from the manifest, the settings and the run directory alone, so it can be unit-tested and so a
 rerun on the same RUN does only what is left (Ray Data's lesson: what to do, apart from how it runs).
@@ -16,6 +17,7 @@ from ray_jobs.run_dir import SubjectStatus
 
 # States in which a subject's training is finished; a rerun skips them.
 TRAINED_STATES = frozenset({"trained", "generating", "done"})
+STAGES = ("train", "generate")
 
 
 @dataclass(frozen=True)
@@ -31,14 +33,20 @@ class SubjectJob:
     settings: Settings
     class_set: str | None  # key of the class-image set it needs, None without prior preservation
     status: SubjectStatus
-    tries: int = 0  # attempts in this invocation; status.attempts counts every invocation's
+    stages: tuple[str, ...]  # what is left to do for it, in order: ("train", "generate"), ("generate",), ...
+    tries: int = 0  # attempts at the current stage in this invocation; status.attempts counts them all
+
+    @property
+    def stage(self) -> str:
+        return self.stages[0]
 
 
 @dataclass
-class TrainingPlan:
+class FleetPlan:
     class_sets: list[ClassSetJob]
     subjects: list[SubjectJob]
-    already_trained: list[str]
+    finished: list[str]  # subjects with nothing left to do in the asked stages
+    not_trained: list[str]  # subjects that must be trained before they can be generated
     bad_rows: list[RowError]  # rows of the manifest that cannot be trained, with their reasons
     statuses: dict[str, SubjectStatus] = field(default_factory=dict)  # every subject's status after planning
 
@@ -47,34 +55,44 @@ def subject_settings(subject: Subject, settings: Settings) -> Settings:
     return settings.with_overrides(subject.params, source=f"subject {subject.subject_id!r} params")
 
 
-def plan_training(
+def plan_fleet(
     subjects: list[Subject],
     bad_rows: list[RowError],
     existing: dict[str, SubjectStatus],
     settings: Settings,
     base_fingerprint: str,
-) -> TrainingPlan:
-    """Everything left to do for `subjects`, given the statuses `existing` in the run directory.
+    stages: tuple[str, ...] = ("train",),
+) -> FleetPlan:
+    """Everything left to do for `subjects` in `stages`, given the statuses `existing` in the run directory.
 
-    A subject already trained is skipped; one that failed in an earlier invocation is tried again with a fresh
-    budget of attempts (its history is kept), since a rerun is how a user says "try again".
+    A subject already trained is not trained again; one that failed in an earlier invocation is tried again with a
+    fresh budget of attempts (its history is kept), since a rerun is how a user says "try again". Generation only
+    runs on trained subjects: asked alone, it reports the untrained ones instead.
     """
     class_sets: dict[str, ClassSetJob] = {}
-    jobs, already_trained = [], []
+    jobs, finished, not_trained = [], [], []
     statuses = dict(existing)
     for subject in subjects:
         status = existing.get(subject.subject_id) or SubjectStatus(subject.subject_id)
         statuses[subject.subject_id] = status
-        if status.state in TRAINED_STATES:
-            already_trained.append(subject.subject_id)
+        trained = status.is_trained
+        todo = tuple(
+            stage for stage in stages
+            if (stage == "train" and not trained) or (stage == "generate" and status.state != "done")
+        )  # fmt: skip
+        if not todo:
+            finished.append(subject.subject_id)
+            continue
+        if todo[0] == "generate" and not trained:
+            not_trained.append(subject.subject_id)
             continue
         own = subject_settings(subject, settings)
         key = None
-        if own.with_prior_preservation:
+        if todo[0] == "train" and own.with_prior_preservation:
             key = class_set_key(base_fingerprint, subject.class_prompt, own)
             class_sets.setdefault(key, ClassSetJob(key, subject.class_prompt, own))
-        jobs.append(SubjectJob(subject, own, key, status))
-    return TrainingPlan(list(class_sets.values()), jobs, already_trained, bad_rows, statuses)
+        jobs.append(SubjectJob(subject, own, key, status, todo))
+    return FleetPlan(list(class_sets.values()), jobs, finished, not_trained, bad_rows, statuses)
 
 
 def row_has_own_folder(error: RowError, good_ids: set[str], bad_ids: list[str | None]) -> bool:

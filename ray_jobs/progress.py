@@ -33,16 +33,12 @@ class FleetProgress:
     def _refresh(self, advance: int = 0) -> None:
         self._bar.update(self._task, advance=advance, done=self.done, failed=self.failed, running=self.running)
 
-    def started(self) -> None:
-        self.running += 1
-        self._refresh()
-
-    def requeued(self) -> None:
-        self.running -= 1
-        self._refresh()
+    def set_running(self, running: int) -> None:
+        if running != self.running:
+            self.running = running
+            self._refresh()
 
     def finished(self, ok: bool) -> None:
-        self.running -= 1
         self.done += ok
         self.failed += not ok
         self._refresh(advance=1)

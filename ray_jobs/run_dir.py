@@ -55,6 +55,13 @@ class SubjectStatus:
     worker: dict[str, Any] | None = None  # pid, node and GPU ids of the worker of the latest attempt
     updated_at: str | None = None
 
+    @property
+    def is_trained(self) -> bool:
+        """Trained, even if a later stage (generation) failed: its weights are in RUN and need no retraining."""
+        if self.state in ("trained", "generating", "done"):
+            return True
+        return any(h.get("stage") == "train" and h.get("ok") for h in self.history or [])
+
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "history": self.history or []}
 

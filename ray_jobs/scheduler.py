@@ -1,6 +1,8 @@
 """The fleet scheduler: hands a plan's jobs to long-lived worker actors, one job per actor at a time.
 
 - Class-image sets first, each on exactly one actor; a subject waits only for its own set.
+- A subject moves through its stages (train, then generate) on whichever worker is free; its state in RUN follows:
+  pending → training → trained → generating → done, or failed with the reason.
 - At most one job in flight per actor: the driver holds a bounded number of futures whatever the manifest's size.
 - A subject's failure is retried up to `max_attempts` (an OOM retry turns on gradient checkpointing, then halves the
   micro-batch); a dead worker is replaced and its subject re-queued, resuming from its last checkpoint.
@@ -19,10 +21,16 @@ import ray
 from ray.exceptions import RayActorError
 
 from engine.settings import Settings
-from ray_jobs.plan import ClassSetJob, SubjectJob, TrainingPlan
+from ray_jobs.plan import ClassSetJob, FleetPlan, SubjectJob
 from ray_jobs.progress import FleetProgress
 from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
 from ray_jobs.worker import SubjectWorker
+
+
+RUNNING_STATE = {"train": "training", "generate": "generating"}
+FINISHED_STATE = {"train": "trained", "generate": "done"}
+BEFORE_STATE = {"train": "pending", "generate": "trained"}
+HISTORY_FIELDS = ("ok", "error", "resumed_from", "steps_run", "images", "images_generated", "seconds", "final_loss")
 
 
 class FleetError(RuntimeError):
@@ -75,7 +83,7 @@ class FleetScheduler:
     def __init__(
         self,
         run: RunDirectory,
-        plan: TrainingPlan,
+        plan: FleetPlan,
         options: FleetOptions,
         max_attempts: int,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
@@ -139,20 +147,24 @@ class FleetScheduler:
                 self.waiting.setdefault(job.class_set, []).append(job)
             else:
                 self.queue.append(job)
-            # A subject that failed before, or was interrupted mid-training, is pending again; its history stays.
-            job.status.state = "pending"
+            # A subject that failed before, or was interrupted mid-stage, is back before that stage; history stays.
+            job.status.state = BEFORE_STATE[job.stage]
             self.run_dir.write_status(job.status)
 
     def _submit(self, actor, job: ClassSetJob | SubjectJob) -> None:
         if isinstance(job, ClassSetJob):
             ref = actor.make_class_set.remote(self.run_dir.class_images, job.class_prompt, job.settings)
-        else:
-            job.tries += 1
-            job.status.state, job.status.attempts = "training", job.status.attempts + 1
-            job.status.worker = self._identity(actor)
-            self.run_dir.write_status(job.status)
-            self.progress.started()
+            self.in_flight[ref] = (actor, job)
+            return
+        job.tries += 1
+        job.status.state = RUNNING_STATE[job.stage]
+        job.status.attempts += 1
+        job.status.worker = self._identity(actor)
+        self.run_dir.write_status(job.status)
+        if job.stage == "train":
             ref = actor.train.remote(self.run_dir.uri, job.subject, job.settings, self.ready_sets.get(job.class_set))
+        else:
+            ref = actor.generate.remote(self.run_dir.uri, job.subject, job.settings)
         self.in_flight[ref] = (actor, job)
 
     # -- outcomes ------------------------------------------------------------------------------------------------
@@ -172,31 +184,33 @@ class FleetScheduler:
 
     def _subject_done(self, job: SubjectJob, outcome: dict[str, Any]) -> None:
         status = job.status
-        entry = {k: outcome.get(k) for k in ("ok", "error", "resumed_from", "steps_run", "seconds", "final_loss")}
-        status.history = [*(status.history or []), {"attempt": status.attempts, **entry}]
+        entry = {k: outcome.get(k) for k in HISTORY_FIELDS if k in outcome}
+        status.history = [*(status.history or []), {"attempt": status.attempts, "stage": job.stage, **entry}]
         if outcome["ok"]:
-            status.state, status.error = "trained", None
+            status.state, status.error = FINISHED_STATE[job.stage], None
             self.run_dir.write_status(status)
-            self.progress.finished(ok=True)
-            self.on_event("subject_attempt", {"outcome": "success", "step_seconds": outcome.get("step_seconds", [])})
+            self.on_event(f"{job.stage}_attempt", {"outcome": "success", **outcome})
+            job.stages, job.tries = job.stages[1:], 0
+            if job.stages:
+                self.queue.append(job)
+            else:
+                self.progress.finished(ok=True)
             return
         kind = "oom" if outcome.get("oom") else "worker_died" if outcome.get("worker_died") else "error"
-        self.on_event("subject_attempt", {"outcome": kind, "step_seconds": []})
+        self.on_event(f"{job.stage}_attempt", {"outcome": kind})
         if outcome.get("retryable", True) and job.tries < self.max_attempts:
-            if outcome.get("oom"):
+            if outcome.get("oom") and job.stage == "train":
                 job.settings = oom_adjusted(job.settings)
-            status.state, status.error = "pending", outcome["error"]
+            # Back to the state before this stage: a retried generation keeps its subject's "trained" state.
+            status.state, status.error = BEFORE_STATE[job.stage], outcome["error"]
             self.run_dir.write_status(status)
-            self.progress.requeued()
             self.queue.append(job)
             return
-        self._fail(job, outcome["error"], started=True)
+        self._fail(job, outcome["error"])
 
-    def _fail(self, job: SubjectJob, reason: str, started: bool = False) -> None:
+    def _fail(self, job: SubjectJob, reason: str) -> None:
         job.status.state, job.status.error = "failed", reason
         self.run_dir.write_status(job.status)
-        if not started:
-            self.progress.started()
         self.progress.finished(ok=False)
 
     # -- the loop ------------------------------------------------------------------------------------------------
@@ -226,7 +240,9 @@ class FleetScheduler:
                         self._class_set_done(job, outcome)
                     else:
                         self._subject_done(job, outcome)
-                self.on_event("tick", {"queued": len(self.queue), "running": len(self.in_flight)})
+                running = sum(isinstance(job, SubjectJob) for _, job in self.in_flight.values())
+                self.progress.set_running(running)
+                self.on_event("tick", {"queued": len(self.queue), "running": running})
         for actor in self.idle:
             ray.kill(actor, no_restart=True)
         return summarize(self.plan.statuses)

@@ -14,12 +14,16 @@ from typing import Any
 import torch
 
 from engine.checkpoints import CheckpointError
+from engine import storage
 from engine.class_images import ClassImageCache
+from engine.generation import render_subject
 from engine.images import ImageError
 from engine.models import default_device, load_base_model, resolve_base_model
 from engine.settings import Settings, SettingsError
 from engine.subject import Subject
 from engine.train import train_subject
+from engine.weights import load_subject_weights
+from ray_jobs.generations import write_subject_generations
 from ray_jobs.run_dir import subject_dir
 
 # Failures that come from the subject's own input: trying again would fail the same way.
@@ -77,3 +81,20 @@ class SubjectWorker:
             "final_loss": result.losses[-1],
             "seconds": time.perf_counter() - began,
         }
+
+    def generate(self, run: str, subject: Subject, settings: Settings) -> dict[str, Any]:
+        """Render the subject's prompts with its trained weights on the resident model, then take them off."""
+        began = time.perf_counter()
+        folder = subject_dir(run, subject.subject_id)
+        try:
+            before = len(storage.listdir(storage.join(folder, "images")))
+            if subject.prompts:
+                load_subject_weights(self.base, settings, storage.join(folder, "weights"))
+            rows = render_subject(self.base, subject, settings, storage.join(folder, "images"))
+            write_subject_generations(folder, rows)
+        except Exception as err:
+            return _failure(err)
+        finally:
+            self.base.reset()
+        return {"ok": True, "images": len(rows), "images_generated": len(rows) - before,
+                "seconds": time.perf_counter() - began}  # fmt: skip

@@ -168,3 +168,38 @@ def test_an_s3_run_behaves_like_a_local_one(ray_cluster, tmp_path):
     assert storage.exists(f"{run}/subjects/s1/weights/pytorch_lora_weights.safetensors")
     record = json.loads(storage.read_bytes(f"{run}/run.json"))
     assert record["manifest"] == manifest and record["invocations"][-1]["summary"]["trained"] == 2
+
+
+def test_run_generates_every_trained_subject_exactly_once(ray_cluster, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    rows = make_subject_rows(tmp_path / "images", 3)
+    for row in rows:
+        row.update(prompts=["a photo of sks thing at the beach", "a photo of sks thing in a box"], owner="team-a")
+    rows.append({**rows[0], "subject_id": "broken", "instance_images": [str(tmp_path / "nope.png")]})
+    rows.append({**rows[1], "subject_id": "no-prompts", "prompts": []})
+    manifest, run = str(tmp_path / "subjects.parquet"), str(tmp_path / "run")
+    write_subjects_manifest(manifest, rows)
+    args = ["run", manifest, "--out", run, "--workers", "2", *FAST, "--set", "num_images_per_prompt=2"]
+
+    assert main(args) == 1  # "broken" failed; everything else finished
+    statuses = _statuses(run)
+    assert {sid: s["state"] for sid, s in statuses.items()} == {
+        "s0": "done", "s1": "done", "s2": "done", "no-prompts": "done", "broken": "failed",
+    }  # fmt: skip
+    assert not (Path(run) / "subjects" / "broken" / "images").exists()  # never generated
+    table = pq.read_table(Path(run) / "generations.parquet").to_pylist()
+    assert len(table) == 3 * 2 * 2
+    assert len({(r["subject_id"], r["prompt_index"], r["image_index"]) for r in table}) == len(table)
+    assert all(Path(r["image"]).is_file() and r["owner"] == "team-a" for r in table)
+    assert {r["scheduler"] for r in table} == {"ddim"} and {r["num_inference_steps"] for r in table} == {10}
+
+    stamps = {r["image"]: os.stat(r["image"]).st_mtime_ns for r in table}
+    assert main(args) == 1  # the same command again: nothing redone, nothing duplicated
+    again = pq.read_table(Path(run) / "generations.parquet").to_pylist()
+    assert again == table and {r["image"]: os.stat(r["image"]).st_mtime_ns for r in again} == stamps
+    assert not list(Path(run).rglob("*.tmp-*"))
+
+    fresh = str(tmp_path / "fresh")
+    assert main(["generate", manifest, "--out", fresh, *FAST]) == 1
+    assert "not trained yet" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import pytest
 from engine.settings import load_settings
 from engine.subject import Subject
 from ray_jobs.manifest import RowError
-from ray_jobs.plan import plan_training, row_has_own_folder
+from ray_jobs.plan import plan_fleet, row_has_own_folder
 from ray_jobs.run_dir import RunConflictError, RunDirectory, SubjectStatus
 from ray_jobs.scheduler import oom_adjusted
 
@@ -17,7 +17,7 @@ def _subject(i: int, cls: str, params=None) -> Subject:
 def test_one_class_set_per_distinct_prompt_and_settings():
     settings = load_settings("tiny")
     subjects = [_subject(0, "dog"), _subject(1, "dog"), _subject(2, "cat"), _subject(3, "dog", {"resolution": 64})]
-    plan = plan_training(subjects, [], {}, settings, "fp")
+    plan = plan_fleet(subjects, [], {}, settings, "fp")
     assert len(plan.class_sets) == 3  # dog@32, cat@32, dog@64
     assert plan.subjects[0].class_set == plan.subjects[1].class_set != plan.subjects[2].class_set
     assert plan.subjects[3].settings.resolution == 64
@@ -32,15 +32,35 @@ def test_a_rerun_skips_trained_subjects_and_retries_the_rest():
         "s2": SubjectStatus("s2", "failed", 3, "boom"),
         "s3": SubjectStatus("s3", "training", 1),
     }
-    plan = plan_training(subjects, [], existing, settings, "fp")
-    assert plan.already_trained == ["s0", "s1"]
+    plan = plan_fleet(subjects, [], existing, settings, "fp")
+    assert plan.finished == ["s0", "s1"]
     assert [j.subject.subject_id for j in plan.subjects] == ["s2", "s3"]
     assert plan.subjects[0].status.attempts == 3  # history is kept across invocations
 
 
+def test_stages_follow_each_subject_state():
+    settings = load_settings("tiny")
+    subjects = [_subject(i, "dog") for i in range(5)]
+    existing = {
+        "s0": SubjectStatus("s0", "done", 2),
+        "s1": SubjectStatus("s1", "trained", 1),
+        "s2": SubjectStatus("s2", "failed", 2, "boom", history=[{"stage": "train", "ok": True}, {"stage": "generate", "ok": False}]),
+        "s3": SubjectStatus("s3", "failed", 3, "bad image", history=[{"stage": "train", "ok": False}]),
+    }
+    run = plan_fleet(subjects, [], existing, settings, "fp", ("train", "generate"))
+    assert {j.subject.subject_id: j.stages for j in run.subjects} == {
+        "s1": ("generate",), "s2": ("generate",), "s3": ("train", "generate"), "s4": ("train", "generate"),
+    }  # fmt: skip
+    assert run.finished == ["s0"]
+    assert len(run.class_sets) == 1  # only subjects that still train need class images
+    generate = plan_fleet(subjects, [], existing, settings, "fp", ("generate",))
+    assert [j.subject.subject_id for j in generate.subjects] == ["s1", "s2"]
+    assert generate.not_trained == ["s3", "s4"] and generate.class_sets == []
+
+
 def test_without_prior_preservation_no_class_set_is_planned():
     settings = load_settings("tiny", overrides={"with_prior_preservation": False})
-    plan = plan_training([_subject(0, "dog")], [], {}, settings, "fp")
+    plan = plan_fleet([_subject(0, "dog")], [], {}, settings, "fp")
     assert plan.class_sets == [] and plan.subjects[0].class_set is None
 
 
