@@ -75,6 +75,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ray_jobs.demo import run_demo
+
+    return run_demo(args.out)
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="subjects manifest, Parquet (any fsspec URI)")
     parser.add_argument("--out", required=True, help="run directory (any fsspec URI); rerunning resumes it")
@@ -109,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
         fleet_command = commands.add_parser(name, help=text)
         _add_run_flags(fleet_command)
         fleet_command.set_defaults(handler=cmd_fleet)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on a small synthetic manifest, tiny models, local Ray")
+    demo.add_argument("--out", default="dreamfleet-demo", help="where the demo writes (default: ./dreamfleet-demo)")
+    demo.set_defaults(handler=cmd_demo)
 
     status = commands.add_parser("status", help="per-state counts and failed subjects, read from RUN alone")
     status.add_argument("run", help="run directory (any fsspec URI)")

@@ -1,0 +1,16 @@
+# GPU worker image: Ray + dreamfleet. Build: docker build -t dreamfleet .
+# For a CPU-only laptop image: docker build --build-arg BASE=rayproject/ray:2.60.0-py311-cpu -t dreamfleet:cpu .
+ARG BASE=rayproject/ray:2.60.0-py311-gpu
+FROM ${BASE}
+
+WORKDIR /home/ray/dreamfleet
+COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users engine ./engine
+COPY --chown=ray:users ray_jobs ./ray_jobs
+
+# Ray's images ship no torch: install the CUDA build first, so that installing the package never replaces it.
+RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 \
+ && pip install --no-cache-dir .
+
+USER ray
+ENTRYPOINT ["python", "-m", "ray_jobs"]
