@@ -149,6 +149,7 @@ def render_subject(base: BaseModel, subject: Subject, settings: Settings, images
             storage.write_bytes(storage.join(images_dir, item.name), png_bytes(image, text))
     return [
         {
+            "id": f"{subject.subject_id}/{p.name.removesuffix('.png')}",
             "subject_id": subject.subject_id,
             "prompt": p.prompt,
             "prompt_index": p.prompt_index,

@@ -73,6 +73,28 @@ class Settings(BaseModel):
     # Fleet
     max_attempts: int = Field(3, ge=1)
 
+    # VLM passes (dreamfleet analyze, and the moderation pass of dreamfleet run)
+    vlm_batch_size: int = Field(16, ge=1, le=4096)  # rows per generate() call in one actor
+    vlm_concurrency: int = Field(1, ge=1)  # model actors
+    vlm_gpus_per_actor: float = Field(1.0, ge=0)
+    vlm_max_new_tokens: int = Field(512, ge=1)  # the answer, after any reasoning
+    vlm_thinking_budget: int = Field(1024, ge=0)  # reasoning tokens of Thinking models before the answer is forced
+    enable_thinking: bool | None = None  # None: as the model's chat template does by default
+    vlm_min_pixels: int = Field(64 * 32 * 32, ge=1)  # pixel budget per image, as Qwen3-VL's processor takes it
+    vlm_max_pixels: int = Field(1280 * 32 * 32, ge=1)
+    vlm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    trust_remote_code: bool = False  # never on unless the user sets it
+    ocr_prompt: str | None = None  # None: the task's own prompt (engine/vlm_tasks/<task>.py)
+    extract_prompt: str | None = None
+    moderate_prompt: str | None = None
+    caption_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _pixel_budget_ordered(self) -> Settings:
+        if self.vlm_min_pixels > self.vlm_max_pixels:
+            raise ValueError(f"vlm_min_pixels ({self.vlm_min_pixels}) exceeds vlm_max_pixels ({self.vlm_max_pixels})")
+        return self
+
     @model_validator(mode="after")
     def _warmup_within_training(self) -> Settings:
         if self.lr_warmup_steps > self.max_train_steps:
@@ -104,7 +126,14 @@ class Settings(BaseModel):
 SETTING_NAMES = frozenset(Settings.model_fields)
 
 # Keys a manifest row may not override: they belong to the whole run, not to one subject.
-RUN_ONLY_SETTINGS = frozenset({"preset", "max_attempts", "mixed_precision"})
+VLM_SETTINGS = frozenset(
+    {
+        "vlm_batch_size", "vlm_concurrency", "vlm_gpus_per_actor", "vlm_max_new_tokens", "vlm_thinking_budget",
+        "enable_thinking", "vlm_min_pixels", "vlm_max_pixels", "vlm_dtype", "trust_remote_code",
+        "ocr_prompt", "extract_prompt", "moderate_prompt", "caption_prompt",
+    }
+)  # fmt: skip
+RUN_ONLY_SETTINGS = frozenset({"preset", "max_attempts", "mixed_precision"}) | VLM_SETTINGS
 
 # The literature's rates for real models (DreamBooth paper, diffusers' scripts); for the tiny random models, the
 # rates at which 100 steps visibly move generations towards the subject (sweep in bench/RESULTS.md).
@@ -126,6 +155,11 @@ TINY_PRESET: dict[str, Any] = {
     "num_images_per_prompt": 2,
     "num_inference_steps": 10,
     "sample_batch_size": 4,
+    "vlm_batch_size": 4,
+    "vlm_max_new_tokens": 128,
+    "vlm_thinking_budget": 16,
+    "vlm_min_pixels": 32 * 32,
+    "vlm_max_pixels": 128 * 128,
 }
 
 

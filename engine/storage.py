@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,18 @@ def remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def put_file(local_path: Path, uri: str) -> None:
+    """Publish a local file at `uri` atomically, without reading it into memory."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, path)
+    else:
+        fs.put_file(str(local_path), path)  # a single (multipart) upload, visible only once complete
 
 
 def upload_dir(local_dir: Path, uri: str) -> None:

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from engine.models import ModelError
+from engine.vlm_tasks import TaskError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
 from ray_jobs.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.run_dir import RunConflictError
@@ -75,6 +76,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from ray_jobs.analyze import AnalyzeRequest, analyze
+
+    settings = load_settings(args.base_model, args.config, parse_assignments(args.set))
+    request = AnalyzeRequest(
+        input=args.input, task=args.task, out=args.out, settings=settings, vlm_model=args.vlm_model,
+        schema_file=args.schema, policy_file=args.policy, address=args.address,
+    )  # fmt: skip
+    return analyze(request)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ray_jobs.demo import run_demo
 
@@ -116,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_flags(fleet_command)
         fleet_command.set_defaults(handler=cmd_fleet)
 
+    analyze = commands.add_parser("analyze", help="a Ray Data VLM pass over an images manifest")
+    analyze.add_argument("input", help="images manifest, Parquet (any fsspec URI): id, image and/or image_bytes")
+    analyze.add_argument("--task", required=True, choices=["ocr", "extract", "moderate", "caption"])
+    analyze.add_argument("--out", required=True, help="OUTPUT.parquet (any fsspec URI); rerunning appends the rest")
+    analyze.add_argument("--schema", help="JSON Schema file of the fields to extract (task extract)")
+    analyze.add_argument("--policy", help="moderation policy file, YAML or JSON (default: the 13 MLCommons hazards)")
+    analyze.add_argument("--vlm-model", default="tiny", help="tiny, a local directory, or a Qwen3-VL hub id")
+    analyze.add_argument("--base-model", default="tiny", help="which preset's defaults apply (tiny: small budgets)")
+    analyze.add_argument("--config", help="YAML settings file")
+    analyze.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    analyze.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    analyze.set_defaults(handler=cmd_analyze)
+
     demo = commands.add_parser("demo", help="the whole pipeline on a small synthetic manifest, tiny models, local Ray")
     demo.add_argument("--out", default="dreamfleet-demo", help="where the demo writes (default: ./dreamfleet-demo)")
     demo.set_defaults(handler=cmd_demo)
@@ -130,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ManifestError, SettingsError, RunConflictError, ModelError) as err:
+    except (ManifestError, SettingsError, RunConflictError, ModelError, TaskError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NOT_RUN
 

@@ -17,6 +17,7 @@ from ray_jobs.run_dir import RunDirectory, subject_dir
 GENERATIONS = "generations.parquet"
 SCHEMA = pa.schema(
     [
+        ("id", pa.string()),  # subject_id/file stem: makes this table an images manifest for `dreamfleet analyze`
         ("subject_id", pa.string()),
         ("prompt", pa.string()),
         ("prompt_index", pa.int32()),

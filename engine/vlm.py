@@ -1,0 +1,163 @@
+"""A Qwen3-VL-family model through transformers: loading, and batched generation of one answer per image.
+
+Thinking models (whose chat template opens `<think>` itself) generate in two phases: reasoning, stopped at
+`</think>` or at `vlm_thinking_budget` tokens, then the answer, from the prompt plus the reasoning plus `</think>`.
+The split makes the budget exact and lets a grammar constrain the answer alone. Its cost: the second phase
+prefills the prompt again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from engine.library_logging import quiet_libraries
+from engine.models import PICKLE_SUFFIXES, ModelError
+from engine.settings import Settings
+
+THINK_END = "</think>"
+TINY_VLM_NAMES = {"tiny": "dense", "tiny-moe": "moe", "tiny-thinking": "dense-thinking",
+                  "tiny-moe-thinking": "moe-thinking"}  # fmt: skip
+
+
+@dataclass
+class VLMOutput:
+    answer: str
+    reasoning: str | None  # None unless a Thinking model reasoned
+    num_output_tokens: int  # reasoning and answer tokens together
+    first_answer_logits: torch.Tensor | None  # raw logits at the answer's first position (for verdict scores)
+
+
+def resolve_vlm(name: str, cache_dir: Path | None = None) -> Path:
+    """The local directory of `name`: a `tiny` variant (built offline), a local directory, or a hub id."""
+    if name in TINY_VLM_NAMES:
+        from engine.tiny_vlm import ensure_tiny_vlm
+
+        return ensure_tiny_vlm(cache_dir, TINY_VLM_NAMES[name])
+    path = Path(name).expanduser()
+    if path.exists():
+        if not any(path.glob("*.safetensors")):
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            raise ModelError(f"{name}: no safetensors weights" + (f" (only pickles: {', '.join(pickles)})" if pickles else ""))
+        return path
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ModelError(f"{name}: no such directory, and not a hub id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.jinja", "*.txt", "*.safetensors"]))
+    except Exception as err:
+        raise ModelError(f"{name}: cannot fetch from the hub ({type(err).__name__}: {err})") from None
+
+
+def pixel_budget(settings: Settings) -> dict:
+    """Qwen3-VL's processor takes its pixel budget as the image processor's `size`."""
+    return {"size": {"shortest_edge": settings.vlm_min_pixels, "longest_edge": settings.vlm_max_pixels}}
+
+
+class VLM:
+    def __init__(self, name: str, settings: Settings, device: str | torch.device | None = None):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        quiet_libraries()
+        self.name = name
+        self.settings = settings
+        self.path = resolve_vlm(name)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = settings.vlm_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        trust = settings.trust_remote_code
+        self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=trust)
+        self.processor.tokenizer.padding_side = "left"  # batched generation continues every row from its end
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            self.path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust
+        ).to(self.device)
+        self.model.eval()
+        tokenizer = self.processor.tokenizer
+        self.eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[-1]
+        self.think_end_id = tokenizer.convert_tokens_to_ids(THINK_END) if THINK_END in tokenizer.get_vocab() else None
+        self.thinks = self.chat_prompt("x").rstrip().endswith("<think>")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def chat_prompt(self, instruction: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        extra = {} if self.settings.enable_thinking is None else {"enable_thinking": self.settings.enable_thinking}
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+
+    def _generate(self, prompts: list[str], images: Sequence[Image.Image], max_new_tokens: int, **kwargs):
+        inputs = self.processor(
+            text=prompts, images=list(images), padding=True, return_tensors="pt", **pixel_budget(self.settings)
+        ).to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                return_dict_in_generate=True, **kwargs,
+            )  # fmt: skip
+        return out, out.sequences[:, inputs["input_ids"].shape[1] :]
+
+    def _until(self, tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
+        """Each row's generated tokens up to (not including) its first stop token."""
+        rows = []
+        for row in tokens.tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), len(row))
+            rows.append(row[:end])
+        return rows
+
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        instruction: str,
+        answer_processor: Callable[[], object] | None = None,
+        want_first_logits: bool = False,
+    ) -> list[VLMOutput]:
+        """One answer per image to the same instruction; `answer_processor()` makes a fresh logits processor
+        (e.g. a grammar) for the answer phase of this batch."""
+        tokenizer = self.processor.tokenizer
+        prompts = [self.chat_prompt(instruction)] * len(images)
+        reasoning: list[str | None] = [None] * len(images)
+        reasoning_tokens = [0] * len(images)
+        if self.thinks:
+            thought = [[] for _ in images]
+            if self.settings.vlm_thinking_budget > 0:
+                _, new = self._generate(
+                    prompts, images, self.settings.vlm_thinking_budget, eos_token_id=[self.think_end_id, *self.eos_ids]
+                )
+                thought = self._until(new, [self.think_end_id, *self.eos_ids])
+            reasoning = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in thought]
+            reasoning_tokens = [len(t) + 1 for t in thought]  # + the closing tag
+            prompts = [p + tokenizer.decode(t) + f"{THINK_END}\n\n" for p, t in zip(prompts, thought)]
+        extra = {"eos_token_id": self.eos_ids, "output_logits": want_first_logits}
+        if answer_processor is not None:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList([answer_processor()])
+        out, new = self._generate(prompts, images, self.settings.vlm_max_new_tokens, **extra)
+        answers = self._until(new, self.eos_ids)
+        results = []
+        for i, tokens in enumerate(answers):
+            finished = len(tokens) < new.shape[1]  # stopped by EOS rather than the token budget
+            answer_tokens = tokens
+            if self.thinks and self.think_end_id in tokens:
+                # The answer is what follows the last </think>; anything before it was more reasoning.
+                last = len(tokens) - 1 - tokens[::-1].index(self.think_end_id)
+                more = tokenizer.decode(tokens[:last], skip_special_tokens=True).strip()
+                reasoning[i] = f"{reasoning[i]}\n{more}".strip() if reasoning[i] else more
+                answer_tokens = tokens[last + 1 :]
+            results.append(
+                VLMOutput(
+                    answer=tokenizer.decode(answer_tokens, skip_special_tokens=True),
+                    reasoning=reasoning[i] or None,
+                    num_output_tokens=reasoning_tokens[i] + len(tokens) + int(finished),
+                    first_answer_logits=out.logits[0][i].float().cpu() if want_first_logits else None,
+                )
+            )
+        return results

@@ -1,0 +1,25 @@
+"""Captions: a detailed description of an image."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from engine.settings import Settings
+from engine.vlm import VLMOutput
+from engine.vlm_tasks import VLMTask
+
+PROMPT = (
+    "Describe this image in detail: the main subject, its appearance, the setting, colours, lighting and "
+    "composition, and any text visible in it. Write one paragraph."
+)
+
+
+class CaptionTask(VLMTask):
+    name = "caption"
+    columns = pa.schema([("caption", pa.string())])
+
+    def __init__(self, settings: Settings):
+        self.instruction = settings.caption_prompt or PROMPT
+
+    def parse(self, output: VLMOutput) -> dict:
+        return {"caption": output.answer.strip()}

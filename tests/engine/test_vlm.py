@@ -1,0 +1,131 @@
+"""The VLM engine and its tasks on the tiny Qwen3-VL models: batching, reasoning split, constrained answers."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import jsonschema
+import pytest
+from PIL import Image
+
+from engine.constrained import GrammarCompiler
+from engine.models import ModelError
+from engine.settings import load_settings
+from engine.vlm import VLM, resolve_vlm
+from engine.vlm_tasks import TaskError, make_task
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "vendor": {"type": "string", "maxLength": 12},
+        "total": {"type": "number"},
+        "paid": {"type": "boolean"},
+        "lines": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2},
+    },
+    "required": ["vendor", "total"],
+}
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    return [Image.new("RGB", (64, 48), "red"), Image.new("RGB", (96, 96), "white"), Image.new("RGB", (40, 120), "blue")]
+
+
+@pytest.fixture(scope="module")
+def dense() -> VLM:
+    return VLM("tiny", load_settings("tiny"))
+
+
+@pytest.fixture(scope="module")
+def thinking() -> VLM:
+    return VLM("tiny-moe-thinking", load_settings("tiny"))
+
+
+def _run(vlm: VLM, task, images):
+    task.prepare(vlm)
+    factory = GrammarCompiler(vlm.processor.tokenizer, vlm.vocab_size).processor_factory(task.grammar) if task.grammar else None
+    return [task.parse(o) for o in vlm.generate(images, task.instruction, factory, task.wants_first_logits)], factory
+
+
+def test_a_batch_of_differently_sized_images_gets_one_answer_each(dense, images):
+    outputs = dense.generate(images, "Describe the image.")
+    assert len(outputs) == 3 and all(o.num_output_tokens > 0 and o.reasoning is None for o in outputs)
+    assert not dense.thinks
+
+
+def test_thinking_models_split_reasoning_from_the_answer_within_budget(thinking, images):
+    assert thinking.thinks and thinking.chat_prompt("x").endswith("<think>\n")
+    outputs = thinking.generate(images[:2], "Read the text.")
+    for output in outputs:
+        assert output.reasoning and "</think>" not in output.answer
+        budget = thinking.settings.vlm_thinking_budget + 1 + thinking.settings.vlm_max_new_tokens + 1
+        assert output.num_output_tokens <= budget
+
+
+def test_thinking_can_be_switched_off_or_given_no_budget(images):
+    off = VLM("tiny-thinking", load_settings("tiny", overrides={"enable_thinking": False}))
+    assert not off.thinks and off.generate(images[:1], "x")[0].reasoning is None
+    no_budget = VLM("tiny-thinking", load_settings("tiny", overrides={"vlm_thinking_budget": 0}))
+    assert no_budget.thinks and no_budget.generate(images[:1], "x")[0].reasoning is None
+
+
+@pytest.mark.parametrize("model", ["dense", "thinking"])
+def test_extraction_always_parses_and_validates(request, model, images, tmp_path):
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    task = make_task("extract", load_settings("tiny"), schema_file)
+    rows, _ = _run(request.getfixturevalue(model), task, images)
+    for row in rows:
+        jsonschema.validate(json.loads(row["fields"]), SCHEMA)
+        assert isinstance(row["vendor"], str) and isinstance(row["total"], float)
+    assert str(task.columns.field("lines").type) == "list<item: string>"
+
+
+def test_moderation_answers_only_in_the_policy_with_a_probability(dense, images, tmp_path):
+    rows, _ = _run(dense, make_task("moderate", load_settings("tiny")), images)
+    codes = {f"S{i}" for i in range(1, 14)}
+    for row in rows:
+        assert set(row["categories"]) <= codes and 0.0 <= row["score"] <= 1.0
+        assert row["safe"] == (not row["categories"]) or not row["safe"]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("categories:\n  - {code: X1, name: Spam}\n  - {code: X2, name: Gore}\n")
+    rows, _ = _run(dense, make_task("moderate", load_settings("tiny"), policy_file=policy), images)
+    assert all(set(r["categories"]) <= {"X1", "X2"} for r in rows)
+
+
+def test_prompts_can_be_overridden_in_settings():
+    task = make_task("ocr", load_settings("tiny", overrides={"ocr_prompt": "Transcribe."}))
+    assert task.instruction == "Transcribe."
+    assert "S13: Elections." in make_task("moderate", load_settings("tiny")).instruction
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"type": "object", "properties": {"a": {"type": "strng"}}}', "not a valid JSON Schema"),
+        ('{"type": "array", "items": {"type": "string"}}', "must be an object with at least one property"),
+        (json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(1000)}}), "1000 properties"),
+        ('{"type": "object", "properties": {"error": {"type": "string"}}}', "clash with output columns"),
+    ],
+)
+def test_bad_schemas_are_refused_before_anything_runs(tmp_path, content, message):
+    path = tmp_path / "schema.json"
+    path.write_text(content)
+    with pytest.raises(TaskError, match=message):
+        make_task("extract", load_settings("tiny"), path)
+
+
+def test_bad_policy_files_are_refused(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text("categories:\n  - {code: S1, name: A}\n  - {code: S1, name: B}\n")
+    with pytest.raises(TaskError, match="unique"):
+        make_task("moderate", load_settings("tiny"), policy_file=path)
+
+
+def test_a_vlm_directory_with_only_pickles_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ModelError, match="only pickles: pytorch_model.bin"):
+        resolve_vlm(str(tmp_path))
