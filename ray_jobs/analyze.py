@@ -8,7 +8,7 @@ whose image is bad gets an `error` and every other row is processed. A rerun ski
 from __future__ import annotations
 
 import json
-import logging
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -53,7 +53,7 @@ def parts_dir(out: str) -> str:
 # -- the manifest ----------------------------------------------------------------------------------------------
 
 
-def check_images_manifest(uri: str) -> pa.Schema:
+def check_images_manifest(uri: str) -> tuple[pa.Schema, list[str]]:
     """File-level checks before anything runs: readable Parquet, an `id` column of unique values, an image column."""
     fs, path = storage.filesystem(uri)
     try:
@@ -79,7 +79,7 @@ def check_images_manifest(uri: str) -> pa.Schema:
     repeated = [v["values"].as_py() for v in counts if v["counts"].as_py() > 1]
     if repeated:
         raise ManifestError(f"{uri}: duplicate ids, e.g. {repeated[:5]}")
-    return schema
+    return schema, ids.to_pylist()
 
 
 def written_ids(out: str) -> set[str]:
@@ -226,7 +226,8 @@ def commit_output(out: str, schema: pa.Schema) -> tuple[int, int]:
                 fs, path = storage.filesystem(uri)
                 with fs.open(path, "rb") as f:
                     for record_batch in pq.ParquetFile(f).iter_batches():
-                        writer.write_table(pa.Table.from_batches([record_batch]).cast(schema))
+                        table = pa.Table.from_batches([record_batch]).select(schema.names)
+                        writer.write_table(table.cast(schema))
                         rows += record_batch.num_rows
                         errors += record_batch.num_rows - record_batch.column("error").null_count
         storage.put_file(local, out)
@@ -245,13 +246,16 @@ def analyze(request: AnalyzeRequest, on_batch: Callable[[pa.Table], None] | None
     from engine.vlm_tasks import make_task
     from ray_jobs.fleet import connect
 
-    input_schema = check_images_manifest(request.input)
+    input_schema, ids = check_images_manifest(request.input)
     task_args = {"name": request.task, "schema_file": request.schema_file, "policy_file": request.policy_file}
     task = make_task(settings=request.settings, **task_args)  # bad schema or policy files fail here, before Ray
     schema = output_schema(input_schema, task)
     done = frozenset(written_ids(request.out))
+    if set(ids) <= done:  # nothing left (or an empty manifest): no cluster needed
+        return _finish(request, schema)
     connect(request.address)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # A live bar on a terminal; in logs (CI, ray job submit) Ray Data would print its progress every few seconds.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     fs, path = storage.filesystem(request.input)
     settings = request.settings
     ds = ray.data.read_parquet(path, filesystem=fs)
@@ -280,6 +284,10 @@ def analyze(request: AnalyzeRequest, on_batch: Callable[[pa.Table], None] | None
             storage.write_bytes(storage.join(parts_dir(request.out), f"part-{uuid.uuid4().hex}.parquet"), _bytes(batch))
             if on_batch is not None:
                 on_batch(batch)
+    return _finish(request, schema)
+
+
+def _finish(request: AnalyzeRequest, schema: pa.Schema) -> int:
     rows, errors = commit_output(request.out, schema)
     print(json.dumps({"output": request.out, "task": request.task, "rows": rows, "rows_with_errors": errors}))
     return EXIT_OK if errors == 0 else EXIT_SOME_FAILED

@@ -32,7 +32,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.base_model, args.config, parse_assignments(args.set))
 
 
-STAGES = {"train": ("train",), "generate": ("generate",), "run": ("train", "generate")}
+STAGES = {"train": ("train",), "generate": ("generate",), "run": ("train", "generate", "moderate")}
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
@@ -51,6 +51,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         extend=args.extend,
         command=args.command,
         show_progress=not args.no_progress,
+        vlm_model=args.vlm_model,
     )
     code, run = run_manifest(request, STAGES[args.command])
     print(f"run directory: {run.uri}")
@@ -105,6 +106,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="number of workers (default: as many as the cluster holds)")
     parser.add_argument("--extend", action="store_true", help="accept another manifest or settings for this RUN")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    parser.add_argument("--vlm-model", default="tiny", help="VLM of the moderation pass of `run`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("train", "DreamBooth for every subject, sharded over the fleet"),
         ("generate", "guided generation with each trained subject"),
-        ("run", "train, then generate"),
+        ("run", "train, then generate, then a moderation pass over what was generated"),
     ):
         fleet_command = commands.add_parser(name, help=text)
         _add_run_flags(fleet_command)

@@ -1,6 +1,7 @@
 """A whole manifest on the fleet: manifest → plan → scheduler → run directory, and the exit status.
 
-`dreamfleet train` runs the "train" stage, `generate` the "generate" stage, `run` both (then moderation).
+`dreamfleet train` runs the "train" stage, `generate` the "generate" stage, `run` both, then a moderation pass
+over everything generated.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from engine import storage
 from engine.models import fingerprint, resolve_base_model
 from engine.settings import Settings
 from ray_jobs.manifest import SubjectsManifest, read_subjects_manifest
@@ -35,6 +37,7 @@ class FleetRequest:
     extend: bool = False
     command: str = "train"
     show_progress: bool = True
+    vlm_model: str = "tiny"
 
 
 def connect(address: str | None) -> None:
@@ -63,7 +66,7 @@ def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple
     return [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in rejected]
 
 
-FINAL_STATE = {"train": "trained", "generate": "done"}
+FINAL_STATE = {"train": "trained", "generate": "done", "moderate": "done"}
 
 
 def run_manifest(request: FleetRequest, stages: tuple[str, ...], on_event=None) -> tuple[int, RunDirectory]:
@@ -108,4 +111,17 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...], on_event=None) 
     print_summary(counts, failures)
     final = FINAL_STATE[stages[-1]]
     complete = all(statuses[s.subject_id].state in (final, "done") for s in manifest.subjects)
-    return (EXIT_OK if complete and not manifest.errors else EXIT_SOME_FAILED), run
+    moderated = moderate_generations(run, request) if "moderate" in stages else EXIT_OK
+    return (EXIT_OK if complete and not manifest.errors and moderated == EXIT_OK else EXIT_SOME_FAILED), run
+
+
+def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
+    """The moderation pass of `dreamfleet run`: RUN/generations.parquet → RUN/moderation.parquet, resumable."""
+    from ray_jobs.analyze import AnalyzeRequest, analyze
+
+    source = storage.join(run.uri, "generations.parquet")
+    analysis = AnalyzeRequest(
+        input=source, task="moderate", out=storage.join(run.uri, "moderation.parquet"),
+        settings=request.settings, vlm_model=request.vlm_model, address=request.address,
+    )  # fmt: skip
+    return analyze(analysis)

@@ -17,7 +17,7 @@ from ray_jobs.run_dir import SubjectStatus
 
 # States in which a subject's training is finished; a rerun skips them.
 TRAINED_STATES = frozenset({"trained", "generating", "done"})
-STAGES = ("train", "generate")
+STAGES = ("train", "generate")  # per-subject stages; moderation is a pass over the run's table
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def plan_fleet(
         statuses[subject.subject_id] = status
         trained = status.is_trained
         todo = tuple(
-            stage for stage in stages
+            stage for stage in stages if stage in STAGES
             if (stage == "train" and not trained) or (stage == "generate" and status.state != "done")
         )  # fmt: skip
         if not todo:
