@@ -1,8 +1,11 @@
-# GPU worker image: Ray + dreamfleet. Build: docker build -t dreamfleet .
+# GPU image of dreamfleet: Ray + the package, used as head, worker and job image. Build: docker build -t dreamfleet .
 # For a CPU-only laptop image: docker build --build-arg BASE=rayproject/ray:2.60.0-py311-cpu -t dreamfleet:cpu .
 ARG BASE=rayproject/ray:2.60.0-py311-gpu
 FROM ${BASE}
 
+# Ray's images already run as the non-root `ray` user; saying so before WORKDIR makes BuildKit create it ray-owned,
+# which the in-tree `pip install .` below needs.
+USER ray
 WORKDIR /home/ray/dreamfleet
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users engine ./engine
@@ -12,5 +15,6 @@ COPY --chown=ray:users ray_jobs ./ray_jobs
 RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 \
  && pip install --no-cache-dir .
 
-USER ray
+# The driver's Prometheus endpoint (--metrics-port); Ray's own ports are declared by the KubeRay manifests.
+EXPOSE 9101
 ENTRYPOINT ["python", "-m", "ray_jobs"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ STANDARD_COLUMNS = pa.schema(
     [("error", pa.string()), ("model", pa.string()), ("num_output_tokens", pa.int32()), ("reasoning", pa.string())]
 )
 INTERNAL = ("__pixels", "__width", "__height", "__decode_error")  # decoded images, dropped before output
+TIMING = ("__batch", "__batch_seconds")  # which model call made a row and how long it took, read by the driver
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
 
 
@@ -152,7 +153,7 @@ def decode_batch(batch: pa.Table, settings: Settings, skip_ids: frozenset[str]) 
 
 
 def output_schema(input_schema: pa.Schema, task) -> pa.Schema:
-    fields = [f for f in input_schema if f.name not in INTERNAL]
+    fields = [f for f in input_schema if f.name not in INTERNAL + TIMING]
     taken = {f.name for f in fields}
     clashes = sorted(taken & (set(STANDARD_COLUMNS.names) | set(task.columns.names)))
     if clashes:
@@ -177,6 +178,7 @@ class VLMPredictor:
             self.answer_processor = compiler.processor_factory(self.task.grammar)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        began = time.perf_counter()
         schema = output_schema(batch.schema, self.task)
         rows = [{name: None for name in (*STANDARD_COLUMNS.names, *self.task.columns.names)} for _ in range(batch.num_rows)]
         errors = batch.column("__decode_error").to_pylist()
@@ -188,7 +190,9 @@ class VLMPredictor:
         columns = {f.name: batch.column(f.name) for f in batch.schema if f.name not in INTERNAL}
         for field in (*STANDARD_COLUMNS, *self.task.columns):
             columns[field.name] = pa.array([r[field.name] for r in rows], field.type)
-        return pa.table(columns, schema=schema)
+        table = pa.table(columns, schema=schema)
+        table = table.append_column(TIMING[0], pa.array([uuid.uuid4().hex] * table.num_rows, pa.string()))
+        return table.append_column(TIMING[1], pa.array([time.perf_counter() - began] * table.num_rows, pa.float64()))
 
     def _answer(self, batch: pa.Table, good: list[int], rows: list[dict]) -> None:
         pixels, widths, heights = (batch.column(c).to_pylist() for c in INTERNAL[:3])
@@ -239,7 +243,7 @@ def _spread() -> dict[str, str]:
     return {"scheduling_strategy": "SPREAD"}
 
 
-def analyze(request: AnalyzeRequest, on_batch: Callable[[pa.Table], None] | None = None) -> int:
+def analyze(request: AnalyzeRequest, metrics=None) -> int:
     """Run the pass; returns the exit status (0 all rows answered, 1 some rows have errors)."""
     import ray
 
@@ -277,14 +281,27 @@ def analyze(request: AnalyzeRequest, on_batch: Callable[[pa.Table], None] | None
         concurrency=settings.vlm_concurrency,
         num_gpus=gpus,
     )
+    seen_calls: set[str] = set()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        if batch.num_rows:
-            batch = batch.cast(schema)
-            # Each committed part survives a crash: a rerun skips its ids and the final merge keeps its rows.
-            storage.write_bytes(storage.join(parts_dir(request.out), f"part-{uuid.uuid4().hex}.parquet"), _bytes(batch))
-            if on_batch is not None:
-                on_batch(batch)
+        if not batch.num_rows:
+            continue
+        if metrics is not None:
+            _observe(metrics, request.task, batch, seen_calls)
+        batch = batch.select(schema.names).cast(schema)
+        # Each committed part survives a crash: a rerun skips its ids and the final merge keeps its rows.
+        storage.write_bytes(storage.join(parts_dir(request.out), f"part-{uuid.uuid4().hex}.parquet"), _bytes(batch))
     return _finish(request, schema)
+
+
+def _observe(metrics, task: str, batch: pa.Table, seen_calls: set[str]) -> None:
+    """Per model call: rows by outcome, output tokens, and its duration (once, even if its rows arrive split)."""
+    for call in pc.unique(batch.column(TIMING[0])).to_pylist():
+        rows = batch.filter(pc.equal(batch.column(TIMING[0]), call))
+        errors = rows.num_rows - rows.column("error").null_count
+        tokens = pc.sum(rows.column("num_output_tokens")).as_py() or 0
+        seconds = None if call in seen_calls else rows.column(TIMING[1])[0].as_py()
+        seen_calls.add(call)
+        metrics.on_vlm_batch(task, rows.num_rows, errors, tokens, seconds)
 
 
 def _finish(request: AnalyzeRequest, schema: pa.Schema) -> int:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from engine.models import ModelError
 from engine.vlm_tasks import TaskError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
 from ray_jobs.manifest import ManifestError, read_subjects_manifest
+from ray_jobs.metrics import RunMetrics
 from ray_jobs.run_dir import RunConflictError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NOT_RUN = 0, 1, 2
@@ -26,6 +29,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     total = len(manifest.subjects) + len(manifest.errors)
     print(f"{args.manifest}: {total} rows, {len(manifest.subjects)} valid, {len(manifest.errors)} invalid")
     return EXIT_OK if not manifest.errors else EXIT_NOT_RUN
+
+
+@contextmanager
+def metrics_session(args: argparse.Namespace) -> Iterator[RunMetrics]:
+    """Metrics served on --metrics-port while the command runs, pushed to --pushgateway when it ends."""
+    metrics = RunMetrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_host)
+    try:
+        yield metrics
+    finally:
+        metrics.stop()
+        if args.pushgateway:
+            try:
+                metrics.push(args.pushgateway)
+            except OSError as err:  # the run's outcome stands; only its final figures are missing
+                print(f"warning: could not push metrics to {args.pushgateway}: {err}", file=sys.stderr)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -53,7 +73,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
         vlm_model=args.vlm_model,
     )
-    code, run = run_manifest(request, STAGES[args.command])
+    with metrics_session(args) as request.metrics:
+        code, run = run_manifest(request, STAGES[args.command])
     print(f"run directory: {run.uri}")
     return code
 
@@ -85,13 +106,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         input=args.input, task=args.task, out=args.out, settings=settings, vlm_model=args.vlm_model,
         schema_file=args.schema, policy_file=args.policy, address=args.address,
     )  # fmt: skip
-    return analyze(request)
+    with metrics_session(args) as metrics:
+        return analyze(request, metrics)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ray_jobs.demo import run_demo
 
     return run_demo(args.out)
+
+
+def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address to serve them on (0.0.0.0 in k8s)")
+    parser.add_argument("--pushgateway", help="Pushgateway URL that receives the final values at the end")
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +135,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extend", action="store_true", help="accept another manifest or settings for this RUN")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     parser.add_argument("--vlm-model", default="tiny", help="VLM of the moderation pass of `run`")
+    _add_metrics_flags(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--config", help="YAML settings file")
     analyze.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     analyze.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    _add_metrics_flags(analyze)
     analyze.set_defaults(handler=cmd_analyze)
 
     demo = commands.add_parser("demo", help="the whole pipeline on a small synthetic manifest, tiny models, local Ray")

@@ -14,6 +14,7 @@ from engine.models import fingerprint, resolve_base_model
 from engine.settings import Settings
 from ray_jobs.manifest import SubjectsManifest, read_subjects_manifest
 from ray_jobs.generations import assemble_generations
+from ray_jobs.metrics import RunMetrics
 from ray_jobs.plan import plan_fleet, row_has_own_folder
 from ray_jobs.progress import print_summary
 from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
@@ -38,6 +39,7 @@ class FleetRequest:
     command: str = "train"
     show_progress: bool = True
     vlm_model: str = "tiny"
+    metrics: RunMetrics | None = None
 
 
 def connect(address: str | None) -> None:
@@ -69,7 +71,7 @@ def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple
 FINAL_STATE = {"train": "trained", "generate": "done", "moderate": "done"}
 
 
-def run_manifest(request: FleetRequest, stages: tuple[str, ...], on_event=None) -> tuple[int, RunDirectory]:
+def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, RunDirectory]:
     """Take every subject of the manifest through `stages`, skipping what RUN shows done. Returns (exit, run)."""
     manifest = read_subjects_manifest(request.manifest, request.settings, check_images=False)
     run = RunDirectory(request.out)
@@ -97,6 +99,7 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...], on_event=None) 
             gpus_per_job=gpus_per_job,
             cpus_per_job=request.cpus_per_job,
         )
+        on_event = request.metrics.on_fleet_event if request.metrics is not None else None
         FleetScheduler(
             run, plan, options, request.settings.max_attempts, on_event=on_event, show_progress=request.show_progress
         ).run()
@@ -124,4 +127,4 @@ def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
         input=source, task="moderate", out=storage.join(run.uri, "moderation.parquet"),
         settings=request.settings, vlm_model=request.vlm_model, address=request.address,
     )  # fmt: skip
-    return analyze(analysis)
+    return analyze(analysis, request.metrics)

@@ -20,10 +20,12 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from engine import storage
+from engine.checkpoints import complete_steps
 from engine.settings import Settings
 from ray_jobs.plan import ClassSetJob, FleetPlan, SubjectJob
 from ray_jobs.progress import FleetProgress
-from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
+from ray_jobs.run_dir import RunDirectory, SubjectStatus, subject_dir, summarize
 from ray_jobs.worker import SubjectWorker
 
 
@@ -102,6 +104,7 @@ class FleetScheduler:
         self.in_flight: dict[ray.ObjectRef, tuple[Any, ClassSetJob | SubjectJob]] = {}
         self.idle: deque = deque()
         self.identities: dict[Any, ray.ObjectRef] = {}
+        self.start_step: dict[str, int] = {}  # checkpoint step of each subject when first handed out here
         self.worker_deaths = 0
 
     # -- workers -------------------------------------------------------------------------------------------------
@@ -162,6 +165,9 @@ class FleetScheduler:
         job.status.worker = self._identity(actor)
         self.run_dir.write_status(job.status)
         if job.stage == "train":
+            if job.subject.subject_id not in self.start_step:
+                checkpoints = storage.join(subject_dir(self.run_dir.uri, job.subject.subject_id), "checkpoints")
+                self.start_step[job.subject.subject_id] = (complete_steps(checkpoints) or [0])[-1]
             ref = actor.train.remote(self.run_dir.uri, job.subject, job.settings, self.ready_sets.get(job.class_set))
         else:
             ref = actor.generate.remote(self.run_dir.uri, job.subject, job.settings)
@@ -172,7 +178,7 @@ class FleetScheduler:
     def _class_set_done(self, job: ClassSetJob, outcome: dict[str, Any]) -> None:
         if outcome["ok"]:
             self.ready_sets[job.key] = outcome["uris"]
-            self.on_event("class_set_generated", {"images": outcome["generated"]})
+            self.on_event("class_set_generated", {"generated": outcome["generated"]})
             self.queue.extend(self.waiting.pop(job.key, []))
             return
         self.set_attempts[job.key] = self.set_attempts.get(job.key, 0) + 1
@@ -189,7 +195,8 @@ class FleetScheduler:
         if outcome["ok"]:
             status.state, status.error = FINISHED_STATE[job.stage], None
             self.run_dir.write_status(status)
-            self.on_event(f"{job.stage}_attempt", {"outcome": "success", **outcome})
+            new_steps = job.settings.max_train_steps - self.start_step.get(job.subject.subject_id, 0)
+            self.on_event(f"{job.stage}_attempt", {"outcome": "success", "new_steps": new_steps, **outcome})
             job.stages, job.tries = job.stages[1:], 0
             if job.stages:
                 self.queue.append(job)
@@ -197,7 +204,7 @@ class FleetScheduler:
                 self.progress.finished(ok=True)
             return
         kind = "oom" if outcome.get("oom") else "worker_died" if outcome.get("worker_died") else "error"
-        self.on_event(f"{job.stage}_attempt", {"outcome": kind})
+        self.on_event(f"{job.stage}_attempt", {"outcome": kind, **outcome})
         if outcome.get("retryable", True) and job.tries < self.max_attempts:
             if outcome.get("oom") and job.stage == "train":
                 job.settings = oom_adjusted(job.settings)
@@ -242,7 +249,11 @@ class FleetScheduler:
                         self._subject_done(job, outcome)
                 running = sum(isinstance(job, SubjectJob) for _, job in self.in_flight.values())
                 self.progress.set_running(running)
-                self.on_event("tick", {"queued": len(self.queue), "running": running})
+                waiting = len(self.queue) + sum(len(jobs) for jobs in self.waiting.values())
+                self.on_event("tick", {"queued": waiting, "running": running, "workers": len(self.identities),
+                                       "counts": summarize(self.plan.statuses)})  # fmt: skip
         for actor in self.idle:
             ray.kill(actor, no_restart=True)
+        self.identities.clear()
+        self.on_event("tick", {"queued": 0, "running": 0, "workers": 0, "counts": summarize(self.plan.statuses)})
         return summarize(self.plan.statuses)

@@ -30,6 +30,15 @@ from ray_jobs.run_dir import subject_dir
 PERMANENT_ERRORS = (ImageError, CheckpointError, SettingsError)
 
 
+def _peak_gpu_memory() -> int:
+    """Peak GPU memory of this process since the last call (0 without a GPU), then reset for the next attempt."""
+    if not torch.cuda.is_available():
+        return 0
+    peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def _failure(err: BaseException, **extra: Any) -> dict[str, Any]:
     return {
         "ok": False,
@@ -37,6 +46,7 @@ def _failure(err: BaseException, **extra: Any) -> dict[str, Any]:
         "retryable": not isinstance(err, PERMANENT_ERRORS),
         "oom": isinstance(err, torch.cuda.OutOfMemoryError),
         "traceback": traceback.format_exc(limit=8),
+        "peak_gpu_memory_bytes": _peak_gpu_memory(),
         **extra,
     }
 
@@ -80,6 +90,7 @@ class SubjectWorker:
             "step_seconds": steps_run,
             "final_loss": result.losses[-1],
             "seconds": time.perf_counter() - began,
+            "peak_gpu_memory_bytes": _peak_gpu_memory(),
         }
 
     def generate(self, run: str, subject: Subject, settings: Settings) -> dict[str, Any]:
@@ -97,4 +108,4 @@ class SubjectWorker:
         finally:
             self.base.reset()
         return {"ok": True, "images": len(rows), "images_generated": len(rows) - before,
-                "seconds": time.perf_counter() - began}  # fmt: skip
+                "seconds": time.perf_counter() - began, "peak_gpu_memory_bytes": _peak_gpu_memory()}  # fmt: skip

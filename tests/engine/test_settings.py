@@ -4,7 +4,7 @@ from engine.settings import SettingsError, load_settings, parse_params
 
 
 def test_real_models_get_the_dreambooth_literature_defaults():
-    s = load_settings("runwayml/stable-diffusion-v1-5")
+    s = load_settings("stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert (s.mode, s.max_train_steps, s.resolution, s.num_class_images, s.prior_loss_weight) == ("lora", 800, 512, 200, 1.0)
     assert s.effective_learning_rate == 1e-4
     assert s.model_copy(update={"mode": "full"}).effective_learning_rate == 5e-6
