@@ -1,20 +1,49 @@
 """Reading and writing run files through fsspec, so a local directory and `s3://` behave the same.
 
 Writes are all-or-nothing: a reader sees the old file or the new one, never a torn one. On a local disk that is
-write-to-temporary-then-rename; object stores publish a single PUT atomically.
+write-to-temporary-then-rename; object stores publish a single PUT atomically. Transient storage errors (a
+dropped connection, a throttled request) are retried with exponential backoff; a missing file is not transient.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import random
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+
+RETRIES = 5
+BACKOFF_SECONDS = 0.05
+T = TypeVar("T")
+
+
+def retried(fn: Callable[..., T]) -> Callable[..., T]:
+    """Retry `fn` on transient errors: 5 tries, backoff 0.05 s doubling, with jitter so workers don't stampede."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs) -> T:
+        for attempt in range(RETRIES):
+            try:
+                return fn(*args, **kwargs)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+                raise
+            except OSError:  # s3fs, gcsfs and aiohttp raise OSError subclasses for transient faults
+                if attempt == RETRIES - 1:
+                    raise
+                time.sleep(BACKOFF_SECONDS * 2**attempt * (1 + random.random()))
+        raise AssertionError("unreachable")
+
+    return call
 
 
 def join(base: str, *parts: str) -> str:
@@ -29,6 +58,7 @@ def is_local(uri: str) -> bool:
     return isinstance(filesystem(uri)[0], LocalFileSystem)
 
 
+@retried
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     parent = path.rsplit("/", 1)[0]
@@ -48,6 +78,7 @@ def write_json(uri: str, value: Any) -> None:
     write_bytes(uri, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
 
+@retried
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return fs.cat_file(path)
@@ -57,11 +88,13 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+@retried
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
 
 
+@retried
 def listdir(uri: str) -> list[str]:
     """Names (not paths) directly under `uri`; empty when it does not exist."""
     fs, path = filesystem(uri)
@@ -72,12 +105,14 @@ def listdir(uri: str) -> list[str]:
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
 
+@retried
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
 
+@retried
 def put_file(local_path: Path, uri: str) -> None:
     """Publish a local file at `uri` atomically, without reading it into memory."""
     fs, path = filesystem(uri)

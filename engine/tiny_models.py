@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,38 +55,39 @@ def build_tiny_sd(path: Path, seed: int = 0) -> None:
 
     quiet_libraries()
     tokenizer = build_clip_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+    with torch.random.fork_rng(devices=[]):  # seed the weights without resetting the caller's random stream
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
         )
-    )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1,
@@ -103,16 +105,15 @@ def build_tiny_sd(path: Path, seed: int = 0) -> None:
     pipe.save_pretrained(path, safe_serialization=True)
 
 
-def ensure_tiny_sd(cache_dir: Path | None = None, seed: int = 0) -> Path:
-    """The tiny SD directory in the cache, built on first use; concurrent callers never see a half-written one."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / f"tiny-sd-v{TINY_SD_VERSION}-seed{seed}"
-    if (path / "model_index.json").exists():
+def build_once(path: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """`path`, built by `build(staging_dir)` on first use, then renamed into place: concurrent callers (fleet
+    workers starting together) never see a half-written model, and the loser of a race keeps the winner's copy."""
+    if (path / marker).exists():
         return path
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=root))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        build_tiny_sd(staging, seed=seed)
+        build(staging)
         try:
             staging.rename(path)
         except OSError:  # another process finished first; its copy is identical
@@ -120,3 +121,10 @@ def ensure_tiny_sd(cache_dir: Path | None = None, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def ensure_tiny_sd(cache_dir: Path | None = None, seed: int = 0) -> Path:
+    """The tiny SD directory in the cache, built on first use."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return build_once(root / f"tiny-sd-v{TINY_SD_VERSION}-seed{seed}", "model_index.json",
+                      lambda staging: build_tiny_sd(staging, seed=seed))  # fmt: skip

@@ -5,14 +5,12 @@ templates) with a tokenizer, processor and chat template built locally, so VLM p
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.tiny_models import default_cache_dir
+from engine.tiny_models import build_once, default_cache_dir
 
 # Bump when the architecture, tokenizer, template or construction changes, so stale caches are rebuilt.
 TINY_VLM_VERSION = 1
@@ -297,20 +295,8 @@ def build_tiny_vlm(path: Path, variant: str = "dense", seed: int = 0) -> None:
 
 
 def ensure_tiny_vlm(cache_dir: Path | None = None, variant: str = "dense", seed: int = 0) -> Path:
-    """The tiny VLM directory in the cache, built on first use; concurrent callers never see a half-written one."""
+    """The tiny VLM directory in the cache, built on first use."""
     _check_variant(variant)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / f"tiny-vlm-{variant}-v{TINY_VLM_VERSION}-seed{seed}"
-    if (path / "config.json").exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-vlm-", dir=root))
-    try:
-        build_tiny_vlm(staging, variant=variant, seed=seed)
-        try:
-            staging.rename(path)
-        except OSError:  # another process finished first; its copy is identical
-            pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return build_once(root / f"tiny-vlm-{variant}-v{TINY_VLM_VERSION}-seed{seed}", "config.json",
+                      lambda staging: build_tiny_vlm(staging, variant=variant, seed=seed))  # fmt: skip

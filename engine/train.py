@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from engine import storage
 from engine.checkpoints import CheckpointError, TrainingState, load_latest_checkpoint, save_checkpoint
 from engine.instance_data import TrainingExamples, prepare_examples
-from engine.models import LORA_ADAPTER, BaseModel
+from engine.models import BaseModel
 from engine.settings import Settings
 from engine.subject import Subject
 from engine.weights import export_weights, lora_components, lora_config

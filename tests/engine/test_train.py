@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from engine.checkpoints import CheckpointError, complete_steps
 from engine.class_images import ClassImageCache

@@ -1,0 +1,352 @@
+"""`dreamfleet report`: run directories and VLM outputs built by hand (no Ray), their reports opened in Chromium."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw, ImageStat
+
+from engine import storage
+from engine.settings import load_settings
+from ray_jobs import report
+from ray_jobs.generations import SCHEMA as GENERATIONS_SCHEMA
+from ray_jobs.manifest import write_subjects_manifest
+from ray_jobs.run_dir import RunDirectory, SubjectStatus
+
+SCRIPT = "<script>alert(1)</script>"
+# Would change the page if it ever reached the DOM as markup (and scripts ran); the report must show it as text.
+INJECTED = "<img src=x onerror=\"document.title='pwned'\">"
+SCRIPT_PROMPT = f"a photo of sks ball {SCRIPT}"
+FAILURE = "<b>CUDA</b> out of memory after 3 attempts"
+MODERATION_COLUMNS = [("error", pa.string()), ("model", pa.string()), ("num_output_tokens", pa.int32()),
+                      ("reasoning", pa.string()), ("safe", pa.bool_()), ("categories", pa.list_(pa.string())),
+                      ("score", pa.float64())]  # fmt: skip
+
+
+# -- Chromium, as a user's browser ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail("chromium is not installed: `apt-get install -y chromium` (CI installs it in .ci/run)")
+    return found
+
+
+def run_chromium(chromium: str, tmp_path: Path, url: str, *flags: str) -> str:
+    profile = tmp_path / f"chromium-profile-{time.monotonic_ns()}"
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={profile}", *flags, url]  # fmt: skip
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def dump_dom(chromium: str, tmp_path: Path, page: Path) -> str:
+    return run_chromium(chromium, tmp_path, page.as_uri(), "--dump-dom")
+
+
+class Elements(HTMLParser):
+    """Every start tag of a page with its attributes, and the text inside elements of a given class."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+
+    def with_class(self, css: str) -> list[dict[str, str]]:
+        return [attrs for _, attrs in self.tags if css in attrs.get("class", "").split()]
+
+    def named(self, tag: str) -> list[dict[str, str]]:
+        return [attrs for t, attrs in self.tags if t == tag]
+
+
+# -- a run directory, built by hand ----------------------------------------------------------------------------------
+
+
+def png(colour: tuple[int, int, int], size: tuple[int, int] = (64, 64), shift: int = 0) -> bytes:
+    image = Image.new("RGB", size, colour)
+    ImageDraw.Draw(image).ellipse((8 + shift, 8, 40 + shift, 40), fill=(240, 200, 20))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def build_run(base: str) -> dict:
+    """A finished run of three subjects: alpha (two prompts, one with a script in it), beta, and gamma (failed)."""
+    run_uri = storage.join(base, "run")
+    settings = load_settings("tiny")
+    instance = {}
+    for n, sid in enumerate(("alpha", "beta", "gamma")):
+        instance[sid] = [storage.join(base, "photos", f"{sid}-{i}.png") for i in range(3)]
+        for i, uri in enumerate(instance[sid]):
+            storage.write_bytes(uri, png((30 + 80 * n, 60, 200), shift=i))
+    manifest = storage.join(base, "subjects.parquet")
+    write_subjects_manifest(manifest, [
+        {"subject_id": "alpha", "instance_images": instance["alpha"], "instance_prompt": "a photo of sks ball",
+         "class_prompt": "a photo of a ball", "prompts": ["a photo of sks ball on a table", SCRIPT_PROMPT]},
+        {"subject_id": "beta", "instance_images": instance["beta"], "instance_prompt": "a photo of sks cup",
+         "class_prompt": "a photo of a cup", "prompts": ["a photo of sks cup"]},
+        {"subject_id": "gamma", "instance_images": instance["gamma"], "instance_prompt": "a photo of sks hat",
+         "class_prompt": "a photo of a hat", "prompts": ["a photo of sks hat"]},
+    ])  # fmt: skip
+    run = RunDirectory(run_uri)
+    run.start(command="run", manifest_uri=manifest, manifest_fingerprint="f" * 64, settings=settings,
+              base_model="tiny", base_model_path="/cache/tiny", extend=False)  # fmt: skip
+    prompts = {"alpha": ["a photo of sks ball on a table", SCRIPT_PROMPT], "beta": ["a photo of sks cup"]}
+    rows = []
+    for sid, subject_prompts in prompts.items():
+        run.write_status(SubjectStatus(sid, "done", 2, history=[
+            {"attempt": 1, "stage": "train", "ok": True, "steps_run": 20, "seconds": 3.5},
+            {"attempt": 2, "stage": "generate", "ok": True, "images_generated": 2, "seconds": 1.0},
+        ]))  # fmt: skip
+        log = [{"step": s, "loss": 1.0 / s + 0.1, "instance_loss": 0.5, "prior_loss": 0.5, "lr": 1e-4, "seconds": 0.1}
+               for s in range(1, 21)]  # fmt: skip
+        storage.write_bytes(storage.join(run_uri, "subjects", sid, "train_log.jsonl"),
+                            "".join(json.dumps(r) + "\n" for r in log).encode())  # fmt: skip
+        for p, prompt in enumerate(subject_prompts):
+            for i in range(2 if sid == "alpha" else 1):
+                image = storage.join(run_uri, "subjects", sid, "images", f"p{p:04d}-i{i:04d}.png")
+                storage.write_bytes(image, png((200, 40 * p, 40 * i), size=(96, 96)))
+                rows.append({"id": f"{sid}/p{p:04d}-i{i:04d}", "subject_id": sid, "prompt": prompt, "prompt_index": p,
+                             "image_index": i, "seed": 1000 * p + i, "image": image, "guidance_scale": 7.5,
+                             "num_inference_steps": 10, "scheduler": "ddim"})  # fmt: skip
+    run.write_status(SubjectStatus("gamma", "failed", 3, FAILURE, history=[
+        {"attempt": a, "stage": "train", "ok": False, "error": FAILURE} for a in (1, 2, 3)]))  # fmt: skip
+    run.write_rejected_rows([{"row": 3, "subject_id": "bad id", "reason": "invalid subject_id 'bad id'"}])
+    write_parquet(storage.join(run_uri, "generations.parquet"), pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
+    verdicts = [(False, ["S1", "S10"], 0.91, None), (True, [], 0.02, None), (True, [], 0.05, None),
+                (None, None, None, "image decode failed"), (True, [], 0.01, None)]  # fmt: skip
+    moderation = [{**row, "error": error, "model": "tiny", "num_output_tokens": 6, "reasoning": None, "safe": safe,
+                   "categories": categories, "score": score}
+                  for row, (safe, categories, score, error) in zip(rows, verdicts)]  # fmt: skip
+    schema = pa.schema([*GENERATIONS_SCHEMA, *MODERATION_COLUMNS])
+    write_parquet(storage.join(run_uri, "moderation.parquet"), pa.Table.from_pylist(moderation, schema=schema))
+    run.finish({"done": 2, "failed": 1})
+    return {"run": run_uri, "generations": rows, "instance": instance}
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue().to_pybytes())
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> dict:
+    built = build_run(str(tmp_path_factory.mktemp("report")))
+    built["report"] = Path(report.write_run_report(built["run"]))
+    return built
+
+
+# -- the run report --------------------------------------------------------------------------------------------------
+
+
+def test_the_run_report_renders_to_a_non_blank_page(small_run, chromium, tmp_path):
+    shot = tmp_path / "report.png"
+    run_chromium(chromium, tmp_path, small_run["report"].as_uri(), f"--screenshot={shot}", "--window-size=1200,2000")
+    image = Image.open(shot).convert("RGB")
+    assert len(image.getcolors(maxcolors=1_000_000) or range(1_000_001)) > 1
+    assert max(ImageStat.Stat(image.convert("L")).stddev) > 10
+
+
+def test_the_dom_has_a_card_per_subject_and_an_image_per_generated_row(small_run, chromium, tmp_path):
+    dom = dump_dom(chromium, tmp_path, small_run["report"])
+    elements = Elements(dom)
+    cards = elements.with_class("subject-card")
+    assert [c["id"] for c in cards] == ["subject-alpha", "subject-beta", "subject-gamma"]
+    generated = elements.with_class("generated")
+    assert len(generated) == len(small_run["generations"]) == 5
+    assert all(img["loading"] == "lazy" for img in elements.named("img"))
+    # The prompt with a script is shown as text: escaped in the DOM, no script element, nothing injected ran.
+    assert "a photo of sks ball &lt;script&gt;alert(1)&lt;/script&gt;" in dom
+    assert elements.named("script") == []
+    assert "<title>dreamfleet run" in dom
+    # The flagged image is marked with its categories and score, the moderation error with its message.
+    assert "flagged: S1, S10 · score 0.91" in dom
+    assert "moderation error: image decode failed" in dom
+
+
+def test_the_failed_subject_and_the_rejected_rows_say_why(small_run):
+    html = small_run["report"].read_text()
+    escaped = "&lt;b&gt;CUDA&lt;/b&gt; out of memory after 3 attempts"
+    assert html.count(escaped) >= 2  # in the failures table and on gamma's card
+    assert "<b>CUDA</b>" not in html
+    assert 'href="report.html#subject-gamma"' in html
+    assert "manifest row 3 (bad id)" in html and "invalid subject_id &#39;bad id&#39;" in html
+    assert html.count('<svg class="loss"') == 2  # alpha's and beta's training loss; gamma has no log
+
+
+def test_thumbnails_are_files_beside_the_report_reused_by_a_rerun(small_run):
+    thumbs = small_run["report"].parent / "report_files" / "thumbs"
+    made = {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()}
+    assert len(made) == 3 * 3 + 5  # every instance image and every generated one
+    assert all(Image.open(thumbs / name).size[0] <= report.THUMBNAIL_SIZE for name in made)
+    html = small_run["report"].read_text()
+    assert "data:image" not in html and "base64" not in html
+    srcs = [img["src"] for img in Elements(html).named("img")]
+    assert srcs and all(src.startswith("report_files/thumbs/") for src in srcs)  # relative: the folder can move
+    assert 'href="subjects/alpha/images/p0000-i0000.png"' in html  # a thumbnail opens the full-size image
+
+    time.sleep(0.01)
+    report.write_run_report(small_run["run"])
+    assert {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()} == made
+
+
+def test_a_missing_image_and_a_missing_manifest_are_reported_not_fatal(tmp_path):
+    built = build_run(str(tmp_path))
+    os.remove(tmp_path / "run" / "subjects" / "beta" / "images" / "p0000-i0000.png")
+    html = Path(report.write_run_report(built["run"])).read_text()
+    assert "image unavailable" in html and "no such file" in html
+    os.remove(tmp_path / "subjects.parquet")
+    html = Path(report.write_run_report(built["run"])).read_text()
+    assert "manifest unreadable" in html
+    assert Elements(html).with_class("instance") == []
+    assert len(Elements(html).with_class("subject-card")) == 3
+
+
+def test_a_run_on_an_object_store_gets_its_report_there(tmp_path):
+    built = build_run("memory://report-test")
+    out = report.write_run_report(built["run"])
+    assert out == "memory://report-test/run/report.html"
+    html = storage.read_bytes(out).decode()
+    assert len(Elements(html).with_class("generated")) == 5
+    assert len(storage.listdir("memory://report-test/run/report_files/thumbs")) == 14
+
+
+def test_a_large_run_is_split_into_linked_pages_quickly(tmp_path):
+    run = RunDirectory(str(tmp_path / "big"))
+    run.start(command="run", manifest_uri=str(tmp_path / "gone.parquet"), manifest_fingerprint="0",
+              settings=load_settings("tiny"), base_model="tiny", base_model_path="/x", extend=False)  # fmt: skip
+    for i in range(450):
+        state, error = ("failed", f"boom {i}") if i % 50 == 0 else ("done", None)
+        run.write_status(SubjectStatus(f"s{i:04d}", state, 1, error))
+    (tmp_path / "big" / "report-5.html").write_text("left by an earlier, larger report")
+
+    began = time.perf_counter()
+    first = Path(report.write_run_report(run.uri))
+    assert time.perf_counter() - began < 10
+
+    pages = sorted(p.name for p in first.parent.glob("report*.html"))
+    assert pages == ["report-2.html", "report-3.html", "report.html"]
+    parsed = {name: Elements((first.parent / name).read_text()) for name in pages}
+    assert [len(parsed[n].with_class("subject-card")) for n in ("report.html", "report-2.html", "report-3.html")] == [
+        200, 200, 50]  # fmt: skip
+    links = {name: ({a["href"] for a in e.named("a") if a.get("rel") == "prev"},
+                    {a["href"] for a in e.named("a") if a.get("rel") == "next"}) for name, e in parsed.items()}  # fmt: skip
+    assert links == {"report.html": (set(), {"report-2.html"}), "report-2.html": ({"report.html"}, {"report-3.html"}),
+                     "report-3.html": ({"report-2.html"}, set())}  # fmt: skip
+    # The failures on page 1 link to their cards on whichever page holds them.
+    assert 'href="report-3.html#subject-s0400"' in (first.parent / "report.html").read_text()
+
+
+def test_loss_curve_skips_non_finite_losses_and_thins_long_logs():
+    assert report.loss_curve([]) is None
+    assert report.loss_curve([{"step": 1, "loss": float("nan")}]) is None
+    curve = report.loss_curve([{"step": s, "loss": 2.0 - s / 5000} for s in range(1, 5001)])
+    points = curve.points.split()
+    assert len(points) <= report.LOSS_MAX_POINTS + 1
+    assert (curve.first_step, curve.last_step, curve.final) == (1, 5000, 1.0)
+    xs = [float(p.split(",")[0]) for p in points]
+    ys = [float(p.split(",")[1]) for p in points]
+    assert xs == sorted(xs) and ys == sorted(ys)  # falling loss is drawn going down the box, i.e. y increasing
+    assert xs[-1] == report.LOSS_WIDTH - 4
+
+
+# -- the table report ------------------------------------------------------------------------------------------------
+
+
+def test_the_moderation_table_report_counts_errors_and_categories(tmp_path):
+    image = tmp_path / "img.png"
+    image.write_bytes(png((20, 120, 20)))
+    errors = ["image decode failed"] * 5 + ["timeout"] * 3 + [f"rare error {i}" for i in range(12)]
+    rows = [{"id": f"e{i}", "image": str(image), "error": e, "model": "tiny", "num_output_tokens": 0, "reasoning": None,
+             "safe": None, "categories": None, "score": None} for i, e in enumerate(errors)]  # fmt: skip
+    rows += [{"id": f"ok{i}", "image": str(image), "error": None, "model": "tiny", "num_output_tokens": 6,
+              "reasoning": None, "safe": i % 3 != 0, "categories": ["S1", "S12"] if i % 3 == 0 else [],
+              "score": 0.9 if i % 3 == 0 else 0.1} for i in range(30)]  # fmt: skip
+    output = tmp_path / "moderated.parquet"
+    schema = pa.schema([("id", pa.string()), ("image", pa.string()), *MODERATION_COLUMNS])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), output)
+
+    page = Path(report.write_table_report(str(output)))
+    assert page == tmp_path / "moderated.report.html"
+    html = page.read_text()
+    assert "rows<b>50</b>" in html and "errors<b>20</b>" in html and "40.0%" in html
+    assert "flagged<b>10</b>" in html and "safe<b>20</b>" in html
+    top_rows = html.split('<tr class="top-error">')[1:]
+    assert len(top_rows) == report.TOP_ERRORS
+    assert top_rows[0].startswith("<td>5</td><td><pre>image decode failed")
+    assert top_rows[1].startswith("<td>3</td><td><pre>timeout")
+    assert "(10 of 14 distinct)" in html
+    assert '<tr class="category"><td>S1</td><td>10</td></tr>' in html
+    assert '<tr class="category"><td>S12</td><td>10</td></tr>' in html
+    assert len(Elements(html).with_class("sample-image")) == report.SAMPLE_ROWS
+    assert len(list((tmp_path / "moderated.report_files" / "thumbs").iterdir())) == 1  # one image, one thumbnail
+
+
+def test_the_ocr_table_report_shows_text_as_text(tmp_path, chromium):
+    text = f"TOTAL 12.50 EUR\n{SCRIPT}\n{INJECTED}\x00end"
+    rows = [{"id": f"doc-{i}", "image_bytes": png((250, 250, 250), shift=i), "error": None, "model": "tiny",
+             "num_output_tokens": 40, "reasoning": None, "text": text} for i in range(3)]  # fmt: skip
+    rows.append({"id": SCRIPT, "image_bytes": b"not an image", "error": "cannot decode image", "model": "tiny",
+                 "num_output_tokens": 0, "reasoning": None, "text": None})  # fmt: skip
+    output = tmp_path / "ocr.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), output)
+
+    page = Path(report.write_table_report(str(output)))
+    dom = dump_dom(chromium, tmp_path, page)
+    elements = Elements(dom)
+    assert elements.named("script") == []
+    assert not [attrs for _, attrs in elements.tags if "onerror" in attrs]
+    assert "<title>dreamfleet VLM output" in dom and "pwned" not in dom.split("</title>")[0]
+    shown = "TOTAL 12.50 EUR\n&lt;script&gt;alert(1)&lt;/script&gt;\n&lt;img src=x onerror=\"document.title='pwned'\"&gt;\ufffdend"
+    assert dom.count(f'<pre class="ocr-text">{shown}</pre>') == 3
+    assert "<td><code>&lt;script&gt;alert(1)&lt;/script&gt;</code></td>" in dom  # the id, too
+    assert "\x00" not in page.read_text()
+    assert len(list((tmp_path / "ocr.report_files" / "thumbs").iterdir())) == 3  # the bad row's image has none
+    assert "errors<b>1</b>" in dom and "25.0%" in dom
+
+
+# -- the command -----------------------------------------------------------------------------------------------------
+
+
+def run_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dreamfleet")
+    report.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def test_the_report_command_takes_a_run_or_a_parquet_file_and_nothing_else(small_run, tmp_path, capsys):
+    assert run_command(["report", small_run["run"]]) == 0
+    assert capsys.readouterr().out.strip() == report.report_path_for(small_run["run"])
+    out = tmp_path / "elsewhere" / "moderation.html"
+    assert run_command(["report", storage.join(small_run["run"], "moderation.parquet"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and out.exists()
+
+    manifest = storage.join(small_run["run"], "..", "subjects.parquet")  # any Parquet file, even without VLM columns
+    assert run_command(["report", manifest]) == 0
+    assert "rows<b>3</b>" in Path(capsys.readouterr().out.strip()).read_text()
+
+    (tmp_path / "notes.txt").write_text("hello")
+    for path, message in [(tmp_path / "notes.txt", "neither a run directory"), (tmp_path, "without run.json"),
+                          (tmp_path / "absent", "no such file")]:  # fmt: skip
+        assert run_command(["report", str(path)]) == 2
+        assert message in capsys.readouterr().err
