@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from engine.models import ModelError
-from engine.vlm_tasks import TaskError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
+from engine.vlm_tasks import TaskError
 from ray_jobs.manifest import ManifestError, read_subjects_manifest
+from ray_jobs import report
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.run_dir import RunConflictError
 
@@ -76,6 +77,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     with metrics_session(args) as request.metrics:
         code, run = run_manifest(request, STAGES[args.command])
     print(f"run directory: {run.uri}")
+    if args.command == "run":
+        print(f"report: {report.write_run_report(run.uri)}")
     return code
 
 
@@ -176,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole pipeline on a small synthetic manifest, tiny models, local Ray")
     demo.add_argument("--out", default="dreamfleet-demo", help="where the demo writes (default: ./dreamfleet-demo)")
     demo.set_defaults(handler=cmd_demo)
+
+    report.add_parser(commands)
 
     status = commands.add_parser("status", help="per-state counts and failed subjects, read from RUN alone")
     status.add_argument("run", help="run directory (any fsspec URI)")

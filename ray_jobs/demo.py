@@ -4,19 +4,18 @@ Everything it uses is drawn here; nothing is downloaded."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from PIL import Image, ImageDraw
-
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
 
 from engine.settings import load_settings
 from ray_jobs.analyze import AnalyzeRequest, analyze
 from ray_jobs.fleet import FleetRequest, run_manifest
 from ray_jobs.manifest import write_subjects_manifest
+from ray_jobs.report import write_run_report
 
 # (subject id, class noun, shape, colour, background)
 SUBJECTS = [
@@ -119,6 +118,7 @@ def run_demo(out: str) -> int:
         analysis = AnalyzeRequest(input=documents, task=task, out=result, settings=request.settings,
                                   schema_file=schema if task == "extract" else None)  # fmt: skip
         code = max(code, analyze(analysis))
+    print(f"report: {write_run_report(run.uri)}")
     print("the tiny models are random: the pipeline is real, the words are noise. Use --vlm-model and "
           "--base-model with real weights for real answers.")
     return code

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from engine import storage
 from engine.models import fingerprint, resolve_base_model
 from engine.settings import Settings
-from ray_jobs.manifest import SubjectsManifest, read_subjects_manifest
 from ray_jobs.generations import assemble_generations
+from ray_jobs.manifest import SubjectsManifest, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.plan import plan_fleet, row_has_own_folder
 from ray_jobs.progress import print_summary

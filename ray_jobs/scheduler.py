@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,9 +24,8 @@ from engine.checkpoints import complete_steps
 from engine.settings import Settings
 from ray_jobs.plan import ClassSetJob, FleetPlan, SubjectJob
 from ray_jobs.progress import FleetProgress
-from ray_jobs.run_dir import RunDirectory, SubjectStatus, subject_dir, summarize
+from ray_jobs.run_dir import RunDirectory, subject_dir, summarize
 from ray_jobs.worker import SubjectWorker
-
 
 RUNNING_STATE = {"train": "training", "generate": "generating"}
 FINISHED_STATE = {"train": "trained", "generate": "done"}

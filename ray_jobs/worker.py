@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from engine.checkpoints import CheckpointError
 from engine import storage
+from engine.checkpoints import CheckpointError
 from engine.class_images import ClassImageCache
 from engine.generation import render_subject
 from engine.images import ImageError

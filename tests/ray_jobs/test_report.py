@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -107,7 +108,8 @@ def build_run(base: str) -> dict:
          "class_prompt": "a photo of a hat", "prompts": ["a photo of sks hat"]},
     ])  # fmt: skip
     run = RunDirectory(run_uri)
-    run.start(command="run", manifest_uri=manifest, manifest_fingerprint="f" * 64, settings=settings,
+    fingerprint = hashlib.sha256(storage.read_bytes(manifest)).hexdigest()
+    run.start(command="run", manifest_uri=manifest, manifest_fingerprint=fingerprint, settings=settings,
               base_model="tiny", base_model_path="/cache/tiny", extend=False)  # fmt: skip
     prompts = {"alpha": ["a photo of sks ball on a table", SCRIPT_PROMPT], "beta": ["a photo of sks cup"]}
     rows = []
@@ -178,6 +180,7 @@ def test_the_dom_has_a_card_per_subject_and_an_image_per_generated_row(small_run
     assert "a photo of sks ball &lt;script&gt;alert(1)&lt;/script&gt;" in dom
     assert elements.named("script") == []
     assert "<title>dreamfleet run" in dom
+    assert elements.with_class("note") == []  # nothing in this run is missing or changed
     # The flagged image is marked with its categories and score, the moderation error with its message.
     assert "flagged: S1, S10 · score 0.91" in dom
     assert "moderation error: image decode failed" in dom
@@ -209,11 +212,19 @@ def test_thumbnails_are_files_beside_the_report_reused_by_a_rerun(small_run):
     assert {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()} == made
 
 
-def test_a_missing_image_and_a_missing_manifest_are_reported_not_fatal(tmp_path):
+def test_a_missing_image_and_a_changed_or_missing_manifest_are_noted_not_fatal(tmp_path):
     built = build_run(str(tmp_path))
     os.remove(tmp_path / "run" / "subjects" / "beta" / "images" / "p0000-i0000.png")
     html = Path(report.write_run_report(built["run"])).read_text()
     assert "image unavailable" in html and "no such file" in html
+    write_subjects_manifest(str(tmp_path / "subjects.parquet"), [
+        {"subject_id": "alpha", "instance_images": built["instance"]["alpha"], "instance_prompt": "a photo of sks ball",
+         "class_prompt": "a photo of a ball"},
+    ])  # fmt: skip
+    html = Path(report.write_run_report(built["run"])).read_text()
+    assert "changed since the run" in html
+    assert len(Elements(html).with_class("instance")) == 3  # alpha's, as the manifest lists them now
+
     os.remove(tmp_path / "subjects.parquet")
     html = Path(report.write_run_report(built["run"])).read_text()
     assert "manifest unreadable" in html
@@ -222,12 +233,14 @@ def test_a_missing_image_and_a_missing_manifest_are_reported_not_fatal(tmp_path)
 
 
 def test_a_run_on_an_object_store_gets_its_report_there(tmp_path):
-    built = build_run("memory://report-test")
+    base = f"memory://{tmp_path.name}"
+    built = build_run(base)
     out = report.write_run_report(built["run"])
-    assert out == "memory://report-test/run/report.html"
+    assert out == f"{base}/run/report.html"
     html = storage.read_bytes(out).decode()
     assert len(Elements(html).with_class("generated")) == 5
-    assert len(storage.listdir("memory://report-test/run/report_files/thumbs")) == 14
+    assert len(storage.listdir(f"{base}/run/report_files/thumbs")) == 14
+    storage.remove(base)
 
 
 def test_a_large_run_is_split_into_linked_pages_quickly(tmp_path):
@@ -254,6 +267,16 @@ def test_a_large_run_is_split_into_linked_pages_quickly(tmp_path):
                      "report-3.html": ({"report-2.html"}, set())}  # fmt: skip
     # The failures on page 1 link to their cards on whichever page holds them.
     assert 'href="report-3.html#subject-s0400"' in (first.parent / "report.html").read_text()
+
+
+def test_links_are_relative_inside_the_report_folder_and_never_scripts():
+    layout = report.ReportLayout("file:///runs/r1/report.html")
+    assert layout.link("/runs/r1/subjects/a b/images/p0.png") == "subjects/a%20b/images/p0.png"
+    assert layout.link("file:///runs/r1/subjects/a/images/p0.png") == "subjects/a/images/p0.png"
+    assert layout.link("/photos/dog.png") == "file:///photos/dog.png"
+    assert layout.link("s3://bucket/photos/dog.png") == "s3://bucket/photos/dog.png"
+    assert layout.link("javascript://%0aalert(1)") is None
+    assert layout.thumb_link("abc.jpg") == "report_files/thumbs/abc.jpg"
 
 
 def test_loss_curve_skips_non_finite_losses_and_thins_long_logs():

@@ -1,0 +1,548 @@
+"""`dreamfleet report`: a static HTML report of a run directory or of a VLM pass output, read from its files alone.
+
+Pages are plain HTML and CSS (Jinja2 templates in ray_jobs/templates/, autoescaped; no JavaScript). Every image is
+shown as a small JPEG thumbnail made once under `<report>_files/thumbs/` and linked to the full-size image; links
+inside the report's folder are relative, so the folder can be copied or served as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import hashlib
+import io
+import json
+import math
+import re
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from engine import storage
+from engine.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
+from engine.settings import Settings
+from ray_jobs.generations import GENERATIONS
+from ray_jobs.manifest import ManifestError, read_subjects_manifest
+from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
+
+EXIT_OK, EXIT_NOT_RUN = 0, 2
+REPORT = "report.html"
+MODERATION = "moderation.parquet"
+THUMBNAIL_SIZE = 192  # longest side, px
+THUMBNAIL_QUALITY = 85
+# Reading images and train logs is storage round trips and decoding, not Python work: overlap them.
+READ_THREADS = 16
+SUBJECTS_PER_PAGE = 200  # a page of a 1,000-subject run still opens at once; images load lazily
+SAMPLE_ROWS = 50
+TOP_ERRORS = 10
+LOSS_WIDTH, LOSS_HEIGHT, LOSS_MAX_POINTS = 320, 96, 400
+# The VLM tasks' own output columns (SPEC "VLM pass output"), shown beside each sampled row's image.
+TASK_COLUMNS = ("text", "fields", "caption", "safe", "categories", "score")
+LINKED_SCHEMES = frozenset({"file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class ReportError(ValueError):
+    """The path is not something a report can be made of; the message says why."""
+
+
+# -- where the report's files go ---------------------------------------------------------------------------------
+
+
+def canonical_uri(uri: str) -> str:
+    """One spelling per location (`/a/b`, `file:///a/b` and a relative path all become `file:///abs/a/b`)."""
+    try:
+        fs, path = storage.filesystem(uri)
+    except (ValueError, ImportError):  # a protocol fsspec does not know, or whose package is not installed
+        return uri
+    return fs.unstrip_protocol(path.rstrip("/"))
+
+
+def report_path_for(run_uri: str) -> str:
+    """Where `dreamfleet report RUN` writes by default: RUN/report.html."""
+    return storage.join(run_uri, REPORT)
+
+
+def table_report_path_for(parquet_uri: str) -> str:
+    """Where `dreamfleet report OUTPUT.parquet` writes by default: OUTPUT.report.html, next to it."""
+    return f"{parquet_uri.removesuffix('.parquet')}.report.html"
+
+
+@dataclass(frozen=True)
+class ReportLayout:
+    """The report's pages (page 1 at `html`, then `<stem>-2.html`, ...) and its thumbnails folder beside them."""
+
+    html: str  # canonical URI of page 1
+
+    @property
+    def folder(self) -> str:
+        return self.html.rsplit("/", 1)[0]
+
+    @property
+    def stem(self) -> str:
+        return self.html.rsplit("/", 1)[1].removesuffix(".html")
+
+    @property
+    def thumbs(self) -> str:
+        return storage.join(self.folder, f"{self.stem}_files", "thumbs")
+
+    def thumb_link(self, name: str) -> str:
+        return quote(f"{self.stem}_files/thumbs/{name}")
+
+    def page_name(self, number: int) -> str:
+        return self.html.rsplit("/", 1)[1] if number == 1 else f"{self.stem}-{number}.html"
+
+    def link(self, uri: str) -> str | None:
+        """A link from a page to `uri`: relative inside the report's folder, else the absolute URI of a storage
+        scheme (never `javascript:` or the like: URIs come from user data)."""
+        target = canonical_uri(uri)
+        if target.startswith(self.folder + "/"):
+            return quote(target[len(self.folder) + 1 :])
+        return target if target.split("://", 1)[0].lower() in LINKED_SCHEMES else None
+
+
+# -- thumbnails ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Picture:
+    """An image as a page shows it: its thumbnail (None when it could not be made, with the reason) and full size."""
+
+    name: str  # the thumbnail's file name
+    full: str | None  # link to the full-size image; None for bytes in a table, or a URI not safe to link
+    thumb: str | None = None
+    problem: str | None = None
+
+
+class ThumbnailStore:
+    """Thumbnails named by a hash of their source (URI or bytes), made once and reused by every later report.
+
+    A thumbnail already in the folder is never remade, so an image replaced at the same URI keeps its old
+    thumbnail until the folder's thumbnails are deleted; run directories never rewrite an image in place.
+    """
+
+    def __init__(self, layout: ReportLayout, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.layout = layout
+        self.max_pixels = max_pixels
+        self.existing = set(storage.listdir(layout.thumbs))
+        self.pending: dict[str, tuple[Callable[[], bytes], str, list[Picture]]] = {}  # name -> source, label, users
+
+    def for_uri(self, uri: str) -> Picture:
+        canonical = canonical_uri(uri)
+        name = hashlib.sha256(canonical.encode()).hexdigest()[:24] + ".jpg"
+        return self._register(Picture(name, self.layout.link(uri)), lambda: storage.read_bytes(canonical), uri)
+
+    def for_bytes(self, data: bytes, label: str) -> Picture:
+        name = hashlib.sha256(data).hexdigest()[:24] + ".jpg"
+        return self._register(Picture(name, None), lambda: data, label)
+
+    def _register(self, picture: Picture, source: Callable[[], bytes], label: str) -> Picture:
+        picture.thumb = self.layout.thumb_link(picture.name)
+        if picture.name not in self.existing:
+            self.pending.setdefault(picture.name, (source, label, []))[2].append(picture)
+        return picture
+
+    def make_pending(self) -> None:
+        """Make every registered thumbnail not in the folder yet; the pictures of an unreadable image get why."""
+        jobs = list(self.pending.items())
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            problems = list(pool.map(lambda job: self._make(job[0], *job[1][:2]), jobs))
+        for (name, (_, _, pictures)), problem in zip(jobs, problems):
+            if problem is None:
+                self.existing.add(name)
+            for picture in pictures if problem is not None else []:
+                picture.thumb, picture.problem = None, problem
+        self.pending.clear()
+
+    def _make(self, name: str, source: Callable[[], bytes], label: str) -> str | None:
+        """Write thumbnail `name` from `source`'s image; None when done, else why it could not be made."""
+        try:
+            image = decode_image(source(), name=label, max_pixels=self.max_pixels)
+        except FileNotFoundError:
+            return f"{label}: no such file"
+        except ImageError as err:
+            return str(err)
+        except Exception as err:  # each fsspec backend raises its own types (credentials, permissions, network)
+            return f"{label}: cannot read ({type(err).__name__}: {err})"
+        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
+        storage.write_bytes(storage.join(self.layout.thumbs, name), buffer.getvalue())
+        return None
+
+
+# -- rendering ----------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("ray_jobs", "templates"),
+        autoescape=jinja2.select_autoescape(["html"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def _write_page(uri: str, template: str, **context: Any) -> None:
+    storage.write_bytes(uri, _environment().get_template(template).render(**context).encode())
+
+
+# -- the run report -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A generated image's moderation result (a row of RUN/moderation.parquet)."""
+
+    safe: bool | None
+    categories: list[str]
+    score: float | None
+    error: str | None
+
+    @property
+    def css(self) -> str:
+        return "error" if self.error else "safe" if self.safe else "flagged"
+
+
+@dataclass
+class GeneratedImage:
+    id: str | None
+    seed: int | None
+    picture: Picture
+    verdict: Verdict | None  # None: not moderated
+
+
+@dataclass
+class PromptGroup:
+    prompt_index: int
+    prompt: str
+    images: list[GeneratedImage] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LossCurve:
+    """A train log's loss as an SVG polyline in a LOSS_WIDTH x LOSS_HEIGHT box (higher loss drawn higher)."""
+
+    points: str
+    first_step: int
+    last_step: int
+    low: float
+    high: float
+    final: float
+    width: int = LOSS_WIDTH
+    height: int = LOSS_HEIGHT
+
+
+@dataclass
+class SubjectCard:
+    status: SubjectStatus
+    page: int
+    instance_images: list[Picture]
+    prompts: list[PromptGroup]
+    loss: LossCurve | None
+
+
+def loss_curve(records: list[dict[str, Any]]) -> LossCurve | None:
+    """The curve of a train log's finite losses, thinned to at most LOSS_MAX_POINTS points; None if nothing to draw."""
+    steps = [(int(r["step"]), float(r["loss"])) for r in records if "loss" in r and math.isfinite(float(r["loss"]))]
+    if not steps:
+        return None
+    stride = math.ceil(len(steps) / LOSS_MAX_POINTS)
+    shown = steps[::stride] if steps[-1] in steps[::stride] else [*steps[::stride], steps[-1]]
+    first, last = steps[0][0], steps[-1][0]
+    low, high = min(loss for _, loss in steps), max(loss for _, loss in steps)
+    pad = 4
+
+    def xy(step: int, loss: float) -> str:
+        x = pad + (LOSS_WIDTH - 2 * pad) * ((step - first) / (last - first) if last > first else 0.5)
+        y = pad + (LOSS_HEIGHT - 2 * pad) * ((high - loss) / (high - low) if high > low else 0.5)
+        return f"{x:.1f},{y:.1f}"
+
+    return LossCurve(" ".join(xy(s, loss) for s, loss in shown), first, last, low, high, steps[-1][1])
+
+
+def _read_loss_curve(run_uri: str, subject_id: str) -> LossCurve | None:
+    uri = storage.join(run_uri, "subjects", subject_id, "train_log.jsonl")
+    try:
+        text = storage.read_bytes(uri).decode()
+    except FileNotFoundError:
+        return None
+    try:
+        return loss_curve([json.loads(line) for line in text.splitlines() if line.strip()])
+    except (ValueError, KeyError, TypeError):  # a log from another version: no curve rather than no report
+        return None
+
+
+def _instance_images(record: dict[str, Any], notes: list[str]) -> dict[str, tuple[str, ...]]:
+    """Each subject's instance image URIs, from the manifest(s) the run was started with, as far as still readable."""
+    fingerprints: dict[str, set[str]] = defaultdict(set)
+    for invocation in record.get("invocations") or [record]:
+        fingerprints[invocation["manifest"]].add(invocation["manifest_fingerprint"])
+    try:
+        settings = Settings(**record["settings"])
+    except ValueError as err:
+        notes.append(f"run.json's settings are not this version's ({err}); instance images are not shown")
+        return {}
+    found: dict[str, tuple[str, ...]] = {}
+    for uri, expected in fingerprints.items():
+        try:
+            manifest = read_subjects_manifest(uri, settings, check_images=False)
+        except ManifestError as err:
+            notes.append(f"manifest unreadable, its subjects' instance images are not shown: {err}")
+            continue
+        if manifest.fingerprint not in expected:
+            notes.append(f"manifest {uri} changed since the run; instance images are shown as it lists them now")
+        found.update({s.subject_id: s.instance_images for s in manifest.subjects})
+    return found
+
+
+def _read_optional_table(uri: str, wanted: list[str], notes: list[str]) -> list[dict[str, Any]]:
+    """The `wanted` columns (those present) of a run's table, as rows; none when it is absent or unreadable."""
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(storage.read_bytes(uri)))
+        return parquet.read(columns=[c for c in wanted if c in parquet.schema_arrow.names]).to_pylist()
+    except FileNotFoundError:
+        return []
+    except (pa.ArrowException, OSError) as err:
+        notes.append(f"{uri}: unreadable, left out ({type(err).__name__}: {err})")
+        return []
+
+
+def _verdicts(run_uri: str, notes: list[str]) -> dict[str, Verdict]:
+    rows = _read_optional_table(
+        storage.join(run_uri, MODERATION), ["id", "safe", "categories", "score", "error"], notes
+    )
+    return {
+        r["id"]: Verdict(r.get("safe"), list(r.get("categories") or []), r.get("score"), r.get("error"))
+        for r in rows
+        if r.get("id") is not None
+    }
+
+
+def _prompt_groups(
+    rows: list[dict[str, Any]], verdicts: dict[str, Verdict], thumbs: ThumbnailStore
+) -> list[PromptGroup]:
+    groups: dict[tuple[int, str], PromptGroup] = {}
+    for row in sorted(rows, key=lambda r: (r.get("prompt_index") or 0, r.get("image_index") or 0)):
+        key = (row.get("prompt_index") or 0, row.get("prompt") or "")
+        group = groups.setdefault(key, PromptGroup(*key))
+        verdict = verdicts.get(row.get("id"))
+        group.images.append(GeneratedImage(row.get("id"), row.get("seed"), thumbs.for_uri(row["image"]), verdict))
+    return list(groups.values())
+
+
+def _wall_time(record: dict[str, Any]) -> str | None:
+    if not (record.get("started_at") and record.get("ended_at")):
+        return None
+    try:
+        started, ended = (datetime.datetime.fromisoformat(record[k]) for k in ("started_at", "ended_at"))
+    except ValueError:
+        return None
+    return str(datetime.timedelta(seconds=round((ended - started).total_seconds())))
+
+
+def write_run_report(run_uri: str, out: str | None = None) -> str:
+    """Write the report of the run directory `run_uri` (default RUN/report.html, more pages beside it); its URI."""
+    run = RunDirectory(run_uri)
+    record = run.read_run()
+    if record is None:
+        raise ReportError(f"{run_uri}: no run.json; not a dreamfleet run directory")
+    layout = ReportLayout(canonical_uri(out or report_path_for(run.uri)))
+    notes: list[str] = []
+    statuses = sorted(run.read_statuses().values(), key=lambda s: s.subject_id)
+    instance = _instance_images(record, notes)
+    verdicts = _verdicts(run.uri, notes)
+    generations = defaultdict(list)
+    wanted = ["id", "subject_id", "prompt", "prompt_index", "image_index", "seed", "image"]
+    for row in _read_optional_table(storage.join(run.uri, GENERATIONS), wanted, notes):
+        generations[row["subject_id"]].append(row)
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        curves = list(pool.map(lambda s: _read_loss_curve(run.uri, s.subject_id), statuses))
+    thumbs = ThumbnailStore(layout, record["settings"].get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    cards = [
+        SubjectCard(
+            status=status,
+            page=1 + index // SUBJECTS_PER_PAGE,
+            instance_images=[thumbs.for_uri(uri) for uri in instance.get(status.subject_id, ())],
+            prompts=_prompt_groups(generations.get(status.subject_id, []), verdicts, thumbs),
+            loss=curve,
+        )
+        for index, (status, curve) in enumerate(zip(statuses, curves))
+    ]
+    thumbs.make_pending()
+    _write_run_pages(layout, run, record, cards, notes)
+    return out or report_path_for(run.uri)
+
+
+def _write_run_pages(
+    layout: ReportLayout,
+    run: RunDirectory,
+    record: dict[str, Any],
+    cards: list[SubjectCard],
+    notes: list[str],
+) -> None:
+    pages = max(1, math.ceil(len(cards) / SUBJECTS_PER_PAGE))
+    statuses = {c.status.subject_id: c.status for c in cards}
+    images = [i for c in cards for g in c.prompts for i in g.images]
+    summary = {
+        "counts": summarize(statuses),
+        "subjects": len(cards),
+        "images": len(images),
+        "moderated": sum(i.verdict is not None for i in images),
+        "flagged": sum(i.verdict is not None and i.verdict.css == "flagged" for i in images),
+        "moderation_errors": sum(i.verdict is not None and i.verdict.css == "error" for i in images),
+    }
+    context = {
+        "run_uri": run.uri,
+        "record": record,
+        "wall_time": _wall_time(record),
+        "summary": summary,
+        "failed": [c for c in cards if c.status.state == "failed"],
+        "rejected": run.read_rejected_rows(),
+        "notes": notes,
+        "pages": [layout.page_name(n) for n in range(1, pages + 1)],
+    }
+    for number in range(1, pages + 1):
+        page_cards = cards[(number - 1) * SUBJECTS_PER_PAGE : number * SUBJECTS_PER_PAGE]
+        _write_page(storage.join(layout.folder, layout.page_name(number)), "run_report.html",
+                    page=number, first=(number - 1) * SUBJECTS_PER_PAGE + 1, cards=page_cards, **context)  # fmt: skip
+    _remove_stale_pages(layout, pages)
+
+
+def _remove_stale_pages(layout: ReportLayout, pages: int) -> None:
+    """Pages past the last one, left by an earlier report of more subjects, would link to nothing; remove them."""
+    for name in storage.listdir(layout.folder):
+        number = name.removeprefix(f"{layout.stem}-").removesuffix(".html")
+        if name == f"{layout.stem}-{number}.html" and number.isdigit() and int(number) > pages:
+            storage.remove(storage.join(layout.folder, name))
+
+
+# -- the table report ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleRow:
+    values: dict[str, Any]  # the row's id, error, model and task columns
+    picture: Picture | None
+
+
+def _printable(value: Any) -> Any:
+    """Model output may hold control characters (a NUL is not allowed in HTML): shown as U+FFFD instead."""
+    return CONTROL_CHARACTERS.sub("\ufffd", value) if isinstance(value, str) else value
+
+
+def _format_fields(value: Any) -> Any:
+    """An `extract` row's `fields` JSON, indented for reading (as written when it is not valid JSON)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.dumps(json.loads(value), indent=2, ensure_ascii=False)
+    except ValueError:
+        return value
+
+
+def write_table_report(parquet_uri: str, out: str | None = None) -> str:
+    """Write the report of a VLM pass output (default OUTPUT.report.html, next to it); returns its URI."""
+    fs, path = storage.filesystem(parquet_uri)
+    try:
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            columns = parquet.schema_arrow.names
+            stats = parquet.read(columns=[c for c in ("error", "categories", "safe", "model") if c in columns])
+            shown = [
+                c for c in ("id", "image", "image_bytes", "error", "model", "reasoning", *TASK_COLUMNS) if c in columns
+            ]
+            first = next(parquet.iter_batches(batch_size=SAMPLE_ROWS, columns=shown), None) if shown else None
+    except FileNotFoundError:
+        raise ReportError(f"{parquet_uri}: no such file") from None
+    except pa.ArrowException as err:
+        raise ReportError(f"{parquet_uri}: not a Parquet file ({err})") from None
+    layout = ReportLayout(canonical_uri(out or table_report_path_for(parquet_uri)))
+    thumbs = ThumbnailStore(layout)
+    sample = [_sample_row(row, thumbs) for row in (first.to_pylist() if first is not None else [])]
+    thumbs.make_pending()
+    errors = Counter(e for e in stats.column("error").to_pylist() if e is not None) if "error" in columns else Counter()
+    context = {
+        "source": parquet_uri,
+        "source_link": layout.link(parquet_uri),
+        "rows": stats.num_rows,
+        "errors": sum(errors.values()),
+        "top_errors": errors.most_common(TOP_ERRORS),
+        "distinct_errors": len(errors),
+        "models": sorted({m for m in stats.column("model").to_pylist() if m}) if "model" in columns else [],
+        "has_categories": "categories" in columns,
+        "categories": _category_counts(stats) if "categories" in columns else [],
+        "verdicts": Counter(stats.column("safe").to_pylist()) if "safe" in columns else None,
+        "columns": [c for c in TASK_COLUMNS if c in columns],
+        "sample": sample,
+    }
+    _write_page(layout.html, "table_report.html", **context)
+    return out or table_report_path_for(parquet_uri)
+
+
+def _category_counts(stats: pa.Table) -> list[tuple[str, int]]:
+    counts = Counter(code for codes in stats.column("categories").to_pylist() for code in codes or [])
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def _sample_row(row: dict[str, Any], thumbs: ThumbnailStore) -> SampleRow:
+    picture = None
+    if row.get("image"):
+        picture = thumbs.for_uri(row["image"])
+    elif row.get("image_bytes"):
+        picture = thumbs.for_bytes(row["image_bytes"], f"row {row.get('id')!r} image_bytes")
+    values = {k: _printable(v) for k, v in row.items() if k not in ("image", "image_bytes")}
+    if "fields" in values:
+        values["fields"] = _format_fields(values["fields"])
+    return SampleRow(values, picture)
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+
+
+def write_report(uri: str, out: str | None = None) -> str:
+    """The report of whatever `uri` is: a run directory (it has run.json) or a Parquet file; its URI."""
+    if storage.exists(storage.join(uri, "run.json")):
+        return write_run_report(uri, out)
+    fs, path = storage.filesystem(uri)
+    try:
+        if fs.isdir(path):
+            raise ReportError(f"{uri}: a directory without run.json; not a dreamfleet run directory")
+        with fs.open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise ReportError(f"{uri}: no such file or directory") from None
+    except OSError as err:
+        raise ReportError(f"{uri}: cannot read ({type(err).__name__}: {err})") from None
+    if magic != b"PAR1":
+        raise ReportError(f"{uri}: neither a run directory (no run.json) nor a Parquet file")
+    return write_table_report(uri, out)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        print(write_report(args.path, args.out))
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NOT_RUN
+    return EXIT_OK
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register `dreamfleet report RUN|OUTPUT.parquet [--out FILE]` on the CLI's subcommands."""
+    report = commands.add_parser("report", help="an HTML report of a run directory or a VLM pass output")
+    report.add_argument("path", help="run directory or VLM pass OUTPUT.parquet (any fsspec URI)")
+    report.add_argument("--out", help="the report's HTML file (default: RUN/report.html, OUTPUT.report.html)")
+    report.set_defaults(handler=cmd_report)
