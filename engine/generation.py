@@ -79,17 +79,18 @@ def generate(
                 for g in generators
             ]
         ).to(base.device)
-        out = pipe(
-            prompt=batch_prompts,
-            negative_prompt=[settings.negative_prompt] * len(batch_prompts) if settings.negative_prompt else None,
-            height=settings.resolution,
-            width=settings.resolution,
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            latents=latents,
-            generator=generators,
-            output_type="pil",
-        )
+        with settings.autocast(base.device.type):  # bf16 on GPU by default; fp32 on CPU
+            out = pipe(
+                prompt=batch_prompts,
+                negative_prompt=[settings.negative_prompt] * len(batch_prompts) if settings.negative_prompt else None,
+                height=settings.resolution,
+                width=settings.resolution,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                latents=latents,
+                generator=generators,
+                output_type="pil",
+            )
         images.extend(out.images)
     return images
 

@@ -118,6 +118,15 @@ class Settings(BaseModel):
             return self.mixed_precision
         return "bf16" if device_type == "cuda" else "no"
 
+    def autocast(self, device_type: str):
+        """The autocast context for `mixed_precision` on this device (a no-op context when it is "no")."""
+        import contextlib
+
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.effective_mixed_precision(device_type))
+        return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     def with_overrides(self, overrides: dict[str, Any], *, source: str = "params") -> Settings:
         """A copy with `overrides` applied, validated; `source` names where they came from in errors."""
         return _validate({**self.model_dump(), **overrides}, source=source)

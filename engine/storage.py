@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-
 RETRIES = 5
 BACKOFF_SECONDS = 0.05
 T = TypeVar("T")

@@ -13,7 +13,6 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,8 +210,7 @@ def train_subject(
             num_training_steps=settings.max_train_steps,
         )
         precision = settings.effective_mixed_precision(base.device.type)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        autocast = torch.autocast(base.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        autocast = settings.autocast(base.device.type)
         scaler = torch.amp.GradScaler(base.device.type, enabled=precision == "fp16")
         generator = torch.Generator().manual_seed(subject.effective_seed)
         log: list[dict[str, Any]] = []

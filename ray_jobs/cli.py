@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from engine.models import ModelError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
 from engine.vlm_tasks import TaskError
-from ray_jobs.manifest import ManifestError, read_subjects_manifest
 from ray_jobs import report
+from ray_jobs.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.run_dir import RunConflictError
 
