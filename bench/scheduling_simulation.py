@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
+import ray_jobs.scheduler  # noqa: E402
 from bench.sleep_worker import SleepWorker, work_seconds  # noqa: E402
 from engine.settings import Settings  # noqa: E402
 from engine.subject import Subject  # noqa: E402
@@ -136,6 +137,26 @@ class FleetWatcher:
             self.workers.append((info.rss, info.uss))
 
 
+class TimedGets:
+    """Stands in for the `ray` module inside ray_jobs.scheduler to time each ray.get there. The driver means to wait
+    only in ray.wait; a ray.get that blocks holds up every worker's next job (e.g. a worker's identity while it
+    starts)."""
+
+    def __init__(self):
+        self.blocked: list[tuple[float, float]] = []  # (Unix time, seconds) of each ray.get that took over 0.1 s
+
+    def __getattr__(self, name: str):
+        return getattr(ray, name)
+
+    def get(self, *args, **kwargs):
+        began = time.time()
+        try:
+            return ray.get(*args, **kwargs)
+        finally:
+            if time.time() - began > 0.1:
+                self.blocked.append((began, time.time() - began))
+
+
 @dataclass
 class FleetRun:
     counts: dict[str, int]
@@ -145,12 +166,14 @@ class FleetRun:
     driver_cpu: float  # CPU seconds of the driver thread
     rss_end: int
     profile: cProfile.Profile | None
+    blocked_gets: list[tuple[float, float]]
 
 
 def run_fleet(run: RunDirectory, plan, args: argparse.Namespace, watcher: FleetWatcher) -> FleetRun:
     options = FleetOptions(base_model="sleep", num_workers=args.gpus, gpus_per_job=1.0, worker_class=SleepWorker)
     scheduler = FleetScheduler(run, plan, options, max_attempts=3, on_event=watcher, show_progress=False)
     profile = cProfile.Profile() if args.profile else None
+    ray_jobs.scheduler.ray = gets = TimedGets()
     cpu, began, wall = time.thread_time(), time.time(), time.perf_counter()
     if profile:
         profile.enable()
@@ -158,7 +181,9 @@ def run_fleet(run: RunDirectory, plan, args: argparse.Namespace, watcher: FleetW
     if profile:
         profile.disable()
     makespan, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-    return FleetRun(counts, began, time.time(), makespan, cpu, psutil.Process().memory_info().rss, profile)
+    ray_jobs.scheduler.ray = ray
+    rss = psutil.Process().memory_info().rss
+    return FleetRun(counts, began, time.time(), makespan, cpu, rss, profile, gets.blocked)
 
 
 def read_timeline(folder: Path) -> dict[str, list[tuple[str, float, float]]]:
@@ -233,6 +258,11 @@ def report_gaps(lost: dict, fleet: FleetRun, watcher: FleetWatcher) -> None:
     print(f"turnaround between two jobs of one actor: mean {1e3 * statistics.fmean(gaps):.1f} ms, "
           f"p50 {1e3 * percentile(gaps, 0.5):.1f}, p99 {1e3 * percentile(gaps, 0.99):.1f}, max {1e3 * max(gaps):.0f} ms;"
           f" {len(long_gaps)} over 1 s, {sum(long_gaps):.0f} GPU-s in all")  # fmt: skip
+    blocked = fleet.blocked_gets
+    if blocked:
+        at, longest = max(blocked, key=lambda b: b[1])
+        print(f"driver blocked in ray.get: {len(blocked)} times over 0.1 s, {sum(b[1] for b in blocked):.1f} s in all, "
+              f"longest {longest:.1f} s from {at - fleet.began:.1f} s into the run")  # fmt: skip
     if watcher.killed_at:
         # Other workers' gaps that began after the kill and lasted over a second: idle while the driver was busy.
         stalled = [to - since for since, to in lost["idle"] if since >= watcher.killed_at and to - since > 1.0]

@@ -1,6 +1,8 @@
 """A stand-in for ray_jobs.worker.SubjectWorker that sleeps instead of training, for the scheduling benchmark.
 
-Same methods, same outcome dicts, no torch: what is left of a fleet run is the scheduler, Ray and the run directory.
+The methods a training run calls (identity, make_class_set, train; not generate, so the benchmark plans the train
+stage only), the same outcome dicts, and no torch: what is left of a fleet run is the scheduler, Ray and the run
+directory.
 Durations come from the environment the benchmark gives every actor (Ray runtime_env env_vars):
 SLEEP_WORK_SECONDS (mean seconds per subject), SLEEP_JITTER (each duration is uniform in mean·(1 ± jitter), fixed
 per subject id), SLEEP_CLASS_SET_SECONDS, SLEEP_INIT_SECONDS (the stand-in for loading the base model) and

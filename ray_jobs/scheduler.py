@@ -101,7 +101,8 @@ class FleetScheduler:
         self.set_attempts: dict[str, int] = {}
         self.in_flight: dict[ray.ObjectRef, tuple[Any, ClassSetJob | SubjectJob]] = {}
         self.idle: deque = deque()
-        self.identities: dict[Any, ray.ObjectRef] = {}
+        self.starting: dict[ray.ObjectRef, Any] = {}  # identity call of each worker still loading -> the worker
+        self.identities: dict[Any, dict[str, Any]] = {}  # started workers -> their pid, node and GPU ids
         self.start_step: dict[str, int] = {}  # checkpoint step of each subject when first handed out here
         self.worker_deaths = 0
 
@@ -112,14 +113,18 @@ class FleetScheduler:
             num_gpus=self.options.gpus_per_job, num_cpus=self.options.cpus_per_job, max_restarts=0
         )
         actor = cls.remote(self.options.base_model, self.options.cache_dir)
-        self.identities[actor] = actor.identity.remote()
-        return actor
+        # A worker joins the idle pool only when its identity call returns, i.e. once its model is loaded: the
+        # driver never blocks on a starting worker, so the others keep working while it loads.
+        self.starting[actor.identity.remote()] = actor
 
-    def _identity(self, actor) -> dict[str, Any] | None:
+    def _started(self, ref: ray.ObjectRef) -> None:
+        actor = self.starting.pop(ref)
         try:
-            return ray.get(self.identities[actor])
-        except RayActorError:  # it died starting up; the job's own call will report that
-            return None
+            self.identities[actor] = ray.get(ref)
+        except RayActorError:  # it could not even load the model
+            self._replace(actor)
+            return
+        self.idle.append(actor)
 
     def _replace(self, actor) -> None:
         self.worker_deaths += 1
@@ -127,7 +132,7 @@ class FleetScheduler:
             raise FleetError(f"{self.worker_deaths} workers died; the last failure was not one subject's fault")
         ray.kill(actor, no_restart=True)
         self.identities.pop(actor, None)
-        self.idle.append(self._start_worker())
+        self._start_worker()
         self.on_event("worker_replaced", {})
 
     # -- queueing ------------------------------------------------------------------------------------------------
@@ -160,7 +165,7 @@ class FleetScheduler:
         job.tries += 1
         job.status.state = RUNNING_STATE[job.stage]
         job.status.attempts += 1
-        job.status.worker = self._identity(actor)
+        job.status.worker = self.identities[actor]
         self.run_dir.write_status(job.status)
         if job.stage == "train":
             if job.subject.subject_id not in self.start_step:
@@ -225,13 +230,16 @@ class FleetScheduler:
         self._enqueue_plan()
         work = len(self.queue) + sum(len(v) for v in self.waiting.values())
         for _ in range(min(self.options.num_workers, work)):
-            self.idle.append(self._start_worker())
+            self._start_worker()
         with self.progress:
             while self.queue or self.in_flight:
                 while self.idle and self.queue:
                     self._submit(self.idle.popleft(), self.queue.popleft())
-                done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+                done, _ = ray.wait([*self.in_flight, *self.starting], num_returns=1, timeout=1.0)
                 for ref in done:
+                    if ref in self.starting:
+                        self._started(ref)
+                        continue
                     actor, job = self.in_flight.pop(ref)
                     try:
                         outcome = ray.get(ref)
@@ -250,7 +258,7 @@ class FleetScheduler:
                 waiting = len(self.queue) + sum(len(jobs) for jobs in self.waiting.values())
                 self.on_event("tick", {"queued": waiting, "running": running, "workers": len(self.identities),
                                        "counts": summarize(self.plan.statuses)})  # fmt: skip
-        for actor in self.idle:
+        for actor in [*self.idle, *self.starting.values()]:
             ray.kill(actor, no_restart=True)
         self.identities.clear()
         self.on_event("tick", {"queued": 0, "running": 0, "workers": 0, "counts": summarize(self.plan.statuses)})
