@@ -83,6 +83,21 @@ def check_images_manifest(uri: str) -> tuple[pa.Schema, list[str]]:
     return schema, ids.to_pylist()
 
 
+def check_image_rows(uri: str, settings: Settings) -> list[tuple[int, str, str]]:
+    """Every row that a pass would answer with an error, as (row, id, reason): what `validate --kind images` prints."""
+    schema, _ = check_images_manifest(uri)
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f, columns=[c for c in ("id", "image", "image_bytes") if c in schema.names])
+    problems = []
+    for row, data in enumerate(table.to_pylist()):
+        try:
+            _load_row(data.get("image"), data.get("image_bytes"), settings)
+        except ImageError as err:
+            problems.append((row, data["id"], str(err)))
+    return problems
+
+
 def written_ids(out: str) -> set[str]:
     """Ids already in OUTPUT.parquet or in committed part files of an interrupted pass."""
     files = [out] if storage.exists(out) else []

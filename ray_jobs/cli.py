@@ -23,7 +23,15 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_NOT_RUN = 0, 1, 2
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    settings = load_settings(args.base_model, args.config)
+    settings = _settings(args)
+    if args.kind == "images":
+        from ray_jobs.analyze import check_image_rows
+
+        problems = check_image_rows(args.manifest, settings)
+        for row, rid, reason in problems:
+            print(f"row {row} (id {rid!r}): {reason}")
+        print(f"{args.manifest}: {len(problems)} invalid row(s)")
+        return EXIT_OK if not problems else EXIT_NOT_RUN
     manifest = read_subjects_manifest(args.manifest, settings, check_images=not args.skip_image_check)
     for error in manifest.errors:
         print(error)
@@ -147,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a manifest's schema and every row")
     validate.add_argument("manifest", help="Parquet manifest (any fsspec URI)")
-    validate.add_argument("--kind", choices=["subjects"], default="subjects")
+    validate.add_argument("--kind", choices=["subjects", "images"], default="subjects")
     validate.add_argument("--base-model", default="tiny", help="decides which defaults apply to params checks")
     validate.add_argument("--config", help="YAML settings file")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     validate.add_argument("--skip-image-check", action="store_true", help="do not open every image URI")
     validate.set_defaults(handler=cmd_validate)
 

@@ -158,3 +158,16 @@ def test_s3_in_and_out(ray_cluster, tmp_path):
     assert main(["analyze", "s3://dreamfleet-analyze/images.parquet", "--task", "caption", "--out", out]) == 0
     table = pq.read_table(io.BytesIO(storage.read_bytes(out)))
     assert table.column("id").to_pylist() == ["a"] and table.column("error").to_pylist() == [None]
+
+
+def test_validate_images_prints_each_bad_row_and_its_reason(tmp_path, capsys):
+    rows, expected_errors = _rows(tmp_path / "images")
+    manifest = _write(tmp_path / "images.parquet", rows)
+    assert main(["validate", manifest, "--kind", "images", "--set", "max_image_pixels=4000000"]) == 2
+    out = capsys.readouterr().out
+    for rid, fragment in expected_errors.items():
+        line = next(line for line in out.splitlines() if f"(id {rid!r})" in line)
+        assert fragment in line
+    assert f"{len(expected_errors)} invalid row(s)" in out
+    good = _write(tmp_path / "good.parquet", [r for r in rows if r["id"] not in expected_errors])
+    assert main(["validate", good, "--kind", "images"]) == 0
