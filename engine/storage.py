@@ -77,6 +77,16 @@ def write_json(uri: str, value: Any) -> None:
     write_bytes(uri, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
 
+def write_parquet(uri: str, table) -> None:
+    """A pyarrow Table as one Parquet file at `uri`, written atomically like any other file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
 @retried
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)

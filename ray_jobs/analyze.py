@@ -25,6 +25,7 @@ from PIL import Image
 from engine import storage
 from engine.images import ImageError, decode_image
 from engine.settings import Settings
+from ray_jobs import exit_status
 from ray_jobs.manifest import ManifestError
 
 STANDARD_COLUMNS = pa.schema(
@@ -32,7 +33,6 @@ STANDARD_COLUMNS = pa.schema(
 )
 INTERNAL = ("__pixels", "__width", "__height", "__decode_error")  # decoded images, dropped before output
 TIMING = ("__batch", "__batch_seconds")  # which model call made a row and how long it took, read by the driver
-EXIT_OK, EXIT_SOME_FAILED = 0, 1
 
 
 @dataclass
@@ -304,7 +304,7 @@ def analyze(request: AnalyzeRequest, metrics=None) -> int:
             _observe(metrics, request.task, batch, seen_calls)
         batch = batch.select(schema.names).cast(schema)
         # Each committed part survives a crash: a rerun skips its ids and the final merge keeps its rows.
-        storage.write_bytes(storage.join(parts_dir(request.out), f"part-{uuid.uuid4().hex}.parquet"), _bytes(batch))
+        storage.write_parquet(storage.join(parts_dir(request.out), f"part-{uuid.uuid4().hex}.parquet"), batch)
     return _finish(request, schema)
 
 
@@ -322,10 +322,4 @@ def _observe(metrics, task: str, batch: pa.Table, seen_calls: set[str]) -> None:
 def _finish(request: AnalyzeRequest, schema: pa.Schema) -> int:
     rows, errors = commit_output(request.out, schema)
     print(json.dumps({"output": request.out, "task": request.task, "rows": rows, "rows_with_errors": errors}))
-    return EXIT_OK if errors == 0 else EXIT_SOME_FAILED
-
-
-def _bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+    return exit_status.OK if errors == 0 else exit_status.SOME_FAILED

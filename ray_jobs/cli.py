@@ -14,12 +14,10 @@ from contextlib import contextmanager
 from engine.models import ModelError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
 from engine.vlm_tasks import TaskError
-from ray_jobs import report
+from ray_jobs import exit_status, report
 from ray_jobs.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.run_dir import RunConflictError
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_NOT_RUN = 0, 1, 2
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -31,13 +29,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for row, rid, reason in problems:
             print(f"row {row} (id {rid!r}): {reason}")
         print(f"{args.manifest}: {len(problems)} invalid row(s)")
-        return EXIT_OK if not problems else EXIT_NOT_RUN
+        return exit_status.OK if not problems else exit_status.NOT_RUN
     manifest = read_subjects_manifest(args.manifest, settings, check_images=not args.skip_image_check)
     for error in manifest.errors:
         print(error)
     total = len(manifest.subjects) + len(manifest.errors)
     print(f"{args.manifest}: {total} rows, {len(manifest.subjects)} valid, {len(manifest.errors)} invalid")
-    return EXIT_OK if not manifest.errors else EXIT_NOT_RUN
+    return exit_status.OK if not manifest.errors else exit_status.NOT_RUN
 
 
 @contextmanager
@@ -98,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     record = run.read_run()
     if record is None:
         print(f"error: {args.run}: no run.json; not a dreamfleet run directory", file=sys.stderr)
-        return EXIT_NOT_RUN
+        return exit_status.NOT_RUN
     statuses = run.read_statuses()
     print(f"run {run.uri}: manifest {record['manifest']}, base model {record['base_model']}, "
           f"started {record['started_at']}, ended {record['ended_at'] or '(running or interrupted)'}")  # fmt: skip
@@ -106,15 +104,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if s.state == "failed"]  # fmt: skip
     failures += [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in run.read_rejected_rows()]
     print_summary(summarize(statuses), failures)
-    return EXIT_OK
+    return exit_status.OK
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from ray_jobs.analyze import AnalyzeRequest, analyze
 
-    settings = load_settings(args.base_model, args.config, parse_assignments(args.set))
     request = AnalyzeRequest(
-        input=args.input, task=args.task, out=args.out, settings=settings, vlm_model=args.vlm_model,
+        input=args.input, task=args.task, out=args.out, settings=_settings(args), vlm_model=args.vlm_model,
         schema_file=args.schema, policy_file=args.policy, address=args.address,
     )  # fmt: skip
     with metrics_session(args) as metrics:
@@ -203,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ManifestError, SettingsError, RunConflictError, ModelError, TaskError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_NOT_RUN
+        return exit_status.NOT_RUN
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from engine import storage
 from engine.models import fingerprint, resolve_base_model
 from engine.settings import Settings
+from ray_jobs import exit_status
 from ray_jobs.generations import assemble_generations
 from ray_jobs.manifest import SubjectsManifest, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
@@ -19,8 +20,6 @@ from ray_jobs.plan import plan_fleet, row_has_own_folder
 from ray_jobs.progress import print_summary
 from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
 from ray_jobs.scheduler import FleetOptions, FleetScheduler, worker_slots
-
-EXIT_OK, EXIT_SOME_FAILED = 0, 1
 
 
 @dataclass
@@ -114,8 +113,9 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
     print_summary(counts, failures)
     final = FINAL_STATE[stages[-1]]
     complete = all(statuses[s.subject_id].state in (final, "done") for s in manifest.subjects)
-    moderated = moderate_generations(run, request) if "moderate" in stages else EXIT_OK
-    return (EXIT_OK if complete and not manifest.errors and moderated == EXIT_OK else EXIT_SOME_FAILED), run
+    moderated = moderate_generations(run, request) if "moderate" in stages else exit_status.OK
+    succeeded = complete and not manifest.errors and moderated == exit_status.OK
+    return (exit_status.OK if succeeded else exit_status.SOME_FAILED), run
 
 
 def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:

@@ -31,14 +31,8 @@ SCHEMA = pa.schema(
 )
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
-
-
 def write_subject_generations(folder: str, rows: list[dict[str, Any]]) -> None:
-    storage.write_bytes(storage.join(folder, GENERATIONS), _parquet_bytes(pa.Table.from_pylist(rows, schema=SCHEMA)))
+    storage.write_parquet(storage.join(folder, GENERATIONS), pa.Table.from_pylist(rows, schema=SCHEMA))
 
 
 def assemble_generations(run: RunDirectory, passthrough: dict[str, dict[str, Any]]) -> int:
@@ -53,5 +47,5 @@ def assemble_generations(run: RunDirectory, passthrough: dict[str, dict[str, Any
     ids = table.column("subject_id").to_pylist()
     for column in extra_columns:
         table = table.append_column(column, pa.array([passthrough.get(i, {}).get(column) for i in ids]))
-    storage.write_bytes(storage.join(run.uri, GENERATIONS), _parquet_bytes(table))
+    storage.write_parquet(storage.join(run.uri, GENERATIONS), table)
     return table.num_rows

@@ -92,9 +92,7 @@ def write_subjects_manifest(uri: str, rows: list[dict]) -> None:
     """Write `rows` as a manifest with the SPEC's Arrow types; a key missing from a row is written as null."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     table = pa.table({col: pa.array([row.get(col) for row in rows], type=ARROW_TYPES.get(col)) for col in columns})
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    storage.write_bytes(uri, buffer.getvalue().to_pybytes())
+    storage.write_parquet(uri, table)
 
 
 # --- the file as a whole ---

@@ -31,11 +31,11 @@ from PIL import Image
 from engine import storage
 from engine.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
 from engine.settings import Settings
+from ray_jobs import exit_status
 from ray_jobs.generations import GENERATIONS
 from ray_jobs.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
 
-EXIT_OK, EXIT_NOT_RUN = 0, 2
 REPORT = "report.html"
 MODERATION = "moderation.parquet"
 THUMBNAIL_SIZE = 192  # longest side, px
@@ -536,8 +536,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(write_report(args.path, args.out))
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_NOT_RUN
-    return EXIT_OK
+        return exit_status.NOT_RUN
+    return exit_status.OK
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
