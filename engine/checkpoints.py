@@ -76,18 +76,26 @@ def save_checkpoint(checkpoints_uri: str, state: TrainingState, keep: int) -> st
         "extra": state.extra,
     }
     storage.write_bytes(storage.join(folder, STATE), json.dumps(manifest).encode())
-    for old in complete_steps(checkpoints_uri)[:-keep]:
+    folders = _step_folders(checkpoints_uri)
+    complete = sorted(step for step, done in folders.items() if done)
+    # Older than the newest `keep`, or left incomplete by a process killed while saving it.
+    for old in complete[:-keep] + [step for step, done in folders.items() if not done and step < state.step]:
         storage.remove(_folder(checkpoints_uri, old))
     return folder
 
 
+def _step_folders(checkpoints_uri: str) -> dict[int, bool]:
+    """Each checkpoint folder's step, and whether its state.json was written (i.e. it is complete)."""
+    return {
+        int(name[5:]): storage.exists(storage.join(checkpoints_uri, name, STATE))
+        for name in storage.listdir(checkpoints_uri)
+        if name.startswith("step-") and name[5:].isdigit()
+    }
+
+
 def complete_steps(checkpoints_uri: str) -> list[int]:
     """Steps of the checkpoints whose state.json was written, oldest first."""
-    steps = []
-    for name in storage.listdir(checkpoints_uri):
-        if name.startswith("step-") and name[5:].isdigit() and storage.exists(storage.join(checkpoints_uri, name, STATE)):
-            steps.append(int(name[5:]))
-    return sorted(steps)
+    return sorted(step for step, done in _step_folders(checkpoints_uri).items() if done)
 
 
 def load_latest_checkpoint(checkpoints_uri: str) -> TrainingState | None:
@@ -99,10 +107,15 @@ def load_latest_checkpoint(checkpoints_uri: str) -> TrainingState | None:
     manifest = storage.read_json(storage.join(folder, STATE))
     blobs = {}
     for name, size in manifest["files"].items():
+        if not name.endswith(".safetensors"):
+            raise CheckpointError(f"{folder}/{name}: only safetensors files are loaded from a checkpoint, never pickles")
         data = storage.read_bytes(storage.join(folder, name))
         if len(data) != size:
             raise CheckpointError(f"{folder}/{name}: {len(data)} bytes, expected {size}; the checkpoint is damaged")
-        blobs[name] = load_safetensors(data)
+        try:
+            blobs[name] = load_safetensors(data)
+        except Exception as err:  # safetensors parses a header and raw tensors: nothing in it can run code
+            raise CheckpointError(f"{folder}/{name}: not a safetensors file ({err}); it is not unpickled") from None
     return TrainingState(
         step=manifest["step"],
         trainable=blobs["trainable.safetensors"],

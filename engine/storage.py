@@ -64,11 +64,15 @@ def write_bytes(uri: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
         os.makedirs(parent, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:  # a failed write (disk full, say) leaves nothing behind; only a killed process can
+            if os.path.exists(tmp):
+                os.remove(tmp)
     else:
         fs.pipe_file(path, data)
 
@@ -128,8 +132,12 @@ def put_file(local_path: Path, uri: str) -> None:
     if isinstance(fs, LocalFileSystem):
         os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, path)
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     else:
         fs.put_file(str(local_path), path)  # a single (multipart) upload, visible only once complete
 

@@ -74,6 +74,7 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
     """Take every subject of the manifest through `stages`, skipping what RUN shows done. Returns (exit, run)."""
     manifest = read_subjects_manifest(request.manifest, request.settings, check_images=False)
     run = RunDirectory(request.out)
+    run.check_and_clean()
     base_path = resolve_base_model(request.base_model)
     run.start(
         command=request.command,
@@ -114,6 +115,7 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
     final = FINAL_STATE[stages[-1]]
     complete = all(statuses[s.subject_id].state in (final, "done") for s in manifest.subjects)
     moderated = moderate_generations(run, request) if "moderate" in stages else exit_status.OK
+    run.check_and_clean()
     succeeded = complete and not manifest.errors and moderated == exit_status.OK
     return (exit_status.OK if succeeded else exit_status.SOME_FAILED), run
 

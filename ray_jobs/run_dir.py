@@ -7,7 +7,9 @@ write is atomic (see engine.storage), and everything can be read back without Ra
 from __future__ import annotations
 
 import datetime
+import os
 import platform
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,8 +25,11 @@ OPERATIONAL_SETTINGS = frozenset({"max_attempts"})
 STATUS_READ_THREADS = 32  # reading statuses is storage round trips; overlap them on object stores
 
 
+TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")  # what engine.storage's atomic writes leave if killed mid-write
+
+
 class RunConflictError(ValueError):
-    """RUN already belongs to another manifest or to incompatible settings."""
+    """RUN cannot be used: it belongs to another manifest or settings, or a link in it leads outside it."""
 
 
 def now() -> str:
@@ -130,6 +135,28 @@ class RunDirectory:
         if changed:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
             raise RunConflictError(f"{self.uri} was started with other settings ({details}); use --extend to accept them")
+
+    def check_and_clean(self) -> list[str]:
+        """Before the fleet starts and after it ends (never while a worker writes): refuse a local RUN with a link
+        that leads outside it, so no write can land elsewhere, and remove the temporaries of writes that were
+        killed midway. Object stores have neither links nor temporaries (each write is one PUT). Returns what it
+        removed."""
+        if not storage.is_local(self.uri):
+            return []
+        root = os.path.realpath(storage.filesystem(self.uri)[1])
+        removed = []
+        for folder, dirs, files in os.walk(root):
+            for name in dirs + files:
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    target = os.path.realpath(path)
+                    if os.path.commonpath([root, target]) != root:
+                        raise RunConflictError(f"{path} is a link to {target}, outside the run directory {root}; "
+                                               "remove it (nothing is ever written outside RUN)")  # fmt: skip
+                elif name in files and TEMPORARY.search(name):
+                    os.remove(path)
+                    removed.append(path)
+        return removed
 
     def finish(self, summary: dict[str, int]) -> None:
         record = self.read_run()

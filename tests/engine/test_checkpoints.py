@@ -43,6 +43,11 @@ def test_a_checkpoint_without_its_state_file_is_ignored(tmp_path):
     save_checkpoint(str(tmp_path), _state(20), keep=3)
     (tmp_path / "step-00000020" / "state.json").unlink()  # killed before the commit
     assert load_latest_checkpoint(str(tmp_path)).step == 10
+    # Training goes on from step 10; the next save replaces the incomplete folder and removes any older leftover.
+    (tmp_path / "step-00000015").mkdir()
+    save_checkpoint(str(tmp_path), _state(20), keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010", "step-00000020"]
+    assert all((p / "state.json").exists() for p in tmp_path.iterdir())
 
 
 def test_checkpoints_work_on_an_object_store_style_filesystem():

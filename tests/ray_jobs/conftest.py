@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import draw_subject
+
+# Credentials that look like real ones and appear nowhere else, so a test can search for leaks of them.
+ACCESS_KEY_ID = "AKIADREAMFLEETTEST42"
+SECRET_ACCESS_KEY = "dfSecret/" + secrets.token_hex(16)
 
 
 @pytest.fixture(scope="session")
@@ -21,8 +26,8 @@ def s3_endpoint() -> str:
     endpoint = f"http://{host}:{port}"
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_ACCESS_KEY_ID=ACCESS_KEY_ID,
+        AWS_SECRET_ACCESS_KEY=SECRET_ACCESS_KEY,
         AWS_DEFAULT_REGION="us-east-1",
     )
     yield endpoint

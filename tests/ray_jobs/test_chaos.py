@@ -1,0 +1,156 @@
+"""Chaos: `dreamfleet run` while a killer SIGKILLs random worker processes, and once the VLM pass's model actor.
+
+What a user relies on after such a run: it finishes; every subject is done exactly once; generations.parquet and
+moderation.parquet hold every row once; no temporary or half-written file is left in RUN; and each kill cost at most
+one checkpoint interval of training.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from engine import storage
+from engine.checkpoints import complete_steps
+from ray_jobs.cli import main
+from ray_jobs.manifest import write_subjects_manifest
+from ray_jobs.run_dir import RunDirectory
+from tests.ray_jobs.conftest import make_subject_rows
+
+pytestmark = pytest.mark.slow
+
+STEPS, INTERVAL = 40, 5
+
+
+@dataclass
+class Kill:
+    pid: int
+    what: str  # the process title, e.g. ray::SubjectWorker.train
+    subject: str | None = None  # the subject it was training, if any
+    checkpoint: int = 0  # that subject's newest complete checkpoint at the moment of the kill
+
+
+class Killer(threading.Thread):
+    """Kills a random fleet worker every few seconds, `worker_kills` times, then the VLM actor once when it appears."""
+
+    def __init__(self, run_uri: str, worker_kills: int, seed: int = 0):
+        super().__init__(daemon=True)
+        self.run_uri, self.worker_kills = run_uri, worker_kills
+        self.kills: list[Kill] = []
+        self.stop = threading.Event()
+        self.rng = random.Random(seed)
+
+    @staticmethod
+    def busy(title: str) -> list[psutil.Process]:
+        """Processes of this Ray actor class in the middle of a method call (Ray titles them ray::Class.method)."""
+        found = []
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if cmdline and cmdline[0].startswith("ray::") and title in cmdline[0] and "." in cmdline[0].split(title)[-1]:
+                if not cmdline[0].endswith((".__init__", ".identity")):  # still loading: not yet worth killing
+                    found.append(process)
+        return found
+
+    def run(self) -> None:
+        worker_kills, next_kill = 0, time.monotonic() + self.rng.uniform(1.0, 3.0)
+        while not self.stop.wait(0.1):
+            if worker_kills < self.worker_kills:
+                workers = self.busy("SubjectWorker")
+                if workers and time.monotonic() >= next_kill:
+                    self.kill(self.rng.choice(workers))
+                    worker_kills, next_kill = worker_kills + 1, time.monotonic() + self.rng.uniform(1.0, 3.0)
+                continue
+            vlm = self.busy("VLMPredictor")
+            if vlm:
+                self.kill(vlm[0])
+                return
+
+    def kill(self, process: psutil.Process) -> None:
+        try:
+            title = process.cmdline()[0]
+        except psutil.Error:
+            return
+        kill = Kill(process.pid, title)
+        for sid, status in RunDirectory(self.run_uri).read_statuses().items():
+            if status.state == "training" and status.worker and status.worker["pid"] == process.pid:
+                steps = complete_steps(storage.join(self.run_uri, "subjects", sid, "checkpoints"))
+                kill.subject, kill.checkpoint = sid, (steps or [0])[-1]
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            return
+        self.kills.append(kill)
+
+
+def test_a_run_survives_random_kills_and_loses_or_duplicates_nothing(ray_cluster, tmp_path):
+    rows = make_subject_rows(tmp_path / "images", 8)
+    for row in rows:
+        row["prompts"] = ["a photo of sks thing on a table", "a photo of sks thing in snow"]
+    manifest, run = str(tmp_path / "subjects.parquet"), str(tmp_path / "run")
+    write_subjects_manifest(manifest, rows)
+    args = ["run", manifest, "--out", run, "--no-progress", "--gpus-per-job", "1",
+            "--set", f"max_train_steps={STEPS}", "--set", f"checkpointing_steps={INTERVAL}",
+            "--set", "num_class_images=2", "--set", "num_images_per_prompt=1", "--set", "vlm_batch_size=2",
+            # A kill is an attempt: with kills this frequent a subject may lose several, as on preemptible nodes.
+            "--set", "max_attempts=10"]  # fmt: skip
+    killer = Killer(run, worker_kills=5)
+    killer.start()
+    try:
+        code = main(args)
+    finally:
+        killer.stop.set()
+        killer.join()
+
+    assert code == 0
+    assert sum("SubjectWorker" in k.what for k in killer.kills) == 5, killer.kills
+    assert sum("VLMPredictor" in k.what for k in killer.kills) == 1, killer.kills
+
+    # Every subject done, and trained exactly once: one successful training attempt each.
+    statuses = RunDirectory(run).read_statuses()
+    assert {s.state for s in statuses.values()} == {"done"} and len(statuses) == 8
+    for status in statuses.values():
+        trained = [h for h in status.history if h["stage"] == "train" and h["ok"]]
+        assert len(trained) == 1, status.history
+
+    # Each kill mid-training cost at most one checkpoint interval: the subject later resumed from the checkpoint that
+    # existed at the kill (or a newer one), and its successful attempt ran exactly the steps that were left.
+    for kill in (k for k in killer.kills if k.subject):
+        final = next(h for h in statuses[kill.subject].history if h["stage"] == "train" and h["ok"])
+        assert (final["resumed_from"] or 0) >= kill.checkpoint, (kill, final)
+        assert final["steps_run"] == STEPS - (final["resumed_from"] or 0)
+
+    # Outputs: every image once, every moderation row once.
+    generations = pq.read_table(Path(run) / "generations.parquet").to_pylist()
+    keys = [(r["subject_id"], r["prompt_index"], r["image_index"]) for r in generations]
+    assert sorted(keys) == sorted((f"s{i}", p, 0) for i in range(8) for p in range(2))
+    moderation = pq.read_table(Path(run) / "moderation.parquet").to_pylist()
+    assert sorted(r["id"] for r in moderation) == sorted(r["id"] for r in generations)
+
+    # Nothing half-written: no temporaries, no incomplete checkpoint, no part files, no stray or broken images.
+    assert not [p for p in Path(run).rglob("*") if ".tmp-" in p.name]
+    assert not (Path(run) / "moderation.parquet.parts").exists()
+    for folder in Path(run).glob("subjects/*/checkpoints/step-*"):
+        assert (folder / "state.json").exists(), folder
+    images = sorted(str(p) for p in Path(run).glob("subjects/*/images/*.png"))
+    assert images == sorted(r["image"] for r in generations)
+    for image in images:
+        Image.open(image).load()
+
+    # The same command again does nothing and changes nothing, and sweeps up what a killed writer would leave.
+    debris = [Path(run) / "subjects" / "s0" / f"status.json.tmp-{'a' * 32}", Path(images[0] + f".tmp-{'b' * 32}")]
+    for path in debris:
+        path.write_bytes(b"half a file")
+    before = {sid: s.history for sid, s in statuses.items()}
+    assert main(args) == 0
+    assert not any(path.exists() for path in debris)
+    assert {sid: s.history for sid, s in RunDirectory(run).read_statuses().items()} == before
+    assert pq.read_table(Path(run) / "moderation.parquet").num_rows == len(generations)
