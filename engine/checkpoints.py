@@ -106,9 +106,10 @@ def load_latest_checkpoint(checkpoints_uri: str) -> TrainingState | None:
     folder = _folder(checkpoints_uri, steps[-1])
     manifest = storage.read_json(storage.join(folder, STATE))
     blobs = {}
-    for name, size in manifest["files"].items():
+    for name in manifest["files"]:
         if not name.endswith(".safetensors"):
             raise CheckpointError(f"{folder}/{name}: only safetensors files are loaded from a checkpoint, never pickles")
+    for name, size in manifest["files"].items():
         data = storage.read_bytes(storage.join(folder, name))
         if len(data) != size:
             raise CheckpointError(f"{folder}/{name}: {len(data)} bytes, expected {size}; the checkpoint is damaged")

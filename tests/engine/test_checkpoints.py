@@ -1,7 +1,12 @@
+import json
+import pickle
+from pathlib import Path
+
+import pytest
 import torch
 
 from engine import storage
-from engine.checkpoints import TrainingState, complete_steps, load_latest_checkpoint, save_checkpoint
+from engine.checkpoints import CheckpointError, TrainingState, complete_steps, load_latest_checkpoint, save_checkpoint
 
 
 def _state(step: int) -> TrainingState:
@@ -54,3 +59,32 @@ def test_checkpoints_work_on_an_object_store_style_filesystem():
     save_checkpoint("memory://ckpt-test", _state(5), keep=1)
     assert load_latest_checkpoint("memory://ckpt-test").step == 5
     assert storage.exists("memory://ckpt-test/step-00000005/state.json")
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that a loader unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_in_a_checkpoint_is_refused_and_never_unpickled(tmp_path):
+    marker = tmp_path / "PWNED"
+    payload = pickle.dumps(_Payload(str(marker)))
+    folder = Path(save_checkpoint(str(tmp_path / "ckpt"), _state(10), keep=1))
+    (folder / "trainable.safetensors").write_bytes(payload)  # a pickle under a safetensors name
+    state = json.loads((folder / "state.json").read_text())
+    state["files"]["trainable.safetensors"] = len(payload)
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="trainable.safetensors: not a safetensors file .* not unpickled"):
+        load_latest_checkpoint(str(tmp_path / "ckpt"))
+
+    (folder / "optimizer.pt").write_bytes(payload)  # a state.json that names a pickle file
+    state["files"]["optimizer.pt"] = len(payload)
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="optimizer.pt: only safetensors files are loaded"):
+        load_latest_checkpoint(str(tmp_path / "ckpt"))
+    assert not marker.exists()
