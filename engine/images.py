@@ -5,17 +5,25 @@ from __future__ import annotations
 import io
 
 import fsspec
+import numpy as np
 from PIL import Image, ImageOps
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+DEFAULT_MIN_IMAGE_SIDE = 16  # a 1x1 tracking pixel or an icon is never a usable photo or document
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageError(ValueError):
     """An image could not be read or decoded; the message names its URI and the reason."""
 
 
-def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode encoded image bytes into an RGB PIL image with EXIF orientation applied."""
+def decode_image(
+    data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = DEFAULT_MIN_IMAGE_SIDE
+) -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image with EXIF orientation applied.
+
+    Any mode becomes 8-bit RGB: CMYK, palette, grey, alpha (dropped) and 16-bit samples (scaled, not clipped). An
+    animated image gives its first frame."""
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
     try:
@@ -26,8 +34,14 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_
                 f"{name}: image is {image.width}x{image.height} = {image.width * image.height} pixels, "
                 f"over the limit of {max_pixels} (max_image_pixels)"
             )
+        if min(image.size) < min_side:
+            raise ImageError(f"{name}: image is {image.width}x{image.height} px, smaller than {min_side} px on a side "
+                             "(min_image_side)")  # fmt: skip
         image.load()
         image = ImageOps.exif_transpose(image)
+        if image.mode in HIGH_BIT_DEPTH_MODES:
+            # Pillow's convert("RGB") clips 16-bit samples at 255, turning the image white; scale them instead.
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
         return image.convert("RGB")
     except ImageError:
         raise
@@ -37,7 +51,9 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_
         raise ImageError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
-def read_image(uri: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def read_image(
+    uri: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = DEFAULT_MIN_IMAGE_SIDE
+) -> Image.Image:
     """Read and decode the image at any fsspec URI."""
     try:
         with fsspec.open(uri, "rb") as f:
@@ -46,7 +62,7 @@ def read_image(uri: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image
         raise ImageError(f"{uri}: no such file") from None
     except Exception as err:
         raise ImageError(f"{uri}: cannot read ({type(err).__name__}: {err})") from None
-    return decode_image(data, name=uri, max_pixels=max_pixels)
+    return decode_image(data, name=uri, max_pixels=max_pixels, min_side=min_side)
 
 
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = True) -> Image.Image:

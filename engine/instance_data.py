@@ -26,7 +26,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 def load_pixels(uris: Sequence[str], settings: Settings) -> torch.Tensor:
     """Images at `uris` as one [N, 3, R, R] tensor in [-1, 1]; an undecodable image raises ImageError naming it."""
-    images = [read_image(uri, max_pixels=settings.max_image_pixels) for uri in uris]
+    images = [read_image(uri, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side) for uri in uris]
     return torch.stack([to_tensor(resize_and_crop(im, settings.resolution, settings.center_crop)) for im in images])
 
 

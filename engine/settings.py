@@ -55,6 +55,7 @@ class Settings(BaseModel):
     resolution: int = Field(512, ge=8, le=4096)
     center_crop: bool = True
     max_image_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard for every image read
+    min_image_side: int = Field(16, ge=1)  # smaller input images (tracking pixels, icons) are refused
 
     # Class-prior preservation
     with_prior_preservation: bool = True

@@ -73,6 +73,12 @@ def check_images_manifest(uri: str) -> tuple[pa.Schema, list[str]]:
                         ("image_bytes", (pa.types.is_binary, pa.types.is_large_binary))):  # fmt: skip
         if name in schema.names and not any(k(schema.field(name).type) for k in kinds):
             raise ManifestError(f"{uri}: column '{name}' has type {schema.field(name).type}")
+    for name in ("id", "image"):  # the pass decodes these as text; bytes that are not UTF-8 would stop it midway
+        if name in schema.names:
+            try:
+                parquet.read(columns=[name]).column(name).validate(full=True)
+            except pa.ArrowInvalid:
+                raise ManifestError(f"{uri}: column '{name}' holds text that is not valid UTF-8") from None
     ids = parquet.read(columns=["id"]).column("id")
     if ids.null_count:
         raise ManifestError(f"{uri}: {ids.null_count} row(s) have no id")
@@ -128,9 +134,11 @@ def _load_row(uri: str | None, data: bytes | None, settings: Settings) -> Image.
         raise ImageError("the row has neither 'image' nor 'image_bytes'" if uri is None else
                          "the row has both 'image' and 'image_bytes'; give one")  # fmt: skip
     if data is not None:
-        return decode_image(data, name="image_bytes", max_pixels=settings.max_image_pixels)
+        return decode_image(data, name="image_bytes", max_pixels=settings.max_image_pixels,
+                            min_side=settings.min_image_side)  # fmt: skip
     try:
-        return decode_image(storage.read_bytes(uri), name=uri, max_pixels=settings.max_image_pixels)
+        return decode_image(storage.read_bytes(uri), name=uri, max_pixels=settings.max_image_pixels,
+                            min_side=settings.min_image_side)  # fmt: skip
     except FileNotFoundError:
         raise ImageError(f"{uri}: no such file") from None
     except ImageError:

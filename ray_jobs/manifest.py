@@ -10,6 +10,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import storage
@@ -74,11 +75,15 @@ def read_subjects_manifest(uri: str, settings: Settings, check_images: bool = Tr
     """
     data = _read_file(uri)
     table = _read_table(uri, data)
+    table, bad_text = _drop_invalid_text(table)
     rows = table.to_pylist()
-    image_problems = _check_images(rows, settings.max_image_pixels) if check_images else {}
+    image_problems = _check_images(rows, settings) if check_images else {}
     first_seen: dict[str, int] = {}
     subjects, errors, passthrough = [], [], {}
     for index, row in enumerate(rows):
+        if index in bad_text:
+            errors.append(RowError(index, row["subject_id"] or None, "; ".join(bad_text[index])))
+            continue
         subject, reasons = _check_row(index, row, settings, first_seen, image_problems)
         if reasons:
             errors.append(RowError(index, row["subject_id"] or None, "; ".join(reasons)))
@@ -127,6 +132,32 @@ def _read_table(uri: str, data: bytes) -> pa.Table:
     if mistyped:
         raise ManifestError(f"{uri}: {'; '.join(mistyped)}")
     return table
+
+
+def _drop_invalid_text(table: pa.Table) -> tuple[pa.Table, dict[int, list[str]]]:
+    """Parquet lets a writer put bytes that are not UTF-8 in a string column, and decoding them would stop the whole
+    read. Each such value is nulled and becomes its row's problem; the other rows read normally."""
+    problems: dict[int, list[str]] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if not (_is_string(column.type) or _is_string_list(column.type)):
+            continue
+        try:
+            column.validate(full=True)  # checks UTF-8 in C++; the per-value loop below runs only when it fails
+            continue
+        except pa.ArrowInvalid:
+            pass
+        bad = set()
+        for index in range(len(column)):
+            try:
+                column[index].as_py()
+            except UnicodeDecodeError:
+                bad.add(index)
+                problems.setdefault(index, []).append(f"{name} is not valid UTF-8 text")
+        mask = pa.array([i in bad for i in range(len(column))])
+        nulled = pc.if_else(mask, pa.scalar(None, column.type), column)
+        table = table.set_column(table.column_names.index(name), name, nulled)
+    return table, problems
 
 
 def _type_name(t: pa.DataType) -> str:
@@ -299,11 +330,11 @@ def _check_params(text: str | None, settings: Settings) -> tuple[dict[str, Any],
 # --- the images, all rows at once ---
 
 
-def _check_images(rows: list[dict[str, Any]], max_pixels: int) -> dict[str, str]:
+def _check_images(rows: list[dict[str, Any]], settings: Settings) -> dict[str, str]:
     """A problem for each instance image URI that cannot be read and decoded; each distinct URI is checked once."""
     uris = list(dict.fromkeys(uri for row in rows for uri in _openable_uris(row["instance_images"])))
     with ThreadPoolExecutor(IMAGE_CHECK_THREADS) as pool:
-        problems = pool.map(lambda uri: _image_problem(uri, max_pixels), uris)
+        problems = pool.map(lambda uri: _image_problem(uri, settings), uris)
         return {uri: problem for uri, problem in zip(uris, problems) if problem}
 
 
@@ -314,11 +345,11 @@ def _openable_uris(images: list[str | None] | None) -> list[str]:
     return [uri for uri in images if uri and _protocol_problem(uri) is None]
 
 
-def _image_problem(uri: str, max_pixels: int) -> str | None:
+def _image_problem(uri: str, settings: Settings) -> str | None:
     try:
         if not storage.exists(uri):
-            return f"image {uri!r} does not exist"
-        read_image(uri, max_pixels=max_pixels)
+            return f"image {uri!r}: no such file"
+        read_image(uri, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
     except ImageError as err:
         return f"image {uri!r} is not a readable image: {str(err).removeprefix(f'{uri}: ')}"
     except Exception as err:  # each fsspec backend raises its own types; one bad URI must not stop the others

@@ -167,7 +167,7 @@ class ThumbnailStore:
     def _make(self, name: str, source: Callable[[], bytes], label: str) -> str | None:
         """Write thumbnail `name` from `source`'s image; None when done, else why it could not be made."""
         try:
-            image = decode_image(source(), name=label, max_pixels=self.max_pixels)
+            image = decode_image(source(), name=label, max_pixels=self.max_pixels, min_side=1)
         except FileNotFoundError:
             return f"{label}: no such file"
         except ImageError as err:

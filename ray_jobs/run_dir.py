@@ -130,7 +130,9 @@ class RunDirectory:
             )
         if record["base_model"] != base_model:
             raise RunConflictError(f"{self.uri} was started with base model {record['base_model']!r}, not {base_model!r}")
-        old, new = record["settings"], settings.model_dump()
+        # A setting added in a later version is absent from older records: it had its default then.
+        old = {k: f.default for k, f in Settings.model_fields.items()} | record["settings"]
+        new = settings.model_dump()
         changed = sorted(k for k in set(old) | set(new) if k not in OPERATIONAL_SETTINGS and old.get(k) != new.get(k))
         if changed:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

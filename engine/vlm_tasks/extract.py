@@ -27,6 +27,37 @@ SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(),
 DECODING_BOUNDS = {"number": 1e15, "string_length": 512, "array_items": 64}
 
 
+# JSON Schema keywords the constrained decoder (xgrammar) silently ignores: a schema using them would yield answers
+# that fail validation, so it is refused up front with the keyword and where it is.
+UNSUPPORTED_KEYWORDS = frozenset({
+    "not", "if", "then", "else", "allOf", "dependentRequired", "dependentSchemas", "dependencies", "uniqueItems",
+    "multipleOf", "contains", "minContains", "maxContains", "patternProperties", "propertyNames",
+    "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef",
+})  # fmt: skip
+SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")  # keyword -> {name: schema}
+SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")  # keyword -> [schema, ...]
+SUBSCHEMA = ("items", "additionalProperties")  # keyword -> schema
+
+
+def unsupported_keywords(node: Any, where: str = "#") -> list[str]:
+    """Where `node` (a schema) uses a keyword the decoder cannot enforce, e.g. "'not' at #/properties/total"."""
+    if not isinstance(node, dict):
+        return []
+    found = [f"{key!r} at {where}" for key in node if key in UNSUPPORTED_KEYWORDS]
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):
+        found.append(f"the non-local '$ref' {ref!r} at {where} (only '#/...' references; nothing is fetched)")
+    for key in SUBSCHEMA_MAPS:
+        for name, child in (node.get(key) or {}).items() if isinstance(node.get(key), dict) else ():
+            found += unsupported_keywords(child, f"{where}/{key}/{name}")
+    for key in SUBSCHEMA_LISTS:
+        for i, child in enumerate(node.get(key) or []) if isinstance(node.get(key), list) else ():
+            found += unsupported_keywords(child, f"{where}/{key}/{i}")
+    for key in SUBSCHEMA:
+        found += unsupported_keywords(node.get(key), f"{where}/{key}")
+    return found
+
+
 def decoding_schema(node: Any) -> Any:
     """A copy of `node` with every unbounded number, string and array given the DECODING_BOUNDS."""
     if isinstance(node, list):
@@ -61,6 +92,9 @@ def load_schema(path: str | Path) -> dict[str, Any]:
     properties = schema.get("properties") if isinstance(schema, dict) else None
     if schema.get("type") != "object" or not isinstance(properties, dict) or not properties:
         raise TaskError(f"{path}: the schema must be an object with at least one property")
+    unsupported = unsupported_keywords(schema)
+    if unsupported:
+        raise TaskError(f"{path}: the constrained decoder cannot enforce {'; '.join(unsupported)}")
     if len(properties) > MAX_PROPERTIES:
         raise TaskError(f"{path}: {len(properties)} properties; at most {MAX_PROPERTIES} are supported per pass")
     clashes = sorted(set(properties) & RESERVED)

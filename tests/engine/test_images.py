@@ -24,20 +24,21 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "image",
+    "image, rgb",
     [
-        Image.new("RGBA", (8, 8), (1, 2, 3, 0)),
-        Image.new("P", (8, 8)),
-        Image.new("I;16", (8, 8)),
-        Image.new("L", (8, 8)),
-        Image.new("CMYK", (8, 8)),
+        (Image.new("RGBA", (16, 16), (1, 2, 3, 0)), (1, 2, 3)),
+        (Image.new("P", (16, 16)), (0, 0, 0)),
+        (Image.new("I;16", (16, 16), 40000), (156, 156, 156)),  # 16-bit samples scaled to 8 bits, not clipped
+        (Image.new("L", (16, 16), 77), (77, 77, 77)),
+        (Image.new("CMYK", (16, 16), (0, 255, 255, 0)), (255, 0, 0)),
     ],
     ids=["rgba", "palette", "16-bit", "grey", "cmyk"],
 )
-def test_every_mode_becomes_rgb(tmp_path, image):
+def test_every_mode_becomes_rgb(tmp_path, image, rgb):
     path = tmp_path / "x.tiff"
     image.save(path)
-    assert read_image(str(path)).mode == "RGB"
+    decoded = read_image(str(path))
+    assert decoded.mode == "RGB" and decoded.getpixel((5, 5)) == rgb
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ def test_validate_subjects_exit_status_and_bad_rows(tmp_path, capsys):
     write_subjects_manifest(bad, bad_rows)
     assert main(["validate", bad]) == 2
     out = capsys.readouterr().out
-    assert "row 2 (subject 'has space')" in out and "row 3 (subject 's1')" in out and "does not exist" in out
+    assert "row 2 (subject 'has space')" in out and "row 3 (subject 's1')" in out and "no such file" in out
 
 
 def test_validate_refuses_what_is_not_a_manifest(tmp_path, capsys):

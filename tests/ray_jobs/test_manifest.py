@@ -29,7 +29,7 @@ LONG = "x" * 10_001
 
 def png_bytes(color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
+    Image.new("RGB", (24, 24), color).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -82,7 +82,7 @@ BAD_ROWS = [
     ({"instance_images": ["{a}", ""]}, "instance_images[1] is empty"),
     ({"instance_images": ["{a}", None]}, "instance_images[1] is empty"),
     ({"instance_images": ["nosuchfs://bucket/x.png"]}, "unknown protocol 'nosuchfs'"),
-    ({"instance_images": ["{missing}"]}, "/missing.png' does not exist"),
+    ({"instance_images": ["{missing}"]}, "/missing.png': no such file"),
     ({"instance_images": ["{broken}"]}, "/broken.png' is not a readable image: cannot decode image"),
     ({"instance_prompt": None}, "instance_prompt is missing"),
     ({"instance_prompt": "  "}, "instance_prompt is empty"),
@@ -131,7 +131,7 @@ def test_every_problem_in_a_row_is_reported_in_column_order(tmp_path, images, se
     [error] = read_rows(tmp_path, [row], settings).errors
 
     assert error.reason.split("; ") == [
-        f"image {images['missing']!r} does not exist",
+        f"image {images['missing']!r}: no such file",
         "instance_prompt is empty",
         "params: not valid JSON (Expecting property name enclosed in double quotes at char 1)",
     ]
@@ -230,7 +230,7 @@ def test_memory_uris_for_manifest_and_images(settings):
 
         assert manifest.uri == f"{base}/subjects.parquet"
         assert [s.instance_images for s in manifest.subjects] == [(f"{base}/a.png",)]
-        assert [str(e) for e in manifest.errors] == [f"row 1 (subject 'm-1'): image '{base}/gone.png' does not exist"]
+        assert [str(e) for e in manifest.errors] == [f"row 1 (subject 'm-1'): image '{base}/gone.png': no such file"]
     finally:
         fs.rm(base.removeprefix("memory://"), recursive=True)
 
