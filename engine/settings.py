@@ -203,8 +203,12 @@ def load_settings(
     """Preset for the base model, then the YAML config file, then command-line overrides; each layer wins."""
     values = preset_for(base_model)
     if config_file is not None:
-        text = Path(config_file).read_text()
-        loaded = yaml.safe_load(text) or {}
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, UnicodeDecodeError) as err:
+            raise SettingsError(f"{config_file}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+        except yaml.YAMLError as err:
+            raise SettingsError(f"{config_file}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise SettingsError(f"{config_file}: a config file must be a mapping of setting names to values")
         values.update(_check_known(loaded, source=str(config_file)))
@@ -245,5 +249,8 @@ def parse_assignments(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SettingsError(f"--set {pair!r}: expected key=value")
-        values[key.strip()] = yaml.safe_load(value)
+        try:
+            values[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            values[key.strip()] = value  # not YAML: the plain string, which the setting's type then checks
     return values

@@ -35,6 +35,7 @@ class SubjectJob:
     status: SubjectStatus
     stages: tuple[str, ...]  # what is left to do for it, in order: ("train", "generate"), ("generate",), ...
     tries: int = 0  # attempts at the current stage in this invocation; status.attempts counts them all
+    progress_at_submit: int = 0  # checkpoint step (train) or images on disk (generate) when the attempt began
 
     @property
     def stage(self) -> str:

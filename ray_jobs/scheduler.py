@@ -5,7 +5,8 @@
   pending → training → trained → generating → done, or failed with the reason.
 - At most one job in flight per actor: the driver holds a bounded number of futures whatever the manifest's size.
 - A subject's failure is retried up to `max_attempts` (an OOM retry turns on gradient checkpointing, then halves the
-  micro-batch); a dead worker is replaced and its subject re-queued, resuming from its last checkpoint.
+  micro-batch); a dead worker is replaced and its subject re-queued, resuming from its last checkpoint. A death
+  after the subject made progress (a new checkpoint, new images) does not use up one of its attempts.
 - Every state change is written to RUN at once: the driver can be killed at any point and rerun.
 """
 
@@ -104,7 +105,7 @@ class FleetScheduler:
         self.starting: dict[ray.ObjectRef, Any] = {}  # identity call of each worker still loading -> the worker
         self.identities: dict[Any, dict[str, Any]] = {}  # started workers -> their pid, node and GPU ids
         self.start_step: dict[str, int] = {}  # checkpoint step of each subject when first handed out here
-        self.worker_deaths = 0
+        self.worker_deaths = 0  # in a row, with no job finished in between: many means the fleet itself is broken
 
     # -- workers -------------------------------------------------------------------------------------------------
 
@@ -129,7 +130,8 @@ class FleetScheduler:
     def _replace(self, actor) -> None:
         self.worker_deaths += 1
         if self.worker_deaths > 3 * self.options.num_workers + 3:
-            raise FleetError(f"{self.worker_deaths} workers died; the last failure was not one subject's fault")
+            raise FleetError(f"{self.worker_deaths} workers died in a row, none finishing a job in between; "
+                             "the cause is not one subject")  # fmt: skip
         ray.kill(actor, no_restart=True)
         self.identities.pop(actor, None)
         self._start_worker()
@@ -167,14 +169,20 @@ class FleetScheduler:
         job.status.attempts += 1
         job.status.worker = self.identities[actor]
         self.run_dir.write_status(job.status)
+        job.progress_at_submit = self._progress(job)
         if job.stage == "train":
-            if job.subject.subject_id not in self.start_step:
-                checkpoints = storage.join(subject_dir(self.run_dir.uri, job.subject.subject_id), "checkpoints")
-                self.start_step[job.subject.subject_id] = (complete_steps(checkpoints) or [0])[-1]
+            self.start_step.setdefault(job.subject.subject_id, job.progress_at_submit)
             ref = actor.train.remote(self.run_dir.uri, job.subject, job.settings, self.ready_sets.get(job.class_set))
         else:
             ref = actor.generate.remote(self.run_dir.uri, job.subject, job.settings)
         self.in_flight[ref] = (actor, job)
+
+    def _progress(self, job: SubjectJob) -> int:
+        """How far the subject's current stage has got, as RUN shows it: its newest checkpoint, or its images."""
+        folder = subject_dir(self.run_dir.uri, job.subject.subject_id)
+        if job.stage == "train":
+            return (complete_steps(storage.join(folder, "checkpoints")) or [0])[-1]
+        return len(storage.listdir(storage.join(folder, "images")))
 
     # -- outcomes ------------------------------------------------------------------------------------------------
 
@@ -208,6 +216,10 @@ class FleetScheduler:
             return
         kind = "oom" if outcome.get("oom") else "worker_died" if outcome.get("worker_died") else "error"
         self.on_event(f"{job.stage}_attempt", {"outcome": kind, **outcome})
+        if kind == "worker_died" and self._progress(job) > job.progress_at_submit:
+            # The worker died after the subject made progress: a preempted node or a killed process, not a
+            # subject that crashes its worker. Only deaths without progress count against max_attempts.
+            job.tries -= 1
         if outcome.get("retryable", True) and job.tries < self.max_attempts:
             if outcome.get("oom") and job.stage == "train":
                 job.settings = oom_adjusted(job.settings)
@@ -249,6 +261,7 @@ class FleetScheduler:
                         self._replace(actor)
                     else:
                         self.idle.append(actor)
+                        self.worker_deaths = 0
                     if isinstance(job, ClassSetJob):
                         self._class_set_done(job, outcome)
                     else:

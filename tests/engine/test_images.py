@@ -45,8 +45,8 @@ def test_every_mode_becomes_rgb(tmp_path, image, rgb):
     "data, message",
     [
         (b"", "empty file"),
-        (b"this is a text file", "cannot decode image"),
-        (None, "cannot decode image"),  # truncated PNG, filled in below
+        (b"this is a text file", "not an image in any format Pillow reads"),
+        (None, "the file is truncated"),  # truncated PNG, filled in below
     ],
 )
 def test_undecodable_images_name_the_uri_and_reason(tmp_path, data, message):

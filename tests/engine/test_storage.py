@@ -72,11 +72,17 @@ def test_checkpoints_and_statuses_survive_a_flaky_store(flaky):
     assert flaky.failures > 0  # the faults really happened, and were absorbed
 
 
-def test_a_store_that_keeps_failing_is_reported(flaky):
+def test_a_store_that_keeps_failing_is_reported_and_the_last_checkpoint_stays_good(flaky):
+    flaky.failure_rate = 0.0
+    save_checkpoint("flaky://run/c", _state(10), keep=2)
     flaky.failure_rate = 1.0
     with pytest.raises(ConnectionResetError, match="injected fault"):
         storage.write_bytes("flaky://run/x", b"data")
     assert flaky.failures == storage.RETRIES
+    with pytest.raises(ConnectionResetError):  # an outage while the next checkpoint is saved
+        save_checkpoint("flaky://run/c", _state(20), keep=2)
+    flaky.failure_rate = 0.0
+    assert load_latest_checkpoint("flaky://run/c").step == 10
 
 
 def test_a_missing_file_is_not_retried(flaky):

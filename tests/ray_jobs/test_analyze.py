@@ -55,8 +55,8 @@ def _rows(folder: Path) -> tuple[list[dict], dict[str, str]]:
     bad = {
         "missing": ({"image": str(folder / "absent.png")}, "no such file"),
         "empty": ({"image": str(folder / "empty.png")}, "empty file"),
-        "not-image": ({"image": str(folder / "text.png")}, "cannot decode image"),
-        "truncated": ({"image": str(folder / "cut.png")}, "cannot decode image"),
+        "not-image": ({"image": str(folder / "text.png")}, "not an image in any format"),
+        "truncated": ({"image": str(folder / "cut.png")}, "truncated"),
         "bomb": ({"image": str(folder / "bomb.png")}, "over the limit"),
         "neither": ({}, "neither 'image' nor 'image_bytes'"),
         "both": ({"image": str(folder / "doc.png"), "image_bytes": _png("red")}, "both"),

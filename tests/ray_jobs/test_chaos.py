@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -100,7 +102,8 @@ def test_a_run_survives_random_kills_and_loses_or_duplicates_nothing(ray_cluster
     args = ["run", manifest, "--out", run, "--no-progress", "--gpus-per-job", "1",
             "--set", f"max_train_steps={STEPS}", "--set", f"checkpointing_steps={INTERVAL}",
             "--set", "num_class_images=2", "--set", "num_images_per_prompt=1", "--set", "vlm_batch_size=2",
-            # A kill is an attempt: with kills this frequent a subject may lose several, as on preemptible nodes.
+            # A kill before a subject's first new checkpoint uses up one of its attempts; be generous, so this test
+            # is about losing nothing (test_fleet.py covers the attempt budget).
             "--set", "max_attempts=10"]  # fmt: skip
     killer = Killer(run, worker_kills=5)
     killer.start()
@@ -154,3 +157,47 @@ def test_a_run_survives_random_kills_and_loses_or_duplicates_nothing(ray_cluster
     assert not any(path.exists() for path in debris)
     assert {sid: s.history for sid, s in RunDirectory(run).read_statuses().items()} == before
     assert pq.read_table(Path(run) / "moderation.parquet").num_rows == len(generations)
+
+
+def test_a_driver_killed_in_training_and_again_in_the_vlm_pass_resumes_and_finishes(ray_cluster, tmp_path):
+    """The driver runs as with `ray job submit`, a separate process on the cluster; it is SIGKILLed twice."""
+    rows = make_subject_rows(tmp_path / "images", 3)
+    for row in rows:
+        row["prompts"] = ["a photo of sks thing"]
+    manifest, run = str(tmp_path / "subjects.parquet"), str(tmp_path / "run")
+    write_subjects_manifest(manifest, rows)
+    args = ["run", manifest, "--out", run, "--no-progress", "--workers", "2",
+            "--set", "max_train_steps=100", "--set", "checkpointing_steps=10", "--set", "num_class_images=2",
+            "--set", "num_images_per_prompt=2", "--set", "vlm_batch_size=1"]  # fmt: skip
+    address = ray_cluster.get_runtime_context().gcs_address
+
+    def driver() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "ray_jobs", *args, "--address", address],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def kill_when(process: subprocess.Popen, condition, what: str) -> None:
+        deadline = time.time() + 300
+        while not condition():
+            assert process.poll() is None and time.time() < deadline, f"the driver ended before {what}"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def checkpointed() -> bool:
+        return any(complete_steps(storage.join(run, "subjects", s, "checkpoints")) for s in ("s0", "s1", "s2"))
+
+    parts = Path(f"{run}/moderation.parquet.parts")
+    kill_when(driver(), checkpointed, "any subject checkpointed")
+    interrupted = {sid for sid, s in RunDirectory(run).read_statuses().items() if s.state == "training"}
+    assert interrupted
+    kill_when(driver(), lambda: parts.exists() and any(parts.glob("part-*.parquet")), "the VLM pass wrote a part")
+    assert not (Path(run) / "moderation.parquet").exists()  # killed mid-pass, before its output was committed
+
+    assert main(args) == 0
+    statuses = RunDirectory(run).read_statuses()
+    assert {s.state for s in statuses.values()} == {"done"}
+    assert max(statuses[sid].history[0]["resumed_from"] or 0 for sid in interrupted) > 0  # from a checkpoint
+    generations = pq.read_table(Path(run) / "generations.parquet").column("id").to_pylist()
+    moderated = pq.read_table(Path(run) / "moderation.parquet").column("id").to_pylist()
+    assert len(generations) == 6 and sorted(moderated) == sorted(generations)
+    assert not parts.exists() and not [p for p in Path(run).rglob("*") if ".tmp-" in p.name]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -83,7 +81,9 @@ def test_a_killed_worker_loses_nothing(ray_cluster, tmp_path):
     manifest, run = str(tmp_path / "subjects.parquet"), str(tmp_path / "run")
     write_subjects_manifest(manifest, rows)
     args = ["train", manifest, "--out", run, "--gpus-per-job", "0.5", "--no-progress",
-            "--set", "max_train_steps=200", "--set", "checkpointing_steps=20", "--set", "num_class_images=2"]  # fmt: skip
+            "--set", "max_train_steps=200", "--set", "checkpointing_steps=20", "--set", "num_class_images=2",
+            # One attempt only: a worker killed after its subject checkpointed does not use the attempt up.
+            "--set", "max_attempts=1"]  # fmt: skip
     result = {}
     driver = threading.Thread(target=lambda: result.setdefault("code", main(args)))
     driver.start()
@@ -116,35 +116,6 @@ def _kill_a_worker_mid_training(run: str, timeout: float = 300) -> tuple[str, in
                 return sid, steps[-1]
         time.sleep(0.05)
     raise AssertionError("no subject was seen training with a checkpoint")
-
-
-def test_a_killed_driver_resumes_where_it_stopped(ray_cluster, tmp_path):
-    rows = make_subject_rows(tmp_path / "images", 3)
-    manifest, run = str(tmp_path / "subjects.parquet"), str(tmp_path / "run")
-    write_subjects_manifest(manifest, rows)
-    args = ["train", manifest, "--out", run, "--no-progress", "--workers", "2",
-            "--set", "max_train_steps=200", "--set", "checkpointing_steps=20", "--set", "num_class_images=2"]  # fmt: skip
-    # The first driver is a separate process on the same cluster, as with `ray job submit`; it is killed mid-run.
-    address = ray_cluster.get_runtime_context().gcs_address
-    first = subprocess.Popen([sys.executable, "-m", "ray_jobs", *args, "--address", address],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    from engine.checkpoints import complete_steps
-
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(
-        complete_steps(storage.join(run, "subjects", sid, "checkpoints")) for sid in ("s0", "s1", "s2")
-    ):
-        time.sleep(0.1)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    interrupted = {sid for sid, s in _statuses(run).items() if s["state"] == "training"}
-    assert interrupted
-
-    assert main(args) == 0
-    statuses = _statuses(run)
-    assert all(s["state"] == "trained" for s in statuses.values())
-    resumed = [statuses[sid]["history"][-1]["resumed_from"] or 0 for sid in interrupted]
-    assert max(resumed) > 0  # continued from a checkpoint, not from scratch
 
 
 def test_an_s3_run_behaves_like_a_local_one(ray_cluster, tmp_path):

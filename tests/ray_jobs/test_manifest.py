@@ -83,7 +83,7 @@ BAD_ROWS = [
     ({"instance_images": ["{a}", None]}, "instance_images[1] is empty"),
     ({"instance_images": ["nosuchfs://bucket/x.png"]}, "unknown protocol 'nosuchfs'"),
     ({"instance_images": ["{missing}"]}, "/missing.png': no such file"),
-    ({"instance_images": ["{broken}"]}, "/broken.png' is not a readable image: cannot decode image"),
+    ({"instance_images": ["{broken}"]}, "/broken.png' is not a readable image: not an image in any format"),
     ({"instance_prompt": None}, "instance_prompt is missing"),
     ({"instance_prompt": "  "}, "instance_prompt is empty"),
     ({"instance_prompt": LONG}, "instance_prompt is 10001 characters long, more than 10000"),
