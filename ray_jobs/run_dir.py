@@ -146,18 +146,20 @@ class RunDirectory:
         if not storage.is_local(self.uri):
             return []
         root = os.path.realpath(storage.filesystem(self.uri)[1])
-        removed = []
-        for folder, dirs, files in os.walk(root):
-            for name in dirs + files:
-                path = os.path.join(folder, name)
-                if os.path.islink(path):
-                    target = os.path.realpath(path)
-                    if os.path.commonpath([root, target]) != root:
-                        raise RunConflictError(f"{path} is a link to {target}, outside the run directory {root}; "
-                                               "remove it (nothing is ever written outside RUN)")  # fmt: skip
-                elif name in files and TEMPORARY.search(name):
-                    os.remove(path)
-                    removed.append(path)
+        removed, folders = [], [root] if os.path.isdir(root) else []
+        while folders:  # scandir's entries know their type without another system call per file
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        target = os.path.realpath(entry.path)
+                        if os.path.commonpath([root, target]) != root:
+                            raise RunConflictError(f"{entry.path} is a link to {target}, outside the run directory "
+                                                   f"{root}; remove it (nothing is ever written outside RUN)")  # fmt: skip
+                    elif entry.is_dir():
+                        folders.append(entry.path)
+                    elif TEMPORARY.search(entry.name):
+                        os.remove(entry.path)
+                        removed.append(entry.path)
         return removed
 
     def finish(self, summary: dict[str, int]) -> None:
