@@ -49,11 +49,9 @@ def decode_image(
         raise ImageError(f"{name}: not an image in any format Pillow reads (it starts with {data[:12]!r})") from None
     except Image.DecompressionBombError as err:
         raise ImageError(f"{name}: refused as a decompression bomb ({err})") from None
-    except OSError as err:
-        if "truncated" in str(err).lower():  # Pillow words it differently by format and by where the data stops
-            raise ImageError(f"{name}: the file is truncated: it ends before the image does ({err})") from None
-        raise ImageError(f"{name}: cannot decode image (OSError: {err})") from None
     except Exception as err:  # Pillow raises many types for corrupt data; all mean "not a usable image"
+        if isinstance(err, OSError) and "truncated" in str(err).lower():  # worded by format and where data stops
+            raise ImageError(f"{name}: the file is truncated: it ends before the image does ({err})") from None
         raise ImageError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
 

@@ -73,13 +73,13 @@ def check_images_manifest(uri: str) -> tuple[pa.Schema, list[str]]:
                         ("image_bytes", (pa.types.is_binary, pa.types.is_large_binary))):  # fmt: skip
         if name in schema.names and not any(k(schema.field(name).type) for k in kinds):
             raise ManifestError(f"{uri}: column '{name}' has type {schema.field(name).type}")
-    for name in ("id", "image"):  # the pass decodes these as text; bytes that are not UTF-8 would stop it midway
-        if name in schema.names:
-            try:
-                parquet.read(columns=[name]).column(name).validate(full=True)
-            except pa.ArrowInvalid:
-                raise ManifestError(f"{uri}: column '{name}' holds text that is not valid UTF-8") from None
-    ids = parquet.read(columns=["id"]).column("id")
+    text = parquet.read(columns=[c for c in ("id", "image") if c in schema.names])
+    for name in text.column_names:  # the pass decodes these as text; bytes that are not UTF-8 would stop it midway
+        try:
+            text.column(name).validate(full=True)
+        except pa.ArrowInvalid:
+            raise ManifestError(f"{uri}: column '{name}' holds text that is not valid UTF-8") from None
+    ids = text.column("id")
     if ids.null_count:
         raise ManifestError(f"{uri}: {ids.null_count} row(s) have no id")
     counts = pc.value_counts(ids)

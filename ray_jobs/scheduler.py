@@ -105,7 +105,7 @@ class FleetScheduler:
         self.starting: dict[ray.ObjectRef, Any] = {}  # identity call of each worker still loading -> the worker
         self.identities: dict[Any, dict[str, Any]] = {}  # started workers -> their pid, node and GPU ids
         self.start_step: dict[str, int] = {}  # checkpoint step of each subject when first handed out here
-        self.worker_deaths = 0  # in a row, with no job finished in between: many means the fleet itself is broken
+        self.worker_deaths = 0  # in a row, no job returning in between: many means the fleet itself is broken
 
     # -- workers -------------------------------------------------------------------------------------------------
 
@@ -182,7 +182,7 @@ class FleetScheduler:
         folder = subject_dir(self.run_dir.uri, job.subject.subject_id)
         if job.stage == "train":
             return (complete_steps(storage.join(folder, "checkpoints")) or [0])[-1]
-        return len(storage.listdir(storage.join(folder, "images")))
+        return sum(name.endswith(".png") for name in storage.listdir(storage.join(folder, "images")))
 
     # -- outcomes ------------------------------------------------------------------------------------------------
 
