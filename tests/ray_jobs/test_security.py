@@ -30,6 +30,7 @@ def _tree(root: Path, skip: Path) -> set[str]:
 @pytest.mark.slow
 def test_names_from_the_manifest_never_reach_outside_run(ray_cluster, tmp_path):
     rows = make_subject_rows(tmp_path / "images", 1)
+    rows[0]["class_prompt"] = "../../../escaped/$(touch pwned) a photo of a ball"  # names its class-image folder
     hostile = ["../escaped", "..", "/tmp/absolute", "s0/../../escaped", "C:\\windows", "~root"]
     rows += [{**rows[0], "subject_id": sid} for sid in hostile]
     manifest, run = str(tmp_path / "subjects.parquet"), tmp_path / "work" / "run"
@@ -42,6 +43,7 @@ def test_names_from_the_manifest_never_reach_outside_run(ray_cluster, tmp_path):
     rejected = {r["subject_id"]: r["reason"] for r in RunDirectory(str(run)).read_rejected_rows()}
     assert set(rejected) == set(hostile) and all("subject_id" in reason for reason in rejected.values())
     assert [p.name for p in (run / "subjects").iterdir()] == ["s0"]
+    assert [p.name.rsplit("-", 1)[0] for p in (run / "class_images").iterdir()] == ["escaped-touch-pwned-a-photo-of-a-ball"]
 
 
 @pytest.mark.slow
