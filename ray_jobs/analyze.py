@@ -301,7 +301,7 @@ def analyze(request: AnalyzeRequest, metrics=None) -> int:
         fn_constructor_kwargs={"vlm_model": request.vlm_model, "settings": settings, "task_args": task_args},
         batch_size=settings.vlm_batch_size,
         batch_format="pyarrow",
-        concurrency=settings.vlm_concurrency,
+        compute=ray.data.ActorPoolStrategy(size=settings.vlm_concurrency),
         num_gpus=gpus,
     )
     seen_calls: set[str] = set()
