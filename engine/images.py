@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageOps
+
+from engine import storage
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 DEFAULT_MIN_IMAGE_SIDE = 16  # a 1x1 tracking pixel or an icon is never a usable photo or document
@@ -58,10 +59,9 @@ def decode_image(
 def read_image(
     uri: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = DEFAULT_MIN_IMAGE_SIDE
 ) -> Image.Image:
-    """Read and decode the image at any fsspec URI."""
+    """Read and decode the image at any fsspec URI (transient storage errors retried, see engine.storage)."""
     try:
-        with fsspec.open(uri, "rb") as f:
-            data = f.read()
+        data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise ImageError(f"{uri}: no such file") from None
     except Exception as err:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from engine import storage
-from engine.images import ImageError, decode_image
+from engine.images import ImageError, decode_image, read_image
 from engine.settings import Settings
 from ray_jobs import exit_status
 from ray_jobs.manifest import ManifestError
@@ -133,18 +133,10 @@ def _load_row(uri: str | None, data: bytes | None, settings: Settings) -> Image.
     if (uri is None) == (data is None):
         raise ImageError("the row has neither 'image' nor 'image_bytes'" if uri is None else
                          "the row has both 'image' and 'image_bytes'; give one")  # fmt: skip
+    limits = {"max_pixels": settings.max_image_pixels, "min_side": settings.min_image_side}
     if data is not None:
-        return decode_image(data, name="image_bytes", max_pixels=settings.max_image_pixels,
-                            min_side=settings.min_image_side)  # fmt: skip
-    try:
-        return decode_image(storage.read_bytes(uri), name=uri, max_pixels=settings.max_image_pixels,
-                            min_side=settings.min_image_side)  # fmt: skip
-    except FileNotFoundError:
-        raise ImageError(f"{uri}: no such file") from None
-    except ImageError:
-        raise
-    except Exception as err:
-        raise ImageError(f"{uri}: cannot read ({type(err).__name__}: {err})") from None
+        return decode_image(data, name="image_bytes", **limits)
+    return read_image(uri, **limits)
 
 
 def decode_batch(batch: pa.Table, settings: Settings, skip_ids: frozenset[str]) -> pa.Table:

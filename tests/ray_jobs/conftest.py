@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,10 @@ def make_subject_rows(folder: Path, n: int, classes=("ball", "box"), prefix: str
             }
         )
     return rows
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

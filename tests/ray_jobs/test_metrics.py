@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -19,16 +18,10 @@ import pytest
 from ray_jobs.cli import main
 from ray_jobs.manifest import write_subjects_manifest
 from ray_jobs.metrics import EXPORTED_NAMES
-from tests.ray_jobs.conftest import make_subject_rows
+from tests.ray_jobs.conftest import free_port, make_subject_rows
 
 pytestmark = pytest.mark.slow
 STEPS = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> str:
@@ -57,7 +50,7 @@ def _binary(name: str) -> str:
 @pytest.fixture
 def servers(tmp_path):
     """A Pushgateway and a Prometheus scraping it and the driver's future metrics port, every second."""
-    driver_port, gateway_port, prometheus_port = _free_port(), _free_port(), _free_port()
+    driver_port, gateway_port, prometheus_port = free_port(), free_port(), free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s}\n"

@@ -18,7 +18,7 @@ from ray_jobs.cli import build_parser, main
 from ray_jobs.manifest import write_subjects_manifest
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.run_dir import RunDirectory
-from tests.ray_jobs.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY, make_subject_rows
+from tests.ray_jobs.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY, free_port, make_subject_rows
 
 FAST = ["--set", "max_train_steps=4", "--set", "checkpointing_steps=2", "--set", "num_class_images=2", "--no-progress"]
 
@@ -104,7 +104,7 @@ def test_s3_credentials_never_appear_in_run_logs_or_metrics(ray_cluster, tmp_pat
         row["prompts"] = ["a photo of sks thing"]
     manifest, run = str(tmp_path / "m.parquet"), "s3://dreamfleet-secrets/run"
     write_subjects_manifest(manifest, rows)
-    port = _free_port()
+    port = free_port()
     scrapes: list[str] = []
     finished = threading.Event()
 
@@ -137,10 +137,3 @@ def test_s3_credentials_never_appear_in_run_logs_or_metrics(ray_cluster, tmp_pat
     leaks = [name for name, text in texts.items() if SECRET_ACCESS_KEY in text or ACCESS_KEY_ID in text]
     assert not leaks
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
