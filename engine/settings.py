@@ -78,6 +78,8 @@ class Settings(BaseModel):
     vlm_batch_size: int = Field(16, ge=1, le=4096)  # rows per generate() call in one actor
     vlm_concurrency: int = Field(1, ge=1)  # model actors
     vlm_gpus_per_actor: float = Field(1.0, ge=0)
+    vlm_cpus_per_actor: float | None = Field(None, ge=0)  # None: 1 where the cluster has it to spare, else 0
+    vlm_rows_per_file: int = Field(100_000, ge=1)  # at most this many rows in each part file of a pass's output
     vlm_max_new_tokens: int = Field(512, ge=1)  # the answer, after any reasoning
     vlm_thinking_budget: int = Field(1024, ge=0)  # reasoning tokens of Thinking models before the answer is forced
     enable_thinking: bool | None = None  # None: as the model's chat template does by default
@@ -138,7 +140,8 @@ SETTING_NAMES = frozenset(Settings.model_fields)
 # Keys a manifest row may not override: they belong to the whole run, not to one subject.
 VLM_SETTINGS = frozenset(
     {
-        "vlm_batch_size", "vlm_concurrency", "vlm_gpus_per_actor", "vlm_max_new_tokens", "vlm_thinking_budget",
+        "vlm_batch_size", "vlm_concurrency", "vlm_gpus_per_actor", "vlm_cpus_per_actor", "vlm_rows_per_file",
+        "vlm_max_new_tokens", "vlm_thinking_budget",
         "enable_thinking", "vlm_min_pixels", "vlm_max_pixels", "vlm_dtype", "trust_remote_code",
         "ocr_prompt", "extract_prompt", "moderate_prompt", "caption_prompt",
     }

@@ -1,38 +1,38 @@
 """`dreamfleet analyze`: a Ray Data pass of a vision-language model over an images manifest.
 
-read Parquet → decode and fit to the pixel budget (CPU tasks) → the model (long-lived actors, `num_gpus` each)
-→ rows streamed back and committed as part files → one OUTPUT.parquet. Every input row comes out once: a row
-whose image is bad gets an `error` and every other row is processed. A rerun skips the ids already written.
+read Parquet (a file, folder, glob or Hive partitions) → decode and fit to the pixel budget (CPU tasks) → the model
+(long-lived actors, `num_gpus` each) → Parquet part files written by Ray Data's write tasks into OUT. No output row
+passes through the driver. Every input row comes out once: a row whose image is bad gets an `error` and every
+other row is processed. Resume and exactly-once come from Ray Data's checkpointing (see pass_output.py).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
+import threading
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
-from engine import storage
-from engine.images import ImageError, decode_image, read_image
+from engine.images import ImageError
 from engine.settings import Settings
 from ray_jobs import exit_status
+from ray_jobs.images_input import ImagesInput, check_images_manifest, load_row
 from ray_jobs.manifest import ManifestError
+from ray_jobs.pass_output import PassOutput, arrow_filesystem
+from ray_jobs.pass_resources import PassShape, choose_cpus_per_actor
+from ray_jobs.progress import FleetProgress
 
 STANDARD_COLUMNS = pa.schema(
     [("error", pa.string()), ("model", pa.string()), ("num_output_tokens", pa.int32()), ("reasoning", pa.string())]
 )
 INTERNAL = ("__pixels", "__width", "__height", "__decode_error")  # decoded images, dropped before output
-TIMING = ("__batch", "__batch_seconds")  # which model call made a row and how long it took, read by the driver
+STATS_POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -45,75 +45,8 @@ class AnalyzeRequest:
     schema_file: str | None = None
     policy_file: str | None = None
     address: str | None = None
-
-
-def parts_dir(out: str) -> str:
-    return f"{out.rstrip('/')}.parts"
-
-
-# -- the manifest ----------------------------------------------------------------------------------------------
-
-
-def check_images_manifest(uri: str) -> tuple[pa.Schema, list[str]]:
-    """File-level checks before anything runs: readable Parquet, an `id` column of unique values, an image column."""
-    fs, path = storage.filesystem(uri)
-    try:
-        parquet = pq.ParquetFile(fs.open(path, "rb"))
-    except FileNotFoundError:
-        raise ManifestError(f"{uri}: no such file") from None
-    except Exception as err:
-        raise ManifestError(f"{uri}: not a readable Parquet file ({type(err).__name__}: {err})") from None
-    schema = parquet.schema_arrow
-    if "id" not in schema.names:
-        raise ManifestError(f"{uri}: no 'id' column")
-    if not {"image", "image_bytes"} & set(schema.names):
-        raise ManifestError(f"{uri}: needs an 'image' (URI) or 'image_bytes' column")
-    for name, kinds in (("id", (pa.types.is_string, pa.types.is_large_string)),
-                        ("image", (pa.types.is_string, pa.types.is_large_string)),
-                        ("image_bytes", (pa.types.is_binary, pa.types.is_large_binary))):  # fmt: skip
-        if name in schema.names and not any(k(schema.field(name).type) for k in kinds):
-            raise ManifestError(f"{uri}: column '{name}' has type {schema.field(name).type}")
-    text = parquet.read(columns=[c for c in ("id", "image") if c in schema.names])
-    for name in text.column_names:  # the pass decodes these as text; bytes that are not UTF-8 would stop it midway
-        try:
-            text.column(name).validate(full=True)
-        except pa.ArrowInvalid:
-            raise ManifestError(f"{uri}: column '{name}' holds text that is not valid UTF-8") from None
-    ids = text.column("id")
-    if ids.null_count:
-        raise ManifestError(f"{uri}: {ids.null_count} row(s) have no id")
-    counts = pc.value_counts(ids)
-    repeated = [v["values"].as_py() for v in counts if v["counts"].as_py() > 1]
-    if repeated:
-        raise ManifestError(f"{uri}: duplicate ids, e.g. {repeated[:5]}")
-    return schema, ids.to_pylist()
-
-
-def check_image_rows(uri: str, settings: Settings) -> list[tuple[int, str, str]]:
-    """Every row that a pass would answer with an error, as (row, id, reason): what `validate --kind images` prints."""
-    schema, _ = check_images_manifest(uri)
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, columns=[c for c in ("id", "image", "image_bytes") if c in schema.names])
-    problems = []
-    for row, data in enumerate(table.to_pylist()):
-        try:
-            _load_row(data.get("image"), data.get("image_bytes"), settings)
-        except ImageError as err:
-            problems.append((row, data["id"], str(err)))
-    return problems
-
-
-def written_ids(out: str) -> set[str]:
-    """Ids already in OUTPUT.parquet or in committed part files of an interrupted pass."""
-    files = [out] if storage.exists(out) else []
-    files += [storage.join(parts_dir(out), n) for n in storage.listdir(parts_dir(out)) if n.endswith(".parquet")]
-    ids: set[str] = set()
-    for uri in files:
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as f:
-            ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
-    return ids
+    verbose: bool = False
+    show_progress: bool = True
 
 
 # -- CPU stage: decode ------------------------------------------------------------------------------------------
@@ -129,26 +62,14 @@ def fit_pixel_budget(image: Image.Image, min_pixels: int, max_pixels: int) -> Im
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def _load_row(uri: str | None, data: bytes | None, settings: Settings) -> Image.Image:
-    if (uri is None) == (data is None):
-        raise ImageError("the row has neither 'image' nor 'image_bytes'" if uri is None else
-                         "the row has both 'image' and 'image_bytes'; give one")  # fmt: skip
-    limits = {"max_pixels": settings.max_image_pixels, "min_side": settings.min_image_side}
-    if data is not None:
-        return decode_image(data, name="image_bytes", **limits)
-    return read_image(uri, **limits)
-
-
-def decode_batch(batch: pa.Table, settings: Settings, skip_ids: frozenset[str]) -> pa.Table:
-    """Drop already-written rows, then decode each image into raw RGB at the pixel budget (or record why not)."""
-    if skip_ids:
-        batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), pa.array(list(skip_ids), pa.string()))))
+def decode_batch(batch: pa.Table, settings: Settings) -> pa.Table:
+    """Decode each row's image into raw RGB at the pixel budget, or record why it cannot be used."""
     uris = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * batch.num_rows
     blobs = batch.column("image_bytes").to_pylist() if "image_bytes" in batch.column_names else [None] * batch.num_rows
     pixels, widths, heights, errors = [], [], [], []
     for uri, data in zip(uris, blobs):
         try:
-            image = fit_pixel_budget(_load_row(uri, data, settings), settings.vlm_min_pixels, settings.vlm_max_pixels)
+            image = fit_pixel_budget(load_row(uri, data, settings), settings.vlm_min_pixels, settings.vlm_max_pixels)
             pixels.append(image.tobytes())
             widths.append(image.width)
             heights.append(image.height)
@@ -164,11 +85,17 @@ def decode_batch(batch: pa.Table, settings: Settings, skip_ids: frozenset[str]) 
     return batch
 
 
+def decode_memory_bytes(settings: Settings) -> int:
+    """What one decode task holds at most: its batch of decoded images at the pixel budget, plus the largest source
+    image it may open (RGBA at max_image_pixels)."""
+    return settings.vlm_batch_size * settings.vlm_max_pixels * 3 + settings.max_image_pixels * 4
+
+
 # -- model stage ------------------------------------------------------------------------------------------------
 
 
 def output_schema(input_schema: pa.Schema, task) -> pa.Schema:
-    fields = [f for f in input_schema if f.name not in INTERNAL + TIMING]
+    fields = [f for f in input_schema if f.name not in INTERNAL]
     taken = {f.name for f in fields}
     clashes = sorted(taken & (set(STANDARD_COLUMNS.names) | set(task.columns.names)))
     if clashes:
@@ -176,10 +103,25 @@ def output_schema(input_schema: pa.Schema, task) -> pa.Schema:
     return pa.schema([*fields, *STANDARD_COLUMNS, *task.columns])
 
 
+class BatchStatsInbox:
+    """A Ray actor in the driver's job: model actors on any node send it each batch's figures as they finish it;
+    the driver drains it into its Prometheus registry while the pass runs."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, int, int, float]] = []
+
+    def add(self, rows: int, errors: int, tokens: int, seconds: float) -> None:
+        self.pending.append((rows, errors, tokens, seconds))
+
+    def drain(self) -> list[tuple[int, int, int, float]]:
+        taken, self.pending = self.pending, []
+        return taken
+
+
 class VLMPredictor:
     """A model actor: loads the VLM once, then answers batches of decoded images."""
 
-    def __init__(self, vlm_model: str, settings: Settings, task_args: dict[str, Any]):
+    def __init__(self, vlm_model: str, settings: Settings, task_args: dict[str, Any], schema: pa.Schema, inbox=None):
         from engine.constrained import GrammarCompiler
         from engine.vlm import VLM
         from engine.vlm_tasks import make_task
@@ -187,6 +129,7 @@ class VLMPredictor:
         self.vlm = VLM(vlm_model, settings)
         self.task = make_task(settings=settings, **task_args)
         self.task.prepare(self.vlm)
+        self.schema, self.inbox = schema, inbox
         self.answer_processor = None
         if self.task.grammar is not None:
             compiler = GrammarCompiler(self.vlm.processor.tokenizer, self.vlm.vocab_size)
@@ -194,7 +137,6 @@ class VLMPredictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         began = time.perf_counter()
-        schema = output_schema(batch.schema, self.task)
         rows = [{name: None for name in (*STANDARD_COLUMNS.names, *self.task.columns.names)} for _ in range(batch.num_rows)]
         errors = batch.column("__decode_error").to_pylist()
         good = [i for i, e in enumerate(errors) if e is None]
@@ -202,12 +144,12 @@ class VLMPredictor:
             rows[i].update(error=error, model=self.vlm.name)
         if good:
             self._answer(batch, good, rows)
-        columns = {f.name: batch.column(f.name) for f in batch.schema if f.name not in INTERNAL}
+        columns = {f.name: batch.column(f.name).cast(f.type) for f in self.schema if f.name in batch.column_names}
         for field in (*STANDARD_COLUMNS, *self.task.columns):
             columns[field.name] = pa.array([r[field.name] for r in rows], field.type)
-        table = pa.table(columns, schema=schema)
-        table = table.append_column(TIMING[0], pa.array([uuid.uuid4().hex] * table.num_rows, pa.string()))
-        return table.append_column(TIMING[1], pa.array([time.perf_counter() - began] * table.num_rows, pa.float64()))
+        table = pa.table(columns, schema=self.schema)
+        self._report(table, time.perf_counter() - began)
+        return table
 
     def _answer(self, batch: pa.Table, good: list[int], rows: list[dict]) -> None:
         pixels, widths, heights = (batch.column(c).to_pylist() for c in INTERNAL[:3])
@@ -228,98 +170,126 @@ class VLMPredictor:
             except ValueError as err:
                 rows[i]["error"] = f"answer: {err}"
 
+    def _report(self, table: pa.Table, seconds: float) -> None:
+        """The batch's figures to the driver's inbox; waited for, so they are counted before its rows are written."""
+        if self.inbox is None or not table.num_rows:
+            return
+        import ray
+
+        errors = table.num_rows - table.column("error").null_count
+        tokens = int(sum(t or 0 for t in table.column("num_output_tokens").to_pylist()))
+        try:
+            ray.get(self.inbox.add.remote(table.num_rows, errors, tokens, seconds), timeout=10)
+        except Exception:  # metrics are never worth a lost batch
+            pass
+
 
 # -- the pass ---------------------------------------------------------------------------------------------------
 
 
-def commit_output(out: str, schema: pa.Schema) -> tuple[int, int]:
-    """Merge OUTPUT.parquet and the part files into a new OUTPUT.parquet, streamed, published atomically.
-    Returns (rows, rows with an error)."""
-    sources = [out] if storage.exists(out) else []
-    sources += [storage.join(parts_dir(out), n) for n in storage.listdir(parts_dir(out)) if n.endswith(".parquet")]
-    rows = errors = 0
-    with tempfile.TemporaryDirectory(prefix="dreamfleet-out-") as tmp:
-        local = Path(tmp) / "out.parquet"
-        with pq.ParquetWriter(local, schema) as writer:
-            for uri in sources:
-                fs, path = storage.filesystem(uri)
-                with fs.open(path, "rb") as f:
-                    for record_batch in pq.ParquetFile(f).iter_batches():
-                        table = pa.Table.from_batches([record_batch]).select(schema.names)
-                        writer.write_table(table.cast(schema))
-                        rows += record_batch.num_rows
-                        errors += record_batch.num_rows - record_batch.column("error").null_count
-        storage.put_file(local, out)
-    storage.remove(parts_dir(out))
-    return rows, errors
+class StatsRelay:
+    """While the pass runs, moves batch figures from the inbox actor into the driver's metrics."""
 
+    def __init__(self, metrics, task: str, progress: FleetProgress, rows_left: int):
+        import ray
 
-def _spread() -> dict[str, str]:
-    return {"scheduling_strategy": "SPREAD"}
+        self.metrics, self.task, self.progress, self.rows_left = metrics, task, progress, rows_left
+        self.inbox = ray.remote(num_cpus=0)(BatchStatsInbox).remote()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> StatsRelay:
+        if self.metrics is not None:
+            self.metrics.on_vlm_pass(self.task, self.rows_left)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._drain()
+        if self.metrics is not None:
+            self.metrics.on_vlm_pass(self.task, 0)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(STATS_POLL_SECONDS):
+            self._drain()
+
+    def _drain(self) -> None:
+        import ray
+
+        try:
+            stats = ray.get(self.inbox.drain.remote(), timeout=30)
+        except Exception:  # the inbox died with its node: the figures of the batches it held are lost
+            return
+        for rows, errors, tokens, seconds in stats:
+            self.progress.add(rows - errors, errors)
+            if self.metrics is not None:
+                self.metrics.on_vlm_batch(self.task, rows, errors, tokens, seconds)
 
 
 def analyze(request: AnalyzeRequest, metrics=None) -> int:
     """Run the pass; returns the exit status (0 all rows answered, 1 some rows have errors)."""
-    import ray
-
     from engine.vlm_tasks import make_task
-    from ray_jobs.fleet import connect
 
-    input_schema, ids = check_images_manifest(request.input)
+    images = check_images_manifest(request.input)
     task_args = {"name": request.task, "schema_file": request.schema_file, "policy_file": request.policy_file}
     task = make_task(settings=request.settings, **task_args)  # bad schema or policy files fail here, before Ray
-    schema = output_schema(input_schema, task)
-    done = frozenset(written_ids(request.out))
-    if set(ids) <= done:  # nothing left (or an empty manifest): no cluster needed
-        return _finish(request, schema)
-    connect(request.address)
-    # A live bar on a terminal; in logs (CI, ray job submit) Ray Data would print its progress every few seconds.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
-    fs, path = storage.filesystem(request.input)
-    settings = request.settings
-    ds = ray.data.read_parquet(path, filesystem=fs)
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"settings": settings, "skip_ids": done},
-        batch_format="pyarrow",
-        # SPREAD puts decoding on every node's CPUs. Given as a function, it also keeps Ray Data from fusing
-        # decoding into the model actors (it never fuses ops whose args are known only at run time), so the
-        # GPU never waits on a JPEG.
-        ray_remote_args_fn=_spread,
-    )
-    gpus = settings.vlm_gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    ds = ds.map_batches(
-        VLMPredictor,
-        fn_constructor_kwargs={"vlm_model": request.vlm_model, "settings": settings, "task_args": task_args},
-        batch_size=settings.vlm_batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=settings.vlm_concurrency),
-        num_gpus=gpus,
-    )
-    seen_calls: set[str] = set()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        if not batch.num_rows:
-            continue
-        if metrics is not None:
-            _observe(metrics, request.task, batch, seen_calls)
-        batch = batch.select(schema.names).cast(schema)
-        # Each committed part survives a crash: a rerun skips its ids and the final merge keeps its rows.
-        storage.write_parquet(storage.join(parts_dir(request.out), f"part-{uuid.uuid4().hex}.parquet"), batch)
-    return _finish(request, schema)
-
-
-def _observe(metrics, task: str, batch: pa.Table, seen_calls: set[str]) -> None:
-    """Per model call: rows by outcome, output tokens, and its duration (once, even if its rows arrive split)."""
-    for call in pc.unique(batch.column(TIMING[0])).to_pylist():
-        rows = batch.filter(pc.equal(batch.column(TIMING[0]), call))
-        errors = rows.num_rows - rows.column("error").null_count
-        tokens = pc.sum(rows.column("num_output_tokens")).as_py() or 0
-        seconds = None if call in seen_calls else rows.column(TIMING[1])[0].as_py()
-        seen_calls.add(call)
-        metrics.on_vlm_batch(task, rows.num_rows, errors, tokens, seconds)
-
-
-def _finish(request: AnalyzeRequest, schema: pa.Schema) -> int:
-    rows, errors = commit_output(request.out, schema)
+    schema = output_schema(images.schema, task)
+    output = PassOutput(request.out)
+    output.prepare()
+    _run_pass(request, images, output, task_args, schema, metrics)
+    rows, errors = output.summary()
     print(json.dumps({"output": request.out, "task": request.task, "rows": rows, "rows_with_errors": errors}))
     return exit_status.OK if errors == 0 else exit_status.SOME_FAILED
+
+
+def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, task_args: dict[str, Any],
+              schema: pa.Schema, metrics) -> None:  # fmt: skip
+    import ray
+    from ray.data.datasource.partitioning import Partitioning
+
+    from ray_jobs.fleet import connect
+
+    connect(request.address, request.verbose)
+    settings = request.settings
+    gpus = settings.vlm_gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    alive = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    shape = PassShape(settings.vlm_concurrency, 1.0, gpus, filter_actor=output.resuming())
+    actor_cpus, note = choose_cpus_per_actor(alive, shape, settings.vlm_cpus_per_actor)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    context = ray.data.DataContext.get_current()
+    # A live bar on a terminal; in logs (CI, ray job submit) Ray Data would print its progress every few seconds.
+    context.enable_progress_bars = sys.stdout.isatty()
+    context.checkpoint_config = output.checkpoint_config()
+    try:
+        ds = ray.data.read_parquet(list(images.files), filesystem=arrow_filesystem(images.filesystem),
+                                   partitioning=Partitioning("hive", base_dir=images.base_dir))
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"settings": settings},
+            batch_size=settings.vlm_batch_size,
+            batch_format="pyarrow",
+            # Decoding reserves the memory its batch of images needs. Being a resource the model actors do not ask
+            # for, it also keeps Ray Data from fusing decoding into them (it fuses only ops of equal resources),
+            # so the GPU never waits on a JPEG.
+            memory=decode_memory_bytes(settings),
+        )
+        left = max(0, (images.num_rows or 0) - output.committed_rows())
+        progress = FleetProgress(left, enabled=request.show_progress, label=f"{request.task} rows")
+        with progress, StatsRelay(metrics, request.task, progress, left) as relay:
+            ds = ds.map_batches(
+                VLMPredictor,
+                fn_constructor_kwargs={"vlm_model": request.vlm_model, "settings": settings, "task_args": task_args,
+                                       "schema": schema, "inbox": relay.inbox},  # fmt: skip
+                batch_size=settings.vlm_batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=settings.vlm_concurrency),
+                num_gpus=gpus,
+                num_cpus=actor_cpus,
+            )
+            ds.write_parquet(output.path, filesystem=output.arrow_filesystem(),
+                             max_rows_per_file=settings.vlm_rows_per_file)
+    finally:
+        context.checkpoint_config = None

@@ -17,15 +17,16 @@ from engine.vlm_tasks import TaskError
 from ray_jobs import exit_status, report
 from ray_jobs.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
+from ray_jobs.pass_resources import ResourceShortfall
 from ray_jobs.run_dir import RunConflictError
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.kind == "images":
-        from ray_jobs.analyze import check_image_rows
+        from ray_jobs.images_input import check_image_rows
 
-        problems = check_image_rows(args.manifest, settings)
+        problems = list(check_image_rows(args.manifest, settings))
         for row, rid, reason in problems:
             print(f"row {row} (id {rid!r}): {reason}")
         print(f"{args.manifest}: {len(problems)} invalid row(s)")
@@ -79,6 +80,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         command=args.command,
         show_progress=not args.no_progress,
         vlm_model=args.vlm_model,
+        verbose=args.verbose,
     )
     with metrics_session(args) as request.metrics:
         code, run = run_manifest(request, STAGES[args.command])
@@ -112,7 +114,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     request = AnalyzeRequest(
         input=args.input, task=args.task, out=args.out, settings=_settings(args), vlm_model=args.vlm_model,
-        schema_file=args.schema, policy_file=args.policy, address=args.address,
+        schema_file=args.schema, policy_file=args.policy, address=args.address, verbose=args.verbose,
+        show_progress=not args.no_progress,
     )  # fmt: skip
     with metrics_session(args) as metrics:
         return analyze(request, metrics)
@@ -121,7 +124,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ray_jobs.demo import run_demo
 
-    return run_demo(args.out)
+    return run_demo(args.out, verbose=args.verbose)
+
+
+def _add_console_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="also print Ray's own log lines (always in Ray's logs)")
 
 
 def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +151,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     parser.add_argument("--vlm-model", default="tiny", help="VLM of the moderation pass of `run`")
     _add_metrics_flags(parser)
+    _add_console_flags(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     validate = commands.add_parser("validate", help="check a manifest's schema and every row")
-    validate.add_argument("manifest", help="Parquet manifest (any fsspec URI)")
+    validate.add_argument("manifest", help="Parquet manifest (any fsspec URI); for images also a folder or glob")
     validate.add_argument("--kind", choices=["subjects", "images"], default="subjects")
     validate.add_argument("--base-model", default="tiny", help="decides which defaults apply to params checks")
     validate.add_argument("--config", help="YAML settings file")
@@ -169,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         fleet_command.set_defaults(handler=cmd_fleet)
 
     analyze = commands.add_parser("analyze", help="a Ray Data VLM pass over an images manifest")
-    analyze.add_argument("input", help="images manifest, Parquet (any fsspec URI): id, image and/or image_bytes")
+    analyze.add_argument("input", help="images manifest: a Parquet file, a folder or prefix of them, a glob, or Hive "
+                                       "partitions (any fsspec URI); columns id, image or image_bytes")
     analyze.add_argument("--task", required=True, choices=["ocr", "extract", "moderate", "caption"])
-    analyze.add_argument("--out", required=True, help="OUTPUT.parquet (any fsspec URI); rerunning appends the rest")
+    analyze.add_argument("--out", required=True, help="output folder of Parquet part files, e.g. captions.parquet "
+                                                      "(any fsspec URI); rerunning answers only the ids not written")
     analyze.add_argument("--schema", help="JSON Schema file of the fields to extract (task extract)")
     analyze.add_argument("--policy", help="moderation policy file, YAML or JSON (default: the 13 MLCommons hazards)")
     analyze.add_argument("--vlm-model", default="tiny", help="tiny, a local directory, or a Qwen3-VL hub id")
@@ -179,11 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--config", help="YAML settings file")
     analyze.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     analyze.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    analyze.add_argument("--no-progress", action="store_true", help="no live progress bar")
     _add_metrics_flags(analyze)
+    _add_console_flags(analyze)
     analyze.set_defaults(handler=cmd_analyze)
 
     demo = commands.add_parser("demo", help="the whole pipeline on a small synthetic manifest, tiny models, local Ray")
     demo.add_argument("--out", default="dreamfleet-demo", help="where the demo writes (default: ./dreamfleet-demo)")
+    _add_console_flags(demo)
     demo.set_defaults(handler=cmd_demo)
 
     report.add_parser(commands)
@@ -198,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ManifestError, SettingsError, RunConflictError, ModelError, TaskError) as err:
+    except (ManifestError, SettingsError, RunConflictError, ModelError, TaskError, ResourceShortfall) as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_status.NOT_RUN
 

@@ -7,6 +7,7 @@ over everything generated.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 from engine import storage
@@ -39,18 +40,32 @@ class FleetRequest:
     show_progress: bool = True
     vlm_model: str = "tiny"
     metrics: RunMetrics | None = None
+    verbose: bool = False
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at `address`, or start a local one sized to this machine, unless Ray is already up."""
+def connect(address: str | None, verbose: bool = False) -> None:
+    """Join the cluster at `address`, or start a local one sized to this machine, unless Ray is already up.
+    Unless `verbose`, Ray's own console lines go to its log folder only (see console.py)."""
     import ray
+
+    from ray_jobs.console import quiet_ray
 
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=level, log_to_driver=verbose)
     else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(include_dashboard=False, logging_level=level, log_to_driver=verbose)
+    if not verbose:
+        quiet_ray(_logs_dir())
+
+
+def _logs_dir() -> str | None:
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public API names the driver's log folder
+    return node.get_logs_dir_path() if node is not None else None
 
 
 def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple[str, str]]:
@@ -89,7 +104,7 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
     existing = run.read_statuses([s.subject_id for s in manifest.subjects])
     plan = plan_fleet(manifest.subjects, manifest.errors, existing, request.settings, fingerprint(base_path), stages)
     if plan.subjects:
-        connect(request.address)
+        connect(request.address, request.verbose)
         num_workers, gpus_per_job = worker_slots(
             request.gpus_per_job, request.cpus_per_job, request.workers, local=request.address is None
         )
@@ -123,10 +138,15 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
 def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The moderation pass of `dreamfleet run`: RUN/generations.parquet → RUN/moderation.parquet, resumable."""
     from ray_jobs.analyze import AnalyzeRequest, analyze
+    from ray_jobs.pass_resources import ResourceShortfall
 
     source = storage.join(run.uri, "generations.parquet")
     analysis = AnalyzeRequest(
         input=source, task="moderate", out=storage.join(run.uri, "moderation.parquet"),
-        settings=request.settings, vlm_model=request.vlm_model, address=request.address,
+        settings=request.settings, vlm_model=request.vlm_model, address=request.address, verbose=request.verbose,
     )  # fmt: skip
-    return analyze(analysis, request.metrics)
+    try:
+        return analyze(analysis, request.metrics)
+    except ResourceShortfall as err:  # training and generation stand; the same command moderates once it can
+        print(f"error: moderation pass: {err}", file=sys.stderr)
+        return exit_status.SOME_FAILED

@@ -74,6 +74,14 @@ def _write(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+def _write_folder(folder: Path, rows: list[dict], files: int) -> str:
+    """The rows spread over `files` Parquet files in `folder`, as datasets of many files come."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        _write(folder / f"part-{k:03}.parquet", rows[k::files])
+    return str(folder)
+
+
 @pytest.mark.parametrize("task, columns", [
     ("ocr", {"text": pa.string()}),
     ("caption", {"caption": pa.string()}),
@@ -82,14 +90,16 @@ def _write(path: Path, rows: list[dict]) -> str:
 ])  # fmt: skip
 def test_every_task_keeps_every_row_and_names_each_bad_one(ray_cluster, tmp_path, task, columns):
     rows, expected_errors = _rows(tmp_path / "images")
-    manifest = _write(tmp_path / "images.parquet", rows)
+    manifest = _write_folder(tmp_path / "manifest", rows, files=3)
     schema_file = tmp_path / "schema.json"
     schema_file.write_text(json.dumps(SCHEMA))
     out = tmp_path / f"{task}.parquet"
     extra = ["--schema", str(schema_file)] if task == "extract" else []
-    code = main(["analyze", manifest, "--task", task, "--out", str(out), "--set", "max_image_pixels=4000000", *extra])
+    code = main(["analyze", manifest, "--task", task, "--out", str(out), "--set", "max_image_pixels=4000000",
+                 "--set", "vlm_rows_per_file=5", *extra])  # fmt: skip
 
     assert code == 1  # finished, with bad rows
+    assert out.is_dir() and all(pq.read_metadata(f).num_rows <= 5 for f in out.glob("*.parquet"))
     table = pq.read_table(out)
     expected = {"id": pa.string(), "image": pa.string(), "image_bytes": pa.binary(), "batch": pa.string(),
                 "error": pa.string(), "model": pa.string(), "num_output_tokens": pa.int32(),
@@ -109,30 +119,49 @@ def test_every_task_keeps_every_row_and_names_each_bad_one(ray_cluster, tmp_path
             assert 0 <= row["score"] <= 1 and set(row["categories"]) <= {f"S{i}" for i in range(1, 14)}
 
 
-def test_a_rerun_appends_only_new_ids_and_finishes_an_interrupted_pass(ray_cluster, tmp_path):
+def test_a_rerun_answers_only_new_ids_and_leaves_written_part_files_alone(ray_cluster, tmp_path):
     rows, _ = _rows(tmp_path / "images")
-    good = [r for r in rows if r["id"] in ("png", "jpeg", "bytes")]
-    out = tmp_path / "ocr.parquet"
-    assert main(["analyze", _write(tmp_path / "a.parquet", good[:2]), "--task", "ocr", "--out", str(out)]) == 0
-    first = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    good = [r for r in rows if r["id"] in ("png", "jpeg", "bytes", "webp")]
+    docs, out = tmp_path / "docs", tmp_path / "ocr.parquet"
+    _write_folder(docs, good[:2], files=2)
+    assert main(["analyze", str(docs), "--task", "ocr", "--out", str(out)]) == 0
+    first = {f.name: f.read_bytes() for f in out.glob("*.parquet")}
 
-    # A pass interrupted after committing one part: its rows are kept, not redone.
-    part = pa.Table.from_pylist([{**good[2], "error": None, "model": "tiny", "num_output_tokens": 3,
-                                  "reasoning": None, "text": "from an earlier part"}])  # fmt: skip
-    storage.write_bytes(f"{out}.parts/part-x.parquet", _parquet(part))
-    more = good + [{**good[0], "id": "new", "batch": "b2"}]
-    assert main(["analyze", _write(tmp_path / "b.parquet", more), "--task", "ocr", "--out", str(out)]) == 0
+    _write(docs / "part-002.parquet", good[2:])  # the dataset grows by a file
+    assert main(["analyze", str(docs), "--task", "ocr", "--out", str(out)]) == 0
+    assert all((out / name).read_bytes() == data for name, data in first.items())  # nothing rewritten
+    new_files = [f for f in out.glob("*.parquet") if f.name not in first]
+    assert sorted(pq.read_table(new_files[0]).column("id").to_pylist()) == sorted(r["id"] for r in good[2:])
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert sorted(ids) == sorted(r["id"] for r in good)  # every id once
 
-    table = {r["id"]: r for r in pq.read_table(out).to_pylist()}
-    assert sorted(table) == ["bytes", "jpeg", "new", "png"]  # no duplicates
-    assert table["png"] == first["png"] and table["bytes"]["text"] == "from an earlier part"
-    assert not Path(f"{out}.parts").exists()
+    # Nothing left: the same command writes nothing.
+    written = sorted(f.name for f in out.glob("*.parquet"))
+    assert main(["analyze", str(docs), "--task", "ocr", "--out", str(out)]) == 0
+    assert sorted(f.name for f in out.glob("*.parquet")) == written
 
 
-def _parquet(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+def test_a_write_killed_before_its_commit_is_redone_once_not_twice(ray_cluster, tmp_path):
+    """The one window Ray Data's two-phase commit guards: a write task killed after writing its part file and before
+    renaming its pending checkpoint to committed. That is exactly what it leaves behind; recreate it and rerun."""
+    rows, _ = _rows(tmp_path / "images")
+    good = [r for r in rows if r["id"] in ("png", "jpeg", "bytes", "webp", "tiff")]
+    docs, out = _write_folder(tmp_path / "docs", good, files=5), tmp_path / "ocr.parquet"
+    args = ["analyze", docs, "--task", "ocr", "--out", str(out), "--set", "vlm_batch_size=1", "--set", "vlm_rows_per_file=1"]
+    assert main(args) == 0
+    checkpoint = Path(f"{out}.checkpoint")
+    committed = sorted(checkpoint.glob("*.parquet"))
+    victim = committed[0]
+    victim_ids = pq.read_table(victim).column("id").to_pylist()
+    victim.rename(victim.with_name(victim.name.removesuffix(".parquet") + ".pending.parquet"))
+    orphans = [f for f in out.glob("*.parquet") if f.name.startswith(victim.name.removesuffix(".parquet"))]
+    assert orphans  # the killed task's part file(s), written but never committed
+
+    assert main(args) == 0
+    assert not any(f.exists() for f in orphans) and not list(checkpoint.glob("*.pending.parquet"))
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert sorted(ids) == sorted(r["id"] for r in good)  # the orphan's rows once, from the rerun
+    assert set(victim_ids) <= set(ids)
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -147,17 +176,72 @@ def test_manifest_problems_stop_before_anything_runs(tmp_path, capsys, rows, mes
     assert message in capsys.readouterr().err
 
 
-def test_s3_in_and_out(ray_cluster, tmp_path):
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_s3_folder_in_and_dataset_out(ray_cluster, tmp_path):
+    import pyarrow.dataset as pds
     import s3fs
 
-    s3fs.S3FileSystem().mkdir("dreamfleet-analyze")
-    storage.write_bytes("s3://dreamfleet-analyze/docs/a.png", _png("white"))
-    rows = [{"id": "a", "image": "s3://dreamfleet-analyze/docs/a.png", "image_bytes": None, "batch": "s3"}]
-    storage.write_bytes("s3://dreamfleet-analyze/images.parquet", _parquet(pa.Table.from_pylist(rows, MANIFEST_SCHEMA)))
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("dreamfleet-analyze")
+    rows = []
+    for k in range(3):
+        storage.write_bytes(f"s3://dreamfleet-analyze/images/{k}.png", _png("white"))
+        rows.append({"id": f"d{k}", "image": f"s3://dreamfleet-analyze/images/{k}.png", "image_bytes": None,
+                     "batch": "s3"})  # fmt: skip
+        part = pa.Table.from_pylist(rows[-1:], MANIFEST_SCHEMA)
+        storage.write_bytes(f"s3://dreamfleet-analyze/docs/part-{k}.parquet", _parquet(part))
     out = "s3://dreamfleet-analyze/out/caption.parquet"
-    assert main(["analyze", "s3://dreamfleet-analyze/images.parquet", "--task", "caption", "--out", out]) == 0
-    table = pq.read_table(io.BytesIO(storage.read_bytes(out)))
-    assert table.column("id").to_pylist() == ["a"] and table.column("error").to_pylist() == [None]
+    assert main(["analyze", "s3://dreamfleet-analyze/docs/", "--task", "caption", "--out", out]) == 0
+    table = pds.dataset("dreamfleet-analyze/out/caption.parquet", filesystem=fs, format="parquet").to_table()
+    assert sorted(table.column("id").to_pylist()) == ["d0", "d1", "d2"] and table.column("error").null_count == 3
+    assert fs.ls("dreamfleet-analyze/out/caption.parquet.checkpoint")  # Ray Data's record, beside the output
+
+
+def test_hive_partitions_pass_through_and_every_reader_reads_the_output(ray_cluster, tmp_path):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    rows, _ = _rows(tmp_path / "images")
+    good = [r for r in rows if r["id"] in ("png", "jpeg", "bytes", "webp", "tiff")]
+    for row, (year, region) in zip(good, [(2025, "eu"), (2025, "eu"), (2025, "us"), (2026, "eu"), (2026, "us")]):
+        folder = tmp_path / "docs" / f"year={year}" / f"region={region}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write(folder / f"{row['id']}.parquet", [row])
+    out = tmp_path / "captions.parquet"
+    assert main(["analyze", str(tmp_path / "docs"), "--task", "caption", "--out", str(out),
+                 "--set", "vlm_rows_per_file=2"]) == 0  # fmt: skip
+
+    expected = {r["id"]: r for r in good}
+    table = pq.read_table(out)
+    for row in table.to_pylist():
+        source = next(p for p in (tmp_path / "docs").rglob(f"{row['id']}.parquet"))
+        assert f"year={row['year']}" in str(source) and f"region={row['region']}" in str(source)
+        assert row["batch"] == expected[row["id"]]["batch"]
+    assert len(list(out.glob("*.parquet"))) >= 3  # at most 2 rows a file
+    readers = {
+        "pandas": lambda: pd.read_parquet(out)["id"].tolist(),
+        "polars": lambda: pl.read_parquet(f"{out}/*.parquet")["id"].to_list(),
+        "duckdb": lambda: [r[0] for r in duckdb.sql(f"select id from read_parquet('{out}/*.parquet')").fetchall()],
+        "ray": lambda: [r["id"] for r in ray_cluster.data.read_parquet(str(out)).take_all()],
+    }
+    for name, read in readers.items():
+        assert sorted(read()) == sorted(expected), name
+
+
+def test_outputs_a_pass_cannot_write_are_refused_before_it_runs(tmp_path, capsys):
+    rows, _ = _rows(tmp_path / "images")
+    manifest = _write(tmp_path / "images.parquet", [r for r in rows if r["id"] == "png"])
+    legacy = tmp_path / "old.parquet"
+    legacy.write_bytes(_parquet(pa.table({"id": ["x"]})))
+    for out, message in [(str(legacy), "a single Parquet file"), ("memory://out", "private to one process")]:
+        assert main(["analyze", manifest, "--task", "ocr", "--out", out]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_validate_images_prints_each_bad_row_and_its_reason(tmp_path, capsys):
@@ -171,3 +255,48 @@ def test_validate_images_prints_each_bad_row_and_its_reason(tmp_path, capsys):
     assert f"{len(expected_errors)} invalid row(s)" in out
     good = _write(tmp_path / "good.parquet", [r for r in rows if r["id"] not in expected_errors])
     assert main(["validate", good, "--kind", "images"]) == 0
+
+
+SHRUNKEN_CLUSTER = """
+import json, sys, time
+import ray
+from ray.cluster_utils import Cluster
+from ray_jobs.cli import main
+
+manifest, out = sys.argv[1], sys.argv[2]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1})
+lost = cluster.add_node(num_cpus=1, num_gpus=1)
+cluster.wait_for_nodes()
+cluster.remove_node(lost)  # the node that died during training
+results = []
+for extra in (["--set", "vlm_cpus_per_actor=1"], []):
+    began = time.time()
+    code = main(["analyze", manifest, "--task", "ocr", "--out", f"{out}-{len(results)}", "--no-progress",
+                 "--address", cluster.address, *extra])
+    results.append({"code": code, "seconds": time.time() - began})
+print(json.dumps(results))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_cluster_left_with_one_cpu_runs_the_pass_or_says_why_not_at_once(tmp_path):
+    """The shape that hung for 5 minutes in silence: two nodes of 1 CPU + 1 GPU, one of them lost. A model actor
+    holding the last CPU would leave none for decoding; asked for explicitly, the pass refuses at once, naming the
+    shortfall; left to choose, the actor shares the CPU and the pass finishes."""
+    import subprocess
+    import sys
+
+    rows, _ = _rows(tmp_path / "images")
+    manifest = _write(tmp_path / "images.parquet", [r for r in rows if r["id"] in ("png", "jpeg")])
+    script = tmp_path / "shrunken.py"
+    script.write_text(SHRUNKEN_CLUSTER)
+    done = subprocess.run([sys.executable, str(script), manifest, str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    explicit, chosen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert explicit["code"] == 2 and explicit["seconds"] < 60
+    assert "the VLM pass cannot run on this cluster" in done.stderr
+    assert "Alive: 1 node(s), 1 CPU, 1 GPU; needed: 2 CPU" in done.stderr
+    assert chosen["code"] == 0 and "share their nodes' CPUs" in done.stderr
+    assert sorted(pq.read_table(tmp_path / "out-1").column("id").to_pylist()) == ["jpeg", "png"]

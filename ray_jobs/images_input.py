@@ -1,0 +1,227 @@
+"""The input of a VLM pass: one Parquet file, a folder or prefix of them, a glob, or Hive-partitioned folders, and
+the file-level checks run over all of it before anything starts, streamed so the driver never holds the dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+
+from engine import storage
+from engine.images import ImageError, decode_image, read_image
+from engine.settings import Settings
+from ray_jobs.manifest import ManifestError
+
+IMAGE_COLUMNS = ("image", "image_bytes")
+TEXT_COLUMNS = ("id", "image")  # read as text by the pass: bytes that are not UTF-8 would stop it midway
+COLUMN_KINDS = {
+    "id": (pa.types.is_string, pa.types.is_large_string),
+    "image": (pa.types.is_string, pa.types.is_large_string),
+    "image_bytes": (pa.types.is_binary, pa.types.is_large_binary),
+}
+SCAN_BATCH_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class ImagesInput:
+    """The Parquet files of an images manifest, where they live, and the schema the pass sees (partition
+    columns last, as strings: that is how Ray Data's Hive partitioning reads them)."""
+
+    uri: str
+    filesystem: fsspec.AbstractFileSystem
+    files: tuple[str, ...]
+    base_dir: str
+    schema: pa.Schema
+    partition_columns: tuple[str, ...]
+    num_rows: int | None = None  # known once check_ids has counted them
+
+    def scanner(self, columns: list[str]) -> pds.Scanner:
+        """A streaming scan of `columns` over every file (partition columns included)."""
+        dataset = pds.dataset(list(self.files), filesystem=self.filesystem, format="parquet",
+                              partitioning=_hive(), partition_base_dir=self.base_dir)  # fmt: skip
+        return dataset.scanner(columns=columns, batch_size=SCAN_BATCH_ROWS)
+
+    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from self.scanner(columns).to_batches()
+        except (pa.ArrowException, OSError) as err:
+            raise ManifestError(f"{self.uri}: not readable ({type(err).__name__}: {err})") from None
+
+
+def _hive() -> pds.Partitioning:
+    return pds.HivePartitioning.discover(infer_dictionary=False)
+
+
+def _is_data_file(path: str, base: str) -> bool:
+    """Parquet files, leaving out what Spark, Hive and Ray leave beside them (`_SUCCESS`, `.crc`, `_temporary/`)."""
+    relative = posixpath.relpath(path, base) if path != base else posixpath.basename(path)
+    parts = relative.split("/")
+    return path.endswith(".parquet") and not any(p.startswith(("_", ".")) for p in parts)
+
+
+def list_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str], str]:
+    """(filesystem, Parquet files, base folder) for a file, a folder or prefix (searched recursively) or a glob."""
+    try:
+        fs, path = storage.filesystem(uri)
+    except (ValueError, ImportError) as err:
+        raise ManifestError(f"{uri}: cannot open this location ({err})") from None
+    path = path.rstrip("/") or "/"
+    try:
+        if any(c in path for c in "*?["):
+            base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+            matches = sorted(fs.glob(path))
+            files = [f for m in matches for f in (_walk(fs, m, base) if fs.isdir(m) else [m])]
+        elif fs.isdir(path):
+            base, files = path, _walk(fs, path, path)
+        elif fs.isfile(path):
+            base, files = posixpath.dirname(path), [path]
+        else:
+            raise ManifestError(f"{uri}: no such file or folder")
+    except OSError as err:
+        raise ManifestError(f"{uri}: cannot list ({type(err).__name__}: {err})") from None
+    if not files:
+        raise ManifestError(f"{uri}: no Parquet files (*.parquet) found")
+    return fs, files, base
+
+
+def _walk(fs: fsspec.AbstractFileSystem, folder: str, base: str) -> list[str]:
+    return sorted(f for f in fs.find(folder) if _is_data_file(f, base))
+
+
+def open_images_input(uri: str) -> ImagesInput:
+    """Resolve `uri` to its files and check every file's schema: readable Parquet, the same columns and types in
+    each, an `id` and an image column of the right types. Reads only the files' footers."""
+    fs, files, base = list_files(uri)
+    first: pa.Schema | None = None
+    for path in files:
+        try:
+            with fs.open(path, "rb") as f:
+                schema = pq.read_schema(f)
+        except (pa.ArrowException, OSError) as err:
+            raise ManifestError(f"{_name(fs, path)}: not a readable Parquet file ({type(err).__name__}: {err})") from None
+        if first is None:
+            first = schema
+        elif not schema.equals(first):
+            raise ManifestError(f"{_name(fs, path)}: its columns differ from {_name(fs, files[0])}'s "
+                                f"({_describe(schema)} vs {_describe(first)})")  # fmt: skip
+    assert first is not None
+    partitions = _partition_names(files, base)
+    clashes = sorted(set(partitions) & set(first.names))
+    if clashes:
+        raise ManifestError(f"{uri}: partition folders {clashes} repeat columns of the files")
+    if "id" not in first.names:
+        raise ManifestError(f"{uri}: no 'id' column")
+    if not set(IMAGE_COLUMNS) & set(first.names):
+        raise ManifestError(f"{uri}: needs an 'image' (URI) or 'image_bytes' column")
+    for name, kinds in COLUMN_KINDS.items():
+        if name in first.names and not any(k(first.field(name).type) for k in kinds):
+            raise ManifestError(f"{uri}: column '{name}' has type {first.field(name).type}")
+    schema = pa.schema([*first, *(pa.field(p, pa.string()) for p in partitions)])
+    return ImagesInput(uri, fs, tuple(files), base, schema, tuple(partitions))
+
+
+def _name(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs.unstrip_protocol(path) if not storage.is_local(path) else path
+
+
+def _describe(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+def _partition_names(files: list[str], base: str) -> list[str]:
+    """Hive partition keys (`key=value` folders between the base folder and the file), in path order."""
+    names: list[str] = []
+    for path in files:
+        for part in posixpath.relpath(posixpath.dirname(path), base).split("/"):
+            key = part.split("=", 1)[0] if "=" in part else None
+            if key and key not in names:
+                names.append(key)
+    return names
+
+
+# -- the id checks -----------------------------------------------------------------------------------------------
+
+
+def check_ids(images: ImagesInput) -> int:
+    """Every id present and unique across all files, every text column valid UTF-8; returns the row count.
+
+    Streams the columns in batches and keeps one 64-bit hash per id (80 MB for 10 million ids); hashes that repeat
+    are then confirmed against the ids themselves, so a hash collision never fails a good manifest."""
+    columns = [c for c in TEXT_COLUMNS if c in images.schema.names]
+    hashes, nulls = [], 0
+    for batch in images.batches(columns):
+        for name in columns:
+            try:
+                batch.column(name).validate(full=True)
+            except pa.ArrowInvalid:
+                raise ManifestError(f"{images.uri}: column '{name}' holds text that is not valid UTF-8") from None
+        ids = batch.column("id")
+        nulls += ids.null_count
+        hashes.append(pd.util.hash_array(ids.to_numpy(zero_copy_only=False), categorize=False))
+    if nulls:
+        raise ManifestError(f"{images.uri}: {nulls} row(s) have no id")
+    every = np.sort(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64)
+    repeated_hashes = np.unique(every[1:][every[1:] == every[:-1]])
+    if repeated_hashes.size:
+        repeated = _repeated_ids(images, repeated_hashes)
+        if repeated:
+            raise ManifestError(f"{images.uri}: duplicate ids, e.g. {repeated[:5]}")
+    return int(every.size)
+
+
+def _repeated_ids(images: ImagesInput, candidates: np.ndarray) -> list[str]:
+    """The ids that really repeat among those whose hash is in `candidates` (few: a second, exact pass)."""
+    seen: set[str] = set()
+    repeated: list[str] = []
+    for batch in images.batches(["id"]):
+        ids = batch.column("id").to_numpy(zero_copy_only=False)
+        hits = np.isin(pd.util.hash_array(ids, categorize=False), candidates)
+        for value in ids[hits]:
+            if value in seen and value not in repeated:
+                repeated.append(value)
+            seen.add(value)
+    return repeated
+
+
+def check_images_manifest(uri: str) -> ImagesInput:
+    """Every file-level check, before anything runs; raises ManifestError with the reason."""
+    images = open_images_input(uri)
+    return dataclasses.replace(images, num_rows=check_ids(images))
+
+
+# -- rows ---------------------------------------------------------------------------------------------------------
+
+
+def load_row(uri: str | None, data: bytes | None, settings: Settings):
+    """The row's image (PIL), from its URI or its bytes; ImageError says why it cannot be used."""
+    if (uri is None) == (data is None):
+        raise ImageError("the row has neither 'image' nor 'image_bytes'" if uri is None else
+                         "the row has both 'image' and 'image_bytes'; give one")  # fmt: skip
+    limits = {"max_pixels": settings.max_image_pixels, "min_side": settings.min_image_side}
+    if data is not None:
+        return decode_image(data, name="image_bytes", **limits)
+    return read_image(uri, **limits)
+
+
+def check_image_rows(uri: str, settings: Settings) -> Iterator[tuple[int, str, str]]:
+    """Every row that a pass would answer with an error, as (row, id, reason): what `validate --kind images` prints.
+    Row numbers count across the files in the order they are listed."""
+    images = check_images_manifest(uri)
+    columns = ["id", *(c for c in IMAGE_COLUMNS if c in images.schema.names)]
+    row = 0
+    for batch in images.batches(columns):
+        for data in batch.to_pylist():
+            try:
+                load_row(data.get("image"), data.get("image_bytes"), settings)
+            except ImageError as err:
+                yield row, data["id"], str(err)
+            row += 1
