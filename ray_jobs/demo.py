@@ -94,7 +94,7 @@ def make_documents(folder: Path) -> tuple[str, str]:
     return manifest, str(schema)
 
 
-def run_demo(out: str) -> int:
+def run_demo(out: str, verbose: bool = False) -> int:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = make_subjects_manifest(folder)
@@ -106,6 +106,7 @@ def run_demo(out: str) -> int:
         base_model="tiny",
         workers=2,
         command="demo",
+        verbose=verbose,
     )
     code, run = run_manifest(request, ("train", "generate", "moderate"))
     print(f"run directory: {run.uri}")
@@ -116,7 +117,7 @@ def run_demo(out: str) -> int:
     for task in ("ocr", "extract"):
         result = str((folder / f"documents-{task}.parquet").resolve())
         analysis = AnalyzeRequest(input=documents, task=task, out=result, settings=request.settings,
-                                  schema_file=schema if task == "extract" else None)  # fmt: skip
+                                  schema_file=schema if task == "extract" else None, verbose=verbose)  # fmt: skip
         code = max(code, analyze(analysis))
     print(f"report: {write_run_report(run.uri)}")
     print("the tiny models are random: the pipeline is real, the words are noise. Use --vlm-model and "

@@ -1,4 +1,5 @@
-"""The driver's live view of a fleet run: one progress bar with done / failed / running counts and an ETA."""
+"""The driver's live view of a fleet run or a VLM pass: one progress bar with done / failed / running counts and an
+ETA."""
 
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ class FleetProgress:
             self._refresh()
 
     def finished(self, ok: bool) -> None:
-        self.done += ok
-        self.failed += not ok
-        self._refresh(advance=1)
+        self.add(int(ok), int(not ok))
+
+    def add(self, done: int, failed: int) -> None:
+        self.done += done
+        self.failed += failed
+        self._refresh(advance=done + failed)
 
 
 def print_summary(counts: dict[str, int], failures: list[tuple[str, str]], console: Console | None = None) -> None:
