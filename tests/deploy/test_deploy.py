@@ -38,6 +38,7 @@ PANEL_TITLES = {
     "VLM rows/s and error rate",
     "VLM batch seconds p95",
     "VLM output tokens/s",
+    "VLM rows left",
     "Queue depth",
     "Workers alive",
     "Worker restarts",
@@ -226,6 +227,7 @@ def test_alert_rules_cover_failures_stalls_vlm_errors_staleness_and_restarts():
     assert 'dreamfleet_vlm_rows_total{instance!="", outcome="error"}' in exprs and "> 0.05" in exprs
     assert 'time() - push_time_seconds{job="dreamfleet"} > 86400' in exprs
     assert "dreamfleet_worker_restarts_total" in exprs
+    assert "dreamfleet_vlm_rows_left" in exprs and "increase(dreamfleet_vlm_rows_total" in exprs
 
 
 def test_the_pushgateway_is_scraped_with_honor_labels():
