@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import jinja2
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as pds
 from PIL import Image
 
 from engine import storage
@@ -309,13 +309,14 @@ def _instance_images(record: dict[str, Any], notes: list[str]) -> dict[str, tupl
 
 
 def _read_optional_table(uri: str, wanted: list[str], notes: list[str]) -> list[dict[str, Any]]:
-    """The `wanted` columns (those present) of a run's table, as rows; none when it is absent or unreadable."""
-    try:
-        parquet = pq.ParquetFile(pa.BufferReader(storage.read_bytes(uri)))
-        return parquet.read(columns=[c for c in wanted if c in parquet.schema_arrow.names]).to_pylist()
-    except FileNotFoundError:
+    """The `wanted` columns (those present) of a run's table (a file or a folder of part files), as rows; none when
+    it is absent or unreadable."""
+    if not storage.exists(uri):
         return []
-    except (pa.ArrowException, OSError) as err:
+    try:
+        table = open_table(uri)
+        return table.to_table(columns=[c for c in wanted if c in table.schema.names]).to_pylist()
+    except (ReportError, pa.ArrowException, OSError) as err:
         notes.append(f"{uri}: unreadable, left out ({type(err).__name__}: {err})")
         return []
 
@@ -453,48 +454,72 @@ def _format_fields(value: Any) -> Any:
         return value
 
 
+def open_table(uri: str) -> pds.Dataset:
+    """A Parquet file, or a folder of part files (a VLM pass output), as one dataset; ReportError if neither."""
+    fs, path = storage.filesystem(uri)
+    try:
+        return pds.dataset(path, filesystem=fs, format="parquet")
+    except FileNotFoundError:
+        raise ReportError(f"{uri}: no such file or folder") from None
+    except (pa.ArrowException, OSError) as err:
+        raise ReportError(f"{uri}: not Parquet ({err})") from None
+
+
+@dataclass
+class TableStats:
+    """What the report says of a whole table, counted batch by batch so a table of millions of rows fits."""
+
+    rows: int = 0
+    errors: Counter = field(default_factory=Counter)
+    models: set = field(default_factory=set)
+    categories: Counter = field(default_factory=Counter)
+    verdicts: Counter = field(default_factory=Counter)
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.rows += batch.num_rows
+        names = batch.schema.names
+        if "error" in names:
+            self.errors.update(e for e in batch.column("error").to_pylist() if e is not None)
+        if "model" in names:
+            self.models.update(m for m in batch.column("model").to_pylist() if m)
+        if "categories" in names:
+            self.categories.update(code for codes in batch.column("categories").to_pylist() for code in codes or [])
+        if "safe" in names:
+            self.verdicts.update(batch.column("safe").to_pylist())
+
+
 def write_table_report(parquet_uri: str, out: str | None = None) -> str:
     """Write the report of a VLM pass output (default OUTPUT.report.html, next to it); returns its URI."""
-    fs, path = storage.filesystem(parquet_uri)
+    table = open_table(parquet_uri)
+    columns = table.schema.names
+    stats = TableStats()
     try:
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            columns = parquet.schema_arrow.names
-            stats = parquet.read(columns=[c for c in ("error", "categories", "safe", "model") if c in columns])
-            shown = [
-                c for c in ("id", "image", "image_bytes", "error", "model", "reasoning", *TASK_COLUMNS) if c in columns
-            ]
-            first = next(parquet.iter_batches(batch_size=SAMPLE_ROWS, columns=shown), None) if shown else None
-    except FileNotFoundError:
-        raise ReportError(f"{parquet_uri}: no such file") from None
-    except pa.ArrowException as err:
-        raise ReportError(f"{parquet_uri}: not a Parquet file ({err})") from None
+        for batch in table.to_batches(columns=[c for c in ("error", "categories", "safe", "model") if c in columns]):
+            stats.add(batch)
+        shown = [c for c in ("id", "image", "image_bytes", "error", "model", "reasoning", *TASK_COLUMNS) if c in columns]
+        first = table.head(SAMPLE_ROWS, columns=shown).to_pylist() if shown else []
+    except (pa.ArrowException, OSError) as err:
+        raise ReportError(f"{parquet_uri}: not readable ({err})") from None
     layout = ReportLayout(canonical_uri(out or table_report_path_for(parquet_uri)))
     thumbs = ThumbnailStore(layout)
-    sample = [_sample_row(row, thumbs) for row in (first.to_pylist() if first is not None else [])]
+    sample = [_sample_row(row, thumbs) for row in first]
     thumbs.make_pending()
-    errors = Counter(e for e in stats.column("error").to_pylist() if e is not None) if "error" in columns else Counter()
     context = {
         "source": parquet_uri,
         "source_link": layout.link(parquet_uri),
-        "rows": stats.num_rows,
-        "errors": sum(errors.values()),
-        "top_errors": errors.most_common(TOP_ERRORS),
-        "distinct_errors": len(errors),
-        "models": sorted({m for m in stats.column("model").to_pylist() if m}) if "model" in columns else [],
+        "rows": stats.rows,
+        "errors": sum(stats.errors.values()),
+        "top_errors": stats.errors.most_common(TOP_ERRORS),
+        "distinct_errors": len(stats.errors),
+        "models": sorted(stats.models),
         "has_categories": "categories" in columns,
-        "categories": _category_counts(stats) if "categories" in columns else [],
-        "verdicts": Counter(stats.column("safe").to_pylist()) if "safe" in columns else None,
+        "categories": sorted(stats.categories.items(), key=lambda item: (-item[1], item[0])),
+        "verdicts": stats.verdicts if "safe" in columns else None,
         "columns": [c for c in TASK_COLUMNS if c in columns],
         "sample": sample,
     }
     _write_page(layout.html, "table_report.html", **context)
     return out or table_report_path_for(parquet_uri)
-
-
-def _category_counts(stats: pa.Table) -> list[tuple[str, int]]:
-    counts = Counter(code for codes in stats.column("categories").to_pylist() for code in codes or [])
-    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _sample_row(row: dict[str, Any], thumbs: ThumbnailStore) -> SampleRow:
@@ -513,13 +538,16 @@ def _sample_row(row: dict[str, Any], thumbs: ThumbnailStore) -> SampleRow:
 
 
 def write_report(uri: str, out: str | None = None) -> str:
-    """The report of whatever `uri` is: a run directory (it has run.json) or a Parquet file; its URI."""
+    """The report of whatever `uri` is: a run directory (it has run.json), a pass output (a folder of Parquet part
+    files) or a Parquet file; its URI."""
     if storage.exists(storage.join(uri, "run.json")):
         return write_run_report(uri, out)
     fs, path = storage.filesystem(uri)
     try:
         if fs.isdir(path):
-            raise ReportError(f"{uri}: a directory without run.json; not a dreamfleet run directory")
+            if not any(f.endswith(".parquet") for f in fs.find(path)):
+                raise ReportError(f"{uri}: a directory with neither run.json nor Parquet part files")
+            return write_table_report(uri, out)
         with fs.open(path, "rb") as f:
             magic = f.read(4)
     except FileNotFoundError:
@@ -543,6 +571,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `dreamfleet report RUN|OUTPUT.parquet [--out FILE]` on the CLI's subcommands."""
     report = commands.add_parser("report", help="an HTML report of a run directory or a VLM pass output")
-    report.add_argument("path", help="run directory or VLM pass OUTPUT.parquet (any fsspec URI)")
+    report.add_argument("path", help="run directory, VLM pass output folder, or Parquet file (any fsspec URI)")
     report.add_argument("--out", help="the report's HTML file (default: RUN/report.html, OUTPUT.report.html)")
     report.set_defaults(handler=cmd_report)

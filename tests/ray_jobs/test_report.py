@@ -139,7 +139,9 @@ def build_run(base: str) -> dict:
                    "categories": categories, "score": score}
                   for row, (safe, categories, score, error) in zip(rows, verdicts)]  # fmt: skip
     schema = pa.schema([*GENERATIONS_SCHEMA, *MODERATION_COLUMNS])
-    write_parquet(storage.join(run_uri, "moderation.parquet"), pa.Table.from_pylist(moderation, schema=schema))
+    table = pa.Table.from_pylist(moderation, schema=schema)
+    for k in range(2):  # a pass output: a folder of part files
+        write_parquet(storage.join(run_uri, "moderation.parquet", f"part-{k}.parquet"), table.slice(3 * k, 3))
     run.finish({"done": 2, "failed": 1})
     return {"run": run_uri, "generations": rows, "instance": instance}
 
@@ -304,9 +306,12 @@ def test_the_moderation_table_report_counts_errors_and_categories(tmp_path):
     rows += [{"id": f"ok{i}", "image": str(image), "error": None, "model": "tiny", "num_output_tokens": 6,
               "reasoning": None, "safe": i % 3 != 0, "categories": ["S1", "S12"] if i % 3 == 0 else [],
               "score": 0.9 if i % 3 == 0 else 0.1} for i in range(30)]  # fmt: skip
-    output = tmp_path / "moderated.parquet"
-    schema = pa.schema([("id", pa.string()), ("image", pa.string()), *MODERATION_COLUMNS])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), output)
+    output = tmp_path / "moderated.parquet"  # a pass output: part files in a folder named like a file
+    output.mkdir()
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("image", pa.string()),
+                                                         *MODERATION_COLUMNS]))  # fmt: skip
+    for k, start in enumerate(range(0, table.num_rows, 17)):
+        pq.write_table(table.slice(start, 17), output / f"part-{k}.parquet")
 
     page = Path(report.write_table_report(str(output)))
     assert page == tmp_path / "moderated.report.html"
@@ -369,7 +374,7 @@ def test_the_report_command_takes_a_run_or_a_parquet_file_and_nothing_else(small
     assert "rows<b>3</b>" in Path(capsys.readouterr().out.strip()).read_text()
 
     (tmp_path / "notes.txt").write_text("hello")
-    for path, message in [(tmp_path / "notes.txt", "neither a run directory"), (tmp_path, "without run.json"),
+    for path, message in [(tmp_path / "notes.txt", "neither a run directory"), (tmp_path, "neither run.json nor Parquet part files"),
                           (tmp_path / "absent", "no such file")]:  # fmt: skip
         assert run_command(["report", str(path)]) == 2
         assert message in capsys.readouterr().err
