@@ -65,8 +65,8 @@ DOCUMENTS = [
 RECEIPT_SCHEMA = {
     "type": "object",
     "properties": {
-        "vendor": {"type": "string", "maxLength": 24},
-        "date": {"type": "string", "maxLength": 10},
+        "vendor": {"type": "string"},  # unbounded: the decoder gives it what the token budget leaves
+        "date": {"type": "string", "format": "date"},
         "total": {"type": "number"},
     },
     "required": ["vendor", "date", "total"],

@@ -15,13 +15,14 @@ from engine.settings import load_settings
 from engine.vlm import VLM, resolve_vlm
 from engine.vlm_tasks import TaskError, make_task
 
+# Its own bounds fit the tiny preset's 128 answer tokens at up to 4 bytes a character (engine/vlm_tasks/extract.py).
 SCHEMA = {
     "type": "object",
     "properties": {
-        "vendor": {"type": "string", "maxLength": 12},
+        "vendor": {"type": "string", "maxLength": 6},
         "total": {"type": "number"},
         "paid": {"type": "boolean"},
-        "lines": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2},
+        "lines": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2},
     },
     "required": ["vendor", "total"],
 }
