@@ -79,7 +79,8 @@ class Settings(BaseModel):
     vlm_concurrency: int = Field(1, ge=1)  # model actors
     vlm_gpus_per_actor: float = Field(1.0, ge=0)
     vlm_cpus_per_actor: float | None = Field(None, ge=0)  # None: 1 where the cluster has it to spare, else 0
-    vlm_rows_per_file: int = Field(100_000, ge=1)  # at most this many rows in each part file of a pass's output
+    # Rows in each part file of a pass's output; each file is committed alone, so also what a killed driver may redo
+    vlm_rows_per_file: int = Field(10_000, ge=1)
     vlm_max_new_tokens: int = Field(512, ge=1)  # the answer, after any reasoning
     vlm_thinking_budget: int = Field(1024, ge=0)  # reasoning tokens of Thinking models before the answer is forced
     enable_thinking: bool | None = None  # None: as the model's chat template does by default

@@ -260,12 +260,16 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
     if note:
         print(f"note: {note}", file=sys.stderr)
     context = ray.data.DataContext.get_current()
-    # A live bar on a terminal; in logs (CI, ray job submit) Ray Data would print its progress every few seconds.
-    context.enable_progress_bars = sys.stdout.isatty()
+    # dreamfleet shows its own bar; Ray Data's per-operator bars only with --verbose, on a terminal.
+    context.enable_progress_bars = request.verbose and sys.stdout.isatty()
     context.checkpoint_config = output.checkpoint_config()
     try:
         ds = ray.data.read_parquet(list(images.files), filesystem=arrow_filesystem(images.filesystem),
                                    partitioning=Partitioning("hive", base_dir=images.base_dir))
+        # Ray's reader makes blocks of up to 128 MB: a manifest of URIs can be one block, so one decode task and one
+        # commit for the whole pass. Blocks of one model batch spread decoding over every CPU and let the writer
+        # commit every `vlm_rows_per_file` rows.
+        ds = ds.repartition(target_num_rows_per_block=settings.vlm_batch_size)
         ds = ds.map_batches(
             decode_batch,
             fn_kwargs={"settings": settings},
@@ -289,7 +293,10 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
                 num_gpus=gpus,
                 num_cpus=actor_cpus,
             )
-            ds.write_parquet(output.path, filesystem=output.arrow_filesystem(),
-                             max_rows_per_file=settings.vlm_rows_per_file)
+            # Each file (vlm_rows_per_file rows, the last fewer) is one write task and one checkpoint commit: the
+            # most a killed driver loses, beside the batches in flight.
+            rows = settings.vlm_rows_per_file
+            ds.write_parquet(output.path, filesystem=output.arrow_filesystem(), min_rows_per_file=rows,
+                             max_rows_per_file=rows)  # fmt: skip
     finally:
         context.checkpoint_config = None

@@ -182,10 +182,13 @@ def test_each_bad_image_row_gets_its_error_and_every_good_row_is_answered(ray_cl
         "uri-does-not-exist": "nowhere.png: no such file",
         "unknown-uri-scheme": "Protocol not known: gopher",
     }
-    manifest, out = tmp_path / "images.parquet", tmp_path / "ocr.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    manifest, out = tmp_path / "manifest", tmp_path / "ocr.parquet"  # a folder of 4 files, as datasets come
+    manifest.mkdir()
+    schema = pa.Table.from_pylist(rows).schema
+    for k in range(4):
+        pq.write_table(pa.Table.from_pylist(rows[k::4], schema=schema), manifest / f"part-{k}.parquet")
 
-    assert main(["analyze", str(manifest), "--task", "ocr", "--out", str(out)]) == 1
+    assert main(["analyze", str(manifest), "--task", "ocr", "--out", str(out), "--set", "vlm_rows_per_file=3"]) == 1
     answered = {r["id"]: r for r in pq.read_table(out).to_pylist()}
     assert sorted(answered) == sorted(expected)  # every row out, once
     for rid, expect in expected.items():
@@ -245,17 +248,30 @@ IMAGES_FILES = [
     ("duplicate-ids", [{"id": "a", "image": "a.png"}, {"id": "a", "image": "b.png"}], "duplicate ids, e.g. ['a']"),
     ("no-image-column", [{"id": "a", "text": "hello"}], "needs an 'image' (URI) or 'image_bytes' column"),
     ("image-column-not-text", [{"id": "a", "image": 42}], "column 'image' has type int64"),
+    # A folder of files: each list is one file
+    ("duplicate-ids-across-files", [[{"id": "a", "image": "a.png"}], [{"id": "a", "image": "b.png"}]],
+     "duplicate ids, e.g. ['a']"),
+    ("files-with-other-columns", [[{"id": "a", "image": "a.png"}], [{"id": "b", "image_bytes": b"x"}]],
+     "its columns differ from"),
+    ("empty-folder", [], "no Parquet files (*.parquet) found"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("rows, message", [c[1:] for c in IMAGES_FILES], ids=[c[0] for c in IMAGES_FILES])
 def test_an_images_manifest_that_cannot_be_used_stops_the_pass(tmp_path, capsys, rows, message):
-    manifest, out = tmp_path / "images.parquet", tmp_path / "out.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    out = tmp_path / "out.parquet"
+    if rows and isinstance(rows[0], dict):
+        manifest = tmp_path / "images.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), manifest)
+    else:
+        manifest = tmp_path / "images"
+        manifest.mkdir()
+        for k, file_rows in enumerate(rows):
+            pq.write_table(pa.Table.from_pylist(file_rows), manifest / f"part-{k}.parquet")
     assert main(["validate", str(manifest), "--kind", "images"]) == 2
     assert message in capsys.readouterr().err
     assert main(["analyze", str(manifest), "--task", "ocr", "--out", str(out)]) == 2
-    assert message in capsys.readouterr().err and not out.exists()
+    assert message in capsys.readouterr().err and not out.exists() and not Path(f"{out}.checkpoint").exists()
 
 
 def test_an_images_manifest_with_non_utf8_ids_stops_the_pass(tmp_path, capsys):

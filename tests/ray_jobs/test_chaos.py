@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -102,6 +103,7 @@ def test_a_run_survives_random_kills_and_loses_or_duplicates_nothing(ray_cluster
     args = ["run", manifest, "--out", run, "--no-progress", "--gpus-per-job", "1",
             "--set", f"max_train_steps={STEPS}", "--set", f"checkpointing_steps={INTERVAL}",
             "--set", "num_class_images=2", "--set", "num_images_per_prompt=1", "--set", "vlm_batch_size=2",
+            "--set", "vlm_rows_per_file=1",  # many part files: exactly once must hold per file
             # A kill before a subject's first new checkpoint uses up one of its attempts; be generous, so this test
             # is about losing nothing (test_fleet.py covers the attempt budget).
             "--set", "max_attempts=10"]  # fmt: skip
@@ -140,7 +142,7 @@ def test_a_run_survives_random_kills_and_loses_or_duplicates_nothing(ray_cluster
 
     # Nothing half-written: no temporaries, no incomplete checkpoint, no part files, no stray or broken images.
     assert not [p for p in Path(run).rglob("*") if ".tmp-" in p.name]
-    assert not (Path(run) / "moderation.parquet.parts").exists()
+    assert not list(Path(run).glob("moderation.parquet.checkpoint/*.pending.parquet"))
     for folder in Path(run).glob("subjects/*/checkpoints/step-*"):
         assert (folder / "state.json").exists(), folder
     images = sorted(str(p) for p in Path(run).glob("subjects/*/images/*.png"))
@@ -168,7 +170,7 @@ def test_a_driver_killed_in_training_and_again_in_the_vlm_pass_resumes_and_finis
     write_subjects_manifest(manifest, rows)
     args = ["run", manifest, "--out", run, "--no-progress", "--workers", "2",
             "--set", "max_train_steps=100", "--set", "checkpointing_steps=10", "--set", "num_class_images=2",
-            "--set", "num_images_per_prompt=4", "--set", "vlm_batch_size=1"]  # fmt: skip
+            "--set", "num_images_per_prompt=4", "--set", "vlm_batch_size=1", "--set", "vlm_rows_per_file=1"]  # fmt: skip
     address = ray_cluster.get_runtime_context().gcs_address
 
     def driver() -> subprocess.Popen:
@@ -186,12 +188,10 @@ def test_a_driver_killed_in_training_and_again_in_the_vlm_pass_resumes_and_finis
     def checkpointed() -> bool:
         return any(complete_steps(storage.join(run, "subjects", s, "checkpoints")) for s in ("s0", "s1", "s2"))
 
-    parts = Path(f"{run}/moderation.parquet.parts")
     kill_when(driver(), checkpointed, "any subject checkpointed")
     interrupted = {sid for sid, s in RunDirectory(run).read_statuses().items() if s.state == "training"}
     assert interrupted
     kill_when(driver(), lambda: bool(Killer.busy("VLMPredictor")), "the VLM pass was answering")
-    assert not (Path(run) / "moderation.parquet").exists()  # killed mid-pass, before its output was committed
 
     assert main(args) == 0
     statuses = RunDirectory(run).read_statuses()
@@ -200,4 +200,48 @@ def test_a_driver_killed_in_training_and_again_in_the_vlm_pass_resumes_and_finis
     generations = pq.read_table(Path(run) / "generations.parquet").column("id").to_pylist()
     moderated = pq.read_table(Path(run) / "moderation.parquet").column("id").to_pylist()
     assert len(generations) == 12 and sorted(moderated) == sorted(generations)
-    assert not parts.exists() and not [p for p in Path(run).rglob("*") if ".tmp-" in p.name]
+    assert not list(Path(run).glob("moderation.parquet.checkpoint/*.pending.parquet"))
+    assert not [p for p in Path(run).rglob("*") if ".tmp-" in p.name]
+
+
+def test_an_analyze_driver_killed_again_and_again_mid_pass_writes_every_id_once(ray_cluster, tmp_path):
+    """`analyze` over a folder of many files, its driver SIGKILLed three times as soon as more part files are
+    committed (other write tasks are then mid-write or mid-commit), then run to the end."""
+    images = tmp_path / "images"
+    images.mkdir()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    ids = []
+    for k in range(8):
+        rows = []
+        for i in range(5):
+            path = images / f"{k}-{i}.png"
+            Image.new("RGB", (40 + i, 30 + k), (20 * k, 10 * i, 90)).save(path)
+            rows.append({"id": f"doc-{k}-{i}", "image": str(path)})
+        pq.write_table(pa.Table.from_pylist(rows), docs / f"part-{k}.parquet")
+        ids += [r["id"] for r in rows]
+    out = tmp_path / "ocr.parquet"
+    args = ["analyze", str(docs), "--task", "ocr", "--out", str(out), "--no-progress",
+            "--set", "vlm_batch_size=1", "--set", "vlm_rows_per_file=1"]  # fmt: skip
+    address = ray_cluster.get_runtime_context().gcs_address
+    checkpoint = Path(f"{out}.checkpoint")
+
+    def committed() -> int:
+        return len([f for f in checkpoint.glob("*.parquet") if not f.name.endswith(".pending.parquet")])
+
+    for _ in range(3):
+        before = committed()
+        process = subprocess.Popen([sys.executable, "-m", "ray_jobs", *args, "--address", address],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 300
+        while committed() < before + 2:
+            assert process.poll() is None and time.time() < deadline, "the pass ended before it was killed"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert committed() < len(ids)  # killed mid-pass each time
+
+    assert main(args) == 0
+    written = pq.read_table(out).column("id").to_pylist()
+    assert sorted(written) == sorted(ids)  # every id, once
+    assert not list(checkpoint.glob("*.pending.parquet"))

@@ -130,3 +130,44 @@ def test_prometheus_scrapes_the_run_and_the_pushgateway_keeps_its_final_values(r
     scraped = _get(f"{servers['gateway']}/metrics")
     for name in EXPORTED_NAMES:
         assert f"\n{name}" in scraped or f"\n{name}_count" in scraped, name
+
+
+def test_a_vlm_pass_is_visible_while_it_runs_and_every_series_is_zero_from_the_start(ray_cluster, servers, tmp_path):
+    from PIL import Image
+
+    import pyarrow as pa
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for k in range(4):
+        rows = []
+        for i in range(6):
+            path = tmp_path / f"{k}-{i}.png"
+            Image.new("RGB", (48, 40), (40 * k, 30 * i, 120)).save(path)
+            rows.append({"id": f"{k}-{i}", "image": str(path)})
+        pq.write_table(pa.Table.from_pylist(rows), docs / f"part-{k}.parquet")
+    args = ["analyze", str(docs), "--task", "caption", "--out", str(tmp_path / "captions.parquet"), "--no-progress",
+            "--metrics-port", str(servers["driver"]), "--set", "vlm_batch_size=1"]  # fmt: skip
+    result = {}
+    driver = threading.Thread(target=lambda: result.setdefault("code", main(args)))
+    driver.start()
+    prometheus = servers["prometheus"]
+    # From the first scrape, before any row: every labelled series exists at 0, those of other tasks too.
+    assert _value(prometheus, 'dreamfleet_vlm_rows_total{job="driver", task="ocr", outcome="error"}', 120) == 0
+    assert _value(prometheus, 'dreamfleet_subjects{job="driver", state="failed"}') == 0
+    assert _value(prometheus, 'dreamfleet_subject_attempts_total{job="driver", stage="train", outcome="oom"}') == 0
+
+    # While the pass runs, rows answered by the model actor show up: nothing reaches the driver but their figures.
+    seen_live = None
+    deadline = time.time() + 300
+    while driver.is_alive() and time.time() < deadline:
+        rows = _query(prometheus, 'sum(dreamfleet_vlm_rows_total{job="driver", task="caption"})')
+        left = _query(prometheus, 'dreamfleet_vlm_rows_left{job="driver", task="caption"}')
+        if rows and left and 0 < float(rows[0]["value"][1]) and float(left[0]["value"][1]) > 0:
+            seen_live = (float(rows[0]["value"][1]), float(left[0]["value"][1]))
+            break
+        time.sleep(0.3)
+    assert seen_live is not None and driver.is_alive(), "no VLM rows were visible while the pass ran"
+    assert seen_live[0] + seen_live[1] <= 24  # answered + left: the 24 rows of the pass
+    driver.join(timeout=600)
+    assert result["code"] == 0
