@@ -5,7 +5,8 @@ Input: --rows synthetic document images (PNG receipts drawn with PIL, 128x96: 12
 preset's pixel budget, so neither side resizes them and both feed the model the same pixels) and a manifest of paths.
 Pass: `ray_jobs.analyze.analyze` with the tiny preset (128 new tokens at most, greedy, 32x32 to 128x128 px budget)
 and vlm_batch_size 8, on a local Ray cluster started once (`ray.init`, timed on its own): read Parquet, decode on CPU
-tasks, one VLM actor answering 8 rows per `generate`, part files, the final OUTPUT.parquet.
+tasks, one VLM actor answering 8 rows per `generate`, part files written by Ray Data's write tasks. The manifest is a
+folder of 4 Parquet files.
 Loop, what a user writes: AutoProcessor + AutoModelForImageTextToText from the same tiny model directory, loaded
 once (untimed), then for each image: open it, apply the chat template with the task's instruction, one
 `generate(max_new_tokens=128, do_sample=False)`, decode. Same pixel budget as the pass.
@@ -76,10 +77,15 @@ def draw_documents(folder: Path, count: int) -> list[str]:
     return paths
 
 
-def write_manifest(path: Path, images: list[str]) -> str:
-    ids = [Path(p).stem for p in images]
-    pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(images, pa.string())}), path)
-    return str(path)
+def write_manifest(folder: Path, images: list[str], files: int = 4) -> str:
+    """The images manifest as a folder of `files` Parquet files, as datasets come."""
+    folder.mkdir(parents=True)
+    for k in range(files):
+        part = images[k::files]
+        ids = [Path(p).stem for p in part]
+        table = pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(part, pa.string())})
+        pq.write_table(table, folder / f"part-{k}.parquet")
+    return str(folder)
 
 
 class PerImageLoop:
@@ -125,7 +131,7 @@ def engine_round(vlm, task, images: list[str], batch_size: int) -> tuple[float, 
 
 def pass_round(manifest: str, out: Path, task: str, settings: Settings) -> tuple[float, dict[str, str], list[int]]:
     began = time.perf_counter()
-    status = analyze(AnalyzeRequest(input=manifest, task=task, out=str(out), settings=settings))
+    status = analyze(AnalyzeRequest(input=manifest, task=task, out=str(out), settings=settings, show_progress=False))
     seconds = time.perf_counter() - began
     table = pq.read_table(out)
     if status != 0:
@@ -156,7 +162,7 @@ def main() -> None:
     sides: dict[str, list] = {"loop": [], "engine": [], "pass": []}
     with tempfile.TemporaryDirectory(prefix="bench-vlm-") as work:
         images = draw_documents(Path(work) / "docs", args.rows)
-        manifest = write_manifest(Path(work) / "images.parquet", images)
+        manifest = write_manifest(Path(work) / "manifest", images)
         began = time.perf_counter()
         ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)  # fmt: skip

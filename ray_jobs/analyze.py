@@ -238,7 +238,8 @@ def analyze(request: AnalyzeRequest, metrics=None) -> int:
     schema = output_schema(images.schema, task)
     output = PassOutput(request.out)
     output.prepare()
-    _run_pass(request, images, output, task_args, schema, metrics)
+    if not output.holds_every_id(images):  # a finished pass needs no cluster to learn that nothing is left
+        _run_pass(request, images, output, task_args, schema, metrics)
     rows, errors = output.summary()
     print(json.dumps({"output": request.out, "task": request.task, "rows": rows, "rows_with_errors": errors}))
     return exit_status.OK if errors == 0 else exit_status.SOME_FAILED
@@ -267,9 +268,9 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
         ds = ray.data.read_parquet(list(images.files), filesystem=arrow_filesystem(images.filesystem),
                                    partitioning=Partitioning("hive", base_dir=images.base_dir))
         # Ray's reader makes blocks of up to 128 MB: a manifest of URIs can be one block, so one decode task and one
-        # commit for the whole pass. Blocks of one model batch spread decoding over every CPU and let the writer
-        # commit every `vlm_rows_per_file` rows.
-        ds = ds.repartition(target_num_rows_per_block=settings.vlm_batch_size)
+        # commit for the whole pass. Blocks of one file's rows spread decoding over the CPUs and let the writer commit
+        # every `vlm_rows_per_file` rows (smaller blocks measured 3.7x slower at 100k rows: a task per block).
+        ds = ds.repartition(target_num_rows_per_block=settings.vlm_rows_per_file)
         ds = ds.map_batches(
             decode_batch,
             fn_kwargs={"settings": settings},
@@ -280,7 +281,7 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
             # so the GPU never waits on a JPEG.
             memory=decode_memory_bytes(settings),
         )
-        left = max(0, (images.num_rows or 0) - output.committed_rows())
+        left = max(0, images.num_rows - output.committed_rows())
         progress = FleetProgress(left, enabled=request.show_progress, label=f"{request.task} rows")
         with progress, StatsRelay(metrics, request.task, progress, left) as relay:
             ds = ds.map_batches(

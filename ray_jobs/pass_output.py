@@ -14,6 +14,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -59,6 +61,19 @@ class PassOutput:
     def resuming(self) -> bool:
         """Whether Ray Data will restore from a checkpoint (and so run its checkpoint filter actor)."""
         return self.fs.exists(self.checkpoint_path) and bool(self.fs.ls(self.checkpoint_path))
+
+    def holds_every_id(self, images) -> bool:
+        """Whether every id of `images` is committed already, so the pass has nothing to do. Exact (pyarrow's is_in
+        over the committed ids); tried only when no write was left pending and as many ids are committed as exist."""
+        if not self.fs.isdir(self.checkpoint_path):
+            return False
+        names = self.fs.ls(self.checkpoint_path, detail=False)
+        if any(n.endswith(".pending.parquet") for n in names) or self.committed_rows() < images.num_rows:
+            return False
+        committed = pds.dataset([n for n in names if n.endswith(".parquet")], filesystem=self.fs, format="parquet")
+        written = committed.to_table(columns=["id"]).column("id").combine_chunks()
+        return all(pc.all(pc.is_in(batch.column("id"), value_set=written)).as_py() is not False
+                   for batch in images.batches(["id"]))  # fmt: skip
 
     def checkpoint_config(self):
         from ray.data.checkpoint import CheckpointConfig
