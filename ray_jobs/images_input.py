@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -133,7 +134,8 @@ def open_images_input(uri: str) -> ImagesInput:
 
 
 def _name(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return fs.unstrip_protocol(path) if not storage.is_local(path) else path
+    """A file's name as the user would write it (s3://bucket/key; a local path as it is)."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def _describe(schema: pa.Schema) -> str:

@@ -58,20 +58,26 @@ class PassOutput:
         if self.fs.exists(self.checkpoint_path) and not self.data_files():
             self.fs.rm(self.checkpoint_path, recursive=True)
 
+    def _checkpoint_files(self) -> tuple[list[str], list[str]]:
+        """(committed, pending) files of Ray Data's checkpoint."""
+        if not self.fs.isdir(self.checkpoint_path):
+            return [], []
+        files = [f for f in self.fs.ls(self.checkpoint_path, detail=False) if f.endswith(".parquet")]
+        pending = [f for f in files if f.endswith(".pending.parquet")]
+        return [f for f in files if f not in pending], pending
+
     def resuming(self) -> bool:
         """Whether Ray Data will restore from a checkpoint (and so run its checkpoint filter actor)."""
-        return self.fs.exists(self.checkpoint_path) and bool(self.fs.ls(self.checkpoint_path))
+        return any(self._checkpoint_files())
 
     def holds_every_id(self, images) -> bool:
         """Whether every id of `images` is committed already, so the pass has nothing to do. Exact (pyarrow's is_in
         over the committed ids); tried only when no write was left pending and as many ids are committed as exist."""
-        if not self.fs.isdir(self.checkpoint_path):
+        committed, pending = self._checkpoint_files()
+        if not committed or pending or self.committed_rows() < images.num_rows:
             return False
-        names = self.fs.ls(self.checkpoint_path, detail=False)
-        if any(n.endswith(".pending.parquet") for n in names) or self.committed_rows() < images.num_rows:
-            return False
-        committed = pds.dataset([n for n in names if n.endswith(".parquet")], filesystem=self.fs, format="parquet")
-        written = committed.to_table(columns=["id"]).column("id").combine_chunks()
+        written = pds.dataset(committed, filesystem=self.fs, format="parquet").to_table(columns=["id"]).column("id")
+        written = written.combine_chunks()
         return all(pc.all(pc.is_in(batch.column("id"), value_set=written)).as_py() is not False
                    for batch in images.batches(["id"]))  # fmt: skip
 
@@ -87,12 +93,8 @@ class PassOutput:
 
     def committed_rows(self) -> int:
         """Ids Ray Data's checkpoint records as written (its committed files' footers)."""
-        if not self.fs.isdir(self.checkpoint_path):
-            return 0
-        files = [f for f in self.fs.ls(self.checkpoint_path, detail=False)
-                 if f.endswith(".parquet") and not f.endswith(".pending.parquet")]  # fmt: skip
         with ThreadPoolExecutor(FOOTER_READ_THREADS) as pool:
-            return sum(pool.map(lambda f: self._footer(f).num_rows, files))
+            return sum(pool.map(lambda f: self._footer(f).num_rows, self._checkpoint_files()[0]))
 
     def _footer(self, path: str) -> pq.FileMetaData:
         with self.fs.open(path, "rb") as f:

@@ -300,3 +300,32 @@ def test_a_cluster_left_with_one_cpu_runs_the_pass_or_says_why_not_at_once(tmp_p
     assert "Alive: 1 node(s), 1 CPU, 1 GPU; needed: 2 CPU" in done.stderr
     assert chosen["code"] == 0 and "share their nodes' CPUs" in done.stderr
     assert sorted(pq.read_table(tmp_path / "out-1").column("id").to_pylist()) == ["jpeg", "png"]
+
+
+def test_extraction_with_eight_unbounded_strings_closes_its_json_on_every_document(ray_cluster, tmp_path):
+    """The tiny default (128 new tokens) on phone-sized receipt photos with a wide schema of plain strings: every
+    readable document gets schema-valid fields (the decoding bounds are derived from the token budget)."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(3):
+        photo = Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8))  # sensor noise, 1600x1200
+        pen = ImageDraw.Draw(photo)
+        for i, line in enumerate(["ACME COFFEE", "2026-01-14", f"TOTAL {12.5 + k:.2f} EUR"]):
+            pen.text((100, 100 + 80 * i), line, fill="white")
+        path = tmp_path / f"receipt-{k}.jpg"
+        photo.save(path, format="JPEG", quality=92, exif=Image.Exif())
+        assert path.stat().st_size > 1_000_000  # as phones write them
+        rows.append({"id": f"receipt-{k}", "image": str(path), "image_bytes": None, "batch": "wide"})
+    names = ["vendor", "date", "address", "phone", "invoice_number", "currency", "cashier", "payment"]
+    schema = {"type": "object", "properties": {n: {"type": "string"} for n in names}, "required": names}
+    schema_file = tmp_path / "wide.schema.json"
+    schema_file.write_text(json.dumps(schema))
+    out = tmp_path / "fields.parquet"
+    assert main(["analyze", _write(tmp_path / "receipts.parquet", rows), "--task", "extract", "--schema",
+                 str(schema_file), "--out", str(out)]) == 0  # fmt: skip
+    for row in pq.read_table(out).to_pylist():
+        assert row["error"] is None, row["error"]
+        jsonschema.validate(json.loads(row["fields"]), schema)
