@@ -21,6 +21,8 @@ def quiet_ray(log_dir: str | None) -> None:
     `core_worker.cc ... E ... constructor arguments`, printed for every Ray Data actor pool). So fd 2 is pointed at
     a file in Ray's log folder, and dreamfleet's own messages keep the terminal through `sys.stderr`, re-opened on
     a copy of the original descriptor."""
+    import ray.data  # noqa: F401  Ray Data sets its logging up when first imported: do that first, then quieten it
+
     for name in ("ray", "ray.data"):  # their records still reach Ray's log files through the file handlers
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
