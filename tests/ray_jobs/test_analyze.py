@@ -329,3 +329,20 @@ def test_extraction_with_eight_unbounded_strings_closes_its_json_on_every_docume
     for row in pq.read_table(out).to_pylist():
         assert row["error"] is None, row["error"]
         jsonschema.validate(json.loads(row["fields"]), schema)
+
+
+def test_a_new_driver_prints_dreamfleets_own_lines_and_none_of_rays(tmp_path):
+    """A newcomer's console: progress and the summary; Ray's notices only with --verbose (and in Ray's logs)."""
+    import subprocess
+    import sys
+
+    rows, _ = _rows(tmp_path / "images")
+    manifest = _write(tmp_path / "images.parquet", [r for r in rows if r["id"] in ("png", "jpeg")])
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "ray_jobs", "analyze", manifest, "--task", "ocr", "--out",
+                           str(tmp_path / "ocr.parquet")], capture_output=True, text=True, timeout=600, cwd=repo)  # fmt: skip
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    assert '"rows": 2' in console
+    for noise in ("INFO", "WARNING", "core_worker.cc", "Token authentication", "Deprecat", "FutureWarning"):
+        assert noise not in console, (noise, console[-3000:])
