@@ -121,14 +121,13 @@ class RunMetrics:
         self.rows_left[task] = rows_left
         self.vlm_rows_left.labels(task).set(rows_left)
 
-    def on_vlm_batch(self, task: str, rows: int, errors: int, tokens: int, seconds: float | None) -> None:
+    def on_vlm_batch(self, task: str, rows: int, errors: int, tokens: int, seconds: float) -> None:
         self.rows_left[task] = max(0, self.rows_left.get(task, 0) - rows)
         self.vlm_rows_left.labels(task).set(self.rows_left[task])
         self.vlm_rows.labels(task, "ok").inc(rows - errors)
         self.vlm_rows.labels(task, "error").inc(errors)
         self.vlm_tokens.labels(task).inc(tokens)
-        if seconds is not None:
-            self.vlm_batch_seconds.labels(task).observe(seconds)
+        self.vlm_batch_seconds.labels(task).observe(seconds)
 
     # -- exposing it -----------------------------------------------------------------------------------------------
 
