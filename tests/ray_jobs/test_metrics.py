@@ -105,8 +105,12 @@ def test_prometheus_scrapes_the_run_and_the_pushgateway_keeps_its_final_values(r
     result = {}
     driver = threading.Thread(target=lambda: result.setdefault("code", main(args)))
     driver.start()
-    # While it runs, Prometheus scrapes the driver's endpoint on loopback.
-    live = _value(servers["prometheus"], 'sum(dreamfleet_subjects{job="driver"})', timeout=300)
+    # While it runs, Prometheus scrapes the driver's endpoint on loopback. The series exist at 0 from the first
+    # scrape, before the scheduler's first tick counts the 2 subjects: wait for the count, while the driver runs.
+    live, deadline = 0.0, time.time() + 300
+    while live != 2 and driver.is_alive() and time.time() < deadline:
+        live = _value(servers["prometheus"], 'sum(dreamfleet_subjects{job="driver"})', timeout=300)
+        time.sleep(0.2)
     assert live == 2
     driver.join(timeout=900)
     assert result["code"] == 0
