@@ -1,10 +1,14 @@
-"""Classifier-free-guided generation on a resident base model, one seed per image.
+"""Classifier-free-guided generation on a resident base model, one seed per image, several subjects per batch.
 
 Each image's starting noise comes from its own generator, so an image is the same whatever batch it lands in.
+With a LoRA pack on the model (engine/packed_lora.py), each image of a batch (both of its CFG halves, and its
+prompt through a trained text encoder) goes through its own subject's slot: `render_pack` renders many subjects
+in shared UNet batches, and each image equals its unpacked rendering within rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +53,19 @@ def make_pipeline(base: BaseModel, scheduler: str):
     return pipe
 
 
+# Settings the subjects rendered in one batch must share (with the LoRA layout, see engine/train.PACK_SHAPE_KEYS).
+RENDER_SHAPE_KEYS = (
+    "mode", "lora_rank", "lora_target_modules", "text_encoder_lora_target_modules", "train_text_encoder",
+    "resolution", "num_inference_steps", "guidance_scale", "scheduler", "negative_prompt", "generation_batch_size",
+    "mixed_precision",
+)  # fmt: skip
+
+
+def render_shape(settings: Settings) -> tuple:
+    """Subjects whose settings give equal render shapes can share UNet batches."""
+    return tuple(str(getattr(settings, key)) for key in RENDER_SHAPE_KEYS)
+
+
 def image_seed(subject_seed: int, prompt_index: int, image_index: int) -> int:
     """The seed of one image, independent of batch size, batch composition and the worker that makes it."""
     return (subject_seed * 1_000_003 + prompt_index * 10_007 + image_index) % (2**63 - 1)
@@ -61,14 +78,18 @@ def generate(
     seeds: Sequence[int],
     settings: Settings,
     batch_size: int,
+    slots: Sequence[int] | None = None,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, `batch_size` at a time, with classifier-free guidance."""
-    if len(prompts) != len(seeds):
-        raise ValueError("one seed per prompt is required")
+    """One image per (prompt, seed) pair, `batch_size` at a time, with classifier-free guidance; with `slots`, image
+    i goes through LoRA slot `slots[i]` of the base model's pack."""
+    if len(prompts) != len(seeds) or (slots is not None and len(slots) != len(prompts)):
+        raise ValueError("one seed (and one slot, if any) per prompt is required")
     pipe = make_pipeline(base, settings.scheduler)
+    guided = settings.guidance_scale > 1 and base.unet.config.time_cond_proj_dim is None  # as the pipeline decides
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = list(prompts[start : start + batch_size])
+        batch_slots = list(slots[start : start + batch_size]) if slots is not None else None
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start : start + batch_size]]
         latents = torch.stack(
             [
@@ -79,10 +100,15 @@ def generate(
                 for g in generators
             ]
         ).to(base.device)
-        with settings.autocast(base.device.type):  # bf16 on GPU by default; fp32 on CPU
+        negative = [settings.negative_prompt] * len(batch_prompts) if settings.negative_prompt else None
+        with settings.autocast(base.device.type), _routed(base, text_encoder=batch_slots):  # bf16 on GPU by default
+            prompt_embeds, negative_embeds = pipe.encode_prompt(batch_prompts, base.device, 1, guided, negative)
+        # The pipeline runs the UNet on [negative half; prompt half] when guided: each image's slot twice.
+        unet_slots = batch_slots and (batch_slots * 2 if guided else batch_slots)
+        with settings.autocast(base.device.type), _routed(base, unet=unet_slots):
             out = pipe(
-                prompt=batch_prompts,
-                negative_prompt=[settings.negative_prompt] * len(batch_prompts) if settings.negative_prompt else None,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
                 height=settings.resolution,
                 width=settings.resolution,
                 num_inference_steps=settings.num_inference_steps,
@@ -93,6 +119,11 @@ def generate(
             )
         images.extend(out.images)
     return images
+
+
+def _routed(base: BaseModel, **slots: list[int] | None):
+    chosen = {component: s for component, s in slots.items() if s is not None}
+    return base.lora.routed(**chosen) if base.lora is not None and chosen else contextlib.nullcontext()
 
 
 def _vae_scale(base: BaseModel) -> int:
@@ -128,26 +159,50 @@ def png_bytes(image: Image.Image, text: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-def render_subject(base: BaseModel, subject: Subject, settings: Settings, images_dir: str) -> list[dict]:
-    """Generate the subject's missing images into `images_dir` with whatever weights `base` carries now.
+@dataclass(frozen=True)
+class RenderJob:
+    """One subject of a packed rendering: its prompts and seeds, where its images go, and its LoRA slot."""
 
-    Returns one row per planned image (existing ones included), in the columns of SPEC's generations.parquet.
-    Images already present are skipped, so a retried or resumed subject never renders one twice.
+    subject: Subject
+    settings: Settings
+    images_dir: str
+    slot: int = 0
+
+
+def render_pack(base: BaseModel, jobs: Sequence[RenderJob]) -> dict[str, list[dict]]:
+    """Generate the jobs' missing images into their folders, in UNet batches shared across subjects, each image
+    through its own subject's slot (the jobs share one render shape; the first's settings drive the pipeline).
+
+    Returns each subject's rows (existing images included), in the columns of SPEC's generations.parquet. Images
+    already present are skipped, so a retried or resumed subject never renders one twice.
     """
-    planned = plan_subject_images(subject, settings)
-    present = set(storage.listdir(images_dir))
-    missing = [p for p in planned if p.name not in present]
+    settings = jobs[0].settings
+    missing = []
+    for job in jobs:
+        present = set(storage.listdir(job.images_dir))
+        missing += [(job, p) for p in plan_subject_images(job.subject, job.settings) if p.name not in present]
     batch = settings.generation_batch_size
     for start in range(0, len(missing), batch):
         chunk = missing[start : start + batch]
-        images = generate(base, [p.prompt for p in chunk], [p.seed for p in chunk], settings, batch)
-        for item, image in zip(chunk, images):
+        slots = [job.slot for job, _ in chunk] if base.lora is not None else None
+        images = generate(base, [p.prompt for _, p in chunk], [p.seed for _, p in chunk], settings, batch, slots)
+        for (job, item), image in zip(chunk, images):
             text = {
                 "prompt": item.prompt, "negative_prompt": settings.negative_prompt, "seed": str(item.seed),
                 "num_inference_steps": str(settings.num_inference_steps), "guidance_scale": str(settings.guidance_scale),
-                "scheduler": settings.scheduler, "subject_id": subject.subject_id,
+                "scheduler": settings.scheduler, "subject_id": job.subject.subject_id,
             }  # fmt: skip
-            storage.write_bytes(storage.join(images_dir, item.name), png_bytes(image, text))
+            storage.write_bytes(storage.join(job.images_dir, item.name), png_bytes(image, text))
+    return {job.subject.subject_id: _rows(job) for job in jobs}
+
+
+def render_subject(base: BaseModel, subject: Subject, settings: Settings, images_dir: str) -> list[dict]:
+    """`render_pack` of one subject, with whatever weights `base` carries now (LoRA: slot 0)."""
+    return render_pack(base, [RenderJob(subject, settings, images_dir)])[subject.subject_id]
+
+
+def _rows(job: RenderJob) -> list[dict]:
+    subject, settings = job.subject, job.settings
     return [
         {
             "id": f"{subject.subject_id}/{p.name.removesuffix('.png')}",
@@ -156,10 +211,10 @@ def render_subject(base: BaseModel, subject: Subject, settings: Settings, images
             "prompt_index": p.prompt_index,
             "image_index": p.image_index,
             "seed": p.seed,
-            "image": storage.join(images_dir, p.name),
+            "image": storage.join(job.images_dir, p.name),
             "guidance_scale": settings.guidance_scale,
             "num_inference_steps": settings.num_inference_steps,
             "scheduler": settings.scheduler,
         }
-        for p in planned
+        for p in plan_subject_images(subject, settings)
     ]

@@ -71,13 +71,6 @@ class TrainingExamples:
     class_ids: torch.Tensor | None
     cached_embeddings: dict[str, torch.Tensor] | None  # None while the text encoder trains
 
-    def embeddings(self, base: BaseModel, which: str, batch: int) -> torch.Tensor:
-        if self.cached_embeddings is not None:
-            emb = self.cached_embeddings[which]
-        else:
-            emb = base.text_encoder(self.instance_ids if which == "instance" else self.class_ids)[0]
-        return emb.expand(batch, -1, -1)
-
 
 def prepare_examples(
     base: BaseModel,

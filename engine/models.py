@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
+from engine.packed_lora import LoraPack
 from engine.tiny_models import default_cache_dir, ensure_tiny_sd
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 COMPONENTS = ("unet", "vae", "text_encoder")
-LORA_ADAPTER = "dreamfleet"
 
 
 class ModelError(ValueError):
@@ -93,6 +93,10 @@ class BaseModel:
     unet: torch.nn.Module
     noise_scheduler: object
     device: torch.device
+    # The frozen UNet and text encoder are stored in the training precision on a GPU (bf16 rather than fp32 cast
+    # under autocast on every step); the VAE stays fp32. LoRA weights and fully fine-tuned weights train in fp32.
+    weights_dtype: torch.dtype = torch.float32
+    lora: LoraPack | None = None  # the LoRA slots attached now, if any (see engine/packed_lora.py)
     _base_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def snapshot(self, component: str) -> None:
@@ -101,23 +105,21 @@ class BaseModel:
             module = getattr(self, component)
             self._base_state[component] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
-    def add_lora(self, component: str, config) -> None:
-        """Inject a trainable LoRA adapter into `component` in place (peft's functional API, as diffusers uses it)."""
-        from peft.functional import inject_adapter_in_model
-
-        module = getattr(self, component)
-        inject_adapter_in_model(config, module, adapter_name=LORA_ADAPTER)
-        module.peft_config = {LORA_ADAPTER: config}  # where peft's state-dict helpers look for it
+    def compile_unet(self) -> None:
+        """torch.compile the UNet in place (its parameter names unchanged), once per process."""
+        if not getattr(self.unet, "_compiled_call_impl", None):
+            self.unet.compile()
 
     def reset(self) -> None:
-        """Back to the base weights: drop any LoRA adapter, restore fully fine-tuned weights, freeze everything."""
+        """Back to the base weights: take any LoRA pack off, restore fully fine-tuned weights, freeze everything."""
+        if self.lora is not None:
+            self.lora.detach()
+            self.lora = None
         for component in ("unet", "text_encoder"):
             module = getattr(self, component)
-            if LORA_ADAPTER in (getattr(module, "peft_config", None) or {}):
-                _unwrap_lora(module)
-                del module.peft_config
             if component in self._base_state:
                 module.load_state_dict(self._base_state[component])
+            module.to(self.weights_dtype)
             for param in module.parameters():
                 param.grad = None
             if component == "unet":
@@ -129,20 +131,11 @@ class BaseModel:
         self.vae.requires_grad_(False)
 
 
-def _unwrap_lora(model: torch.nn.Module) -> None:
-    """Put each LoRA-wrapped layer's original module back in its place: the model is the base model again,
-    parameter names included, so a later full fine-tune exports the names stock diffusers expects."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name, layer in wrapped:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.get_base_layer())
-
-
-def load_base_model(path: Path, device: str | torch.device = "cpu") -> BaseModel:
-    """Load every component from `path` through from_pretrained, safetensors only, frozen, in fp32."""
+def load_base_model(
+    path: Path, device: str | torch.device = "cpu", weights_dtype: torch.dtype = torch.float32
+) -> BaseModel:
+    """Load every component from `path` through from_pretrained, safetensors only, frozen; the UNet and text
+    encoder in `weights_dtype` (see `BaseModel.weights_dtype`), the VAE in fp32."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -158,7 +151,7 @@ def load_base_model(path: Path, device: str | torch.device = "cpu") -> BaseModel
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
-        module.to(device)
+        module.to(device, dtype=weights_dtype if module is not vae else torch.float32)
     return BaseModel(
         path=path,
         fingerprint=fingerprint(path),
@@ -168,7 +161,13 @@ def load_base_model(path: Path, device: str | torch.device = "cpu") -> BaseModel
         unet=unet,
         noise_scheduler=noise_scheduler,
         device=device,
+        weights_dtype=weights_dtype,
     )
+
+
+def frozen_weights_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype to store frozen UNet and text-encoder weights in, for training at `mixed_precision`."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
 def default_device() -> torch.device:

@@ -73,6 +73,9 @@ class Settings(BaseModel):
 
     # Fleet
     max_attempts: int = Field(3, ge=1)
+    # LoRA subjects one worker trains (and renders) at once in one UNet batch; see bench/RESULTS.md for the choice
+    pack_subjects: int = Field(8, ge=1, le=64)
+    compile_unet: bool = False  # torch.compile the UNet of each worker (GPU: pays back its compile time on long runs)
 
     # VLM passes (dreamfleet analyze, and the moderation pass of dreamfleet run)
     vlm_batch_size: int = Field(16, ge=1, le=4096)  # rows per generate() call in one actor
@@ -147,7 +150,7 @@ VLM_SETTINGS = frozenset(
         "ocr_prompt", "extract_prompt", "moderate_prompt", "caption_prompt",
     }
 )  # fmt: skip
-RUN_ONLY_SETTINGS = frozenset({"preset", "max_attempts", "mixed_precision"}) | VLM_SETTINGS
+RUN_ONLY_SETTINGS = frozenset({"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet"}) | VLM_SETTINGS
 
 # The literature's rates for real models (DreamBooth paper, diffusers' scripts); for the tiny random models, the
 # rates at which 100 steps visibly move generations towards the subject (sweep in bench/RESULTS.md).

@@ -1,19 +1,27 @@
-"""DreamBooth for one subject: the training loop, from cached examples to checkpoints and exported weights.
+"""DreamBooth training of a pack of subjects on one resident base model, from cached examples to checkpoints and
+exported weights. One subject alone (`train_subject`) is a pack of one.
 
-Read `train_subject` top to bottom: attach what trains (LoRA or the full UNet), build the optimizer and schedule,
-resume from the newest checkpoint if there is one, then loop: sample latents → add noise → predict → instance loss
-plus λ·prior loss → step. Every `checkpointing_steps` the whole state is saved; at the end the weights are exported
-in diffusers' layout. The base model is left as it was found (see `BaseModel.reset`).
+Read `PackTrainer.step` top to bottom: every resident subject draws its own micro-batch from its own RNG → the
+batches are concatenated and noised → one UNet pass, each sample through its own subject's LoRA slot → each
+subject's instance loss + λ·prior loss, each a mean over its own samples → one backward of their sum → each
+subject's own gradient clipping, optimizer and LR-schedule step. The UNet normalises and attends per sample, so
+a subject ends with the weights it would have alone (tests/engine/test_train.py measures how close).
+
+Subjects join (`admit`) and leave (finished, or failed alone: a bad image, a NaN loss) between steps, so a freed
+slot is refilled at once. Full fine-tunes train alone. Every `checkpointing_steps` of its own a subject's whole
+state is saved; at its last step its weights are exported in diffusers' layout. `close()` leaves the base model as
+it was found (see `BaseModel.reset`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +34,7 @@ from engine.instance_data import TrainingExamples, prepare_examples
 from engine.models import BaseModel
 from engine.settings import Settings
 from engine.subject import Subject
-from engine.weights import export_weights, lora_components, lora_config
+from engine.weights import attach_lora_pack, export_weights
 
 # Settings that change the optimisation itself; a checkpoint made with other values cannot be resumed.
 TRAINING_IDENTITY_KEYS = (
@@ -34,6 +42,12 @@ TRAINING_IDENTITY_KEYS = (
     "text_encoder_lora_target_modules", "train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
     "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "resolution", "center_crop", "with_prior_preservation", "prior_loss_weight", "max_train_steps",
+)  # fmt: skip
+
+# Settings every subject of one pack must share: they shape the model's layers or how the pass runs.
+PACK_SHAPE_KEYS = (
+    "mode", "lora_rank", "lora_target_modules", "text_encoder_lora_target_modules", "train_text_encoder",
+    "gradient_checkpointing", "mixed_precision",
 )  # fmt: skip
 
 
@@ -63,6 +77,11 @@ class TrainResult:
         return [r["loss"] for r in self.log]
 
 
+def pack_shape(settings: Settings) -> tuple:
+    """Subjects whose settings give equal shapes can train in one pack."""
+    return tuple(str(getattr(settings, key)) for key in PACK_SHAPE_KEYS)
+
+
 def training_identity(subject: Subject, settings: Settings, base: BaseModel) -> str:
     values = {k: getattr(settings, k) for k in TRAINING_IDENTITY_KEYS}
     values.update(
@@ -73,32 +92,6 @@ def training_identity(subject: Subject, settings: Settings, base: BaseModel) -> 
         seed=subject.effective_seed,
     )
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def attach_trainable(base: BaseModel, settings: Settings) -> dict[str, torch.nn.Parameter]:
-    """Make the subject's weights trainable on the shared base model; returns them by stable name."""
-    base.reset()
-    if settings.mode == "lora":
-        for component in lora_components(settings):
-            base.add_lora(component, lora_config(settings, component))
-    else:
-        base.snapshot("unet")
-        base.unet.requires_grad_(True)
-        if settings.train_text_encoder:
-            base.snapshot("text_encoder")
-            base.text_encoder.requires_grad_(True)
-    components = [("unet", base.unet)] + ([("text_encoder", base.text_encoder)] if settings.train_text_encoder else [])
-    trainable = {}
-    for prefix, module in components:
-        module.train()
-        for name, param in module.named_parameters():
-            if param.requires_grad:
-                trainable[f"{prefix}.{name}"] = param
-    if settings.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        if settings.train_text_encoder:
-            base.text_encoder.activation_checkpointing_enable()
-    return trainable
 
 
 def make_optimizer(params: list[torch.nn.Parameter], settings: Settings, device: torch.device) -> torch.optim.Optimizer:
@@ -118,20 +111,6 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: Settings, device:
     return torch.optim.AdamW(params, **kwargs)
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _restore_rng(generator: torch.Generator, state: dict[str, torch.Tensor]) -> None:
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def _target(base: BaseModel, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     kind = base.noise_scheduler.config.prediction_type
     if kind == "epsilon":
@@ -141,34 +120,349 @@ def _target(base: BaseModel, latents: torch.Tensor, noise: torch.Tensor, timeste
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
-def training_loss(
-    base: BaseModel, examples: TrainingExamples, settings: Settings, generator: torch.Generator, autocast
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One micro-batch: instance (and class) latents noised, predicted, and the loss split as DreamBooth's paper has it."""
-    bs = settings.train_batch_size
-    latents = examples.instance.sample(torch.randint(len(examples.instance), (bs,), generator=generator), generator)
-    embeddings = examples.embeddings(base, "instance", bs)
-    prior = examples.class_ is not None
-    if prior:
-        class_latents = examples.class_.sample(torch.randint(len(examples.class_), (bs,), generator=generator), generator)
-        latents = torch.cat([latents, class_latents])
-        embeddings = torch.cat([embeddings, examples.embeddings(base, "class", bs)])
-    noise = torch.randn(latents.shape, generator=generator).to(base.device)
-    timesteps = torch.randint(
-        0, base.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    ).to(base.device)
-    noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-    with autocast:
-        prediction = base.unet(noisy, timesteps, embeddings, return_dict=False)[0]
-    target = _target(base, latents, noise, timesteps)
-    if not prior:
-        loss = F.mse_loss(prediction.float(), target.float())
-        return loss, loss.detach(), torch.zeros(())
-    pred_instance, pred_class = prediction.float().chunk(2)
-    target_instance, target_class = target.float().chunk(2)
-    instance_loss = F.mse_loss(pred_instance, target_instance)
-    prior_loss = F.mse_loss(pred_class, target_class)
-    return instance_loss + settings.prior_loss_weight * prior_loss, instance_loss.detach(), prior_loss.detach()
+@dataclass
+class SubjectTraining:
+    """One subject's own share of a pack: its examples, slot, optimizer, schedule, RNG, log and checkpoints."""
+
+    subject: Subject
+    settings: Settings
+    subject_dir: str
+    slot: int
+    identity: str
+    examples: TrainingExamples
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    on_step: Callable[[StepRecord], None] | None
+    log: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0  # optimizer steps done
+    resumed_from: int | None = None
+    micro: int = 0  # micro-batches accumulated towards the next step
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, instance, prior of this step
+    step_began: float = field(default_factory=time.perf_counter)
+
+    @property
+    def checkpoints_uri(self) -> str:
+        return storage.join(self.subject_dir, "checkpoints")
+
+    def checkpoint(self) -> None:
+        state = TrainingState(
+            step=self.step,
+            trainable={name: p.detach() for name, p in self.params.items()},
+            optimizer=self.optimizer.state_dict(),
+            lr_scheduler=self.lr_scheduler.state_dict(),  # JSON: lambdas are functions, stored as None
+            rng={"generator": self.generator.get_state()},
+            extra={"identity": self.identity, "log": self.log,
+                   "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None},
+        )  # fmt: skip
+        save_checkpoint(self.checkpoints_uri, state, keep=self.settings.checkpoints_total_limit)
+        write_train_log(self.subject_dir, self.log)
+
+
+@dataclass
+class Ended:
+    """A subject that left its pack: finished (weights exported, `result` set) or failed (`error` set)."""
+
+    subject: Subject
+    result: TrainResult | None = None
+    error: BaseException | None = None
+
+
+class PackTrainer:
+    """Up to `capacity` subjects of one pack shape, training together on `base` (full fine-tunes: one at a time)."""
+
+    def __init__(self, base: BaseModel, settings: Settings, capacity: int):
+        base.reset()
+        self.base = base
+        self.shape = pack_shape(settings)
+        self.capacity = capacity if settings.mode == "lora" else 1
+        self.members: dict[int, SubjectTraining] = {}
+        self.train_text_encoder = settings.train_text_encoder
+        self.gradient_checkpointing = settings.gradient_checkpointing
+        self.autocast = settings.autocast(base.device.type)
+        self.pack = attach_lora_pack(base, settings, self.capacity) if settings.mode == "lora" else None
+        self._prepare_modules()
+
+    def _prepare_modules(self) -> None:
+        trained = [self.base.unet] + ([self.base.text_encoder] if self.train_text_encoder else [])
+        for module in trained:
+            module.train()
+        if self.gradient_checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
+            if self.train_text_encoder:
+                self.base.text_encoder.activation_checkpointing_enable()
+
+    @property
+    def free_slots(self) -> int:
+        return self.capacity - len(self.members)
+
+    def fits(self, settings: Settings) -> bool:
+        return self.free_slots > 0 and pack_shape(settings) == self.shape
+
+    def close(self) -> None:
+        """Take every adapter off and restore the base model; the trainer is not used again."""
+        self.members.clear()
+        self.base.reset()
+
+    # -- joining and leaving -----------------------------------------------------------------------------------
+
+    def admit(
+        self,
+        subject: Subject,
+        settings: Settings,
+        subject_dir: str,
+        class_image_uris: list[str] | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> SubjectTraining:
+        """Give the subject a free slot, fresh or resumed from its newest checkpoint. A subject whose own input is bad
+        (an image, a checkpoint of other settings) raises here and leaves the pack as it was."""
+        from diffusers.optimization import get_scheduler
+
+        if not self.fits(settings):
+            raise ValueError(f"subject {subject.subject_id!r} does not fit this pack (full, or another pack shape)")
+        use_prior = settings.with_prior_preservation
+        if use_prior and not class_image_uris:
+            raise ValueError("with_prior_preservation is on but no class images were given")
+        checkpoints_uri = storage.join(subject_dir, "checkpoints")
+        identity = training_identity(subject, settings, self.base)
+        resume = load_latest_checkpoint(checkpoints_uri)
+        if resume is not None and resume.extra.get("identity") != identity:
+            raise CheckpointError(
+                f"{checkpoints_uri}: the checkpoint at step {resume.step} was made with other training settings or "
+                "inputs; remove the subject's checkpoints to start over"
+            )
+        examples = prepare_examples(
+            self.base, subject.instance_images, subject.instance_prompt, settings,
+            class_image_uris if use_prior else None, subject.class_prompt,
+        )  # fmt: skip
+        slot = next(s for s in range(self.capacity) if s not in self.members)
+        params = self._attach_slot(slot, settings, subject.effective_seed)
+        try:
+            optimizer = make_optimizer(list(params.values()), settings, self.base.device)
+            lr_scheduler = get_scheduler(
+                settings.lr_scheduler, optimizer,
+                num_warmup_steps=settings.lr_warmup_steps, num_training_steps=settings.max_train_steps,
+            )  # fmt: skip
+            precision = settings.effective_mixed_precision(self.base.device.type)
+            scaler = torch.amp.GradScaler(self.base.device.type, enabled=precision == "fp16")
+            member = SubjectTraining(
+                subject, settings, subject_dir, slot, identity, examples, params, optimizer, lr_scheduler, scaler,
+                torch.Generator().manual_seed(subject.effective_seed), on_step,
+            )  # fmt: skip
+            if resume is not None:
+                if set(resume.trainable) != set(params):
+                    raise CheckpointError(f"{checkpoints_uri}: the checkpoint's weights do not match the LoRA layout")
+                with torch.no_grad():
+                    for name, tensor in resume.trainable.items():
+                        params[name].copy_(tensor)
+                optimizer.load_state_dict(resume.optimizer)
+                lr_scheduler.load_state_dict(resume.lr_scheduler)
+                if resume.extra.get("scaler"):
+                    scaler.load_state_dict(resume.extra["scaler"])
+                member.generator.set_state(resume.rng["generator"])
+                member.log, member.step, member.resumed_from = resume.extra["log"], resume.step, resume.step
+        except BaseException:
+            self._release(slot)
+            raise
+        self.members[slot] = member
+        return member
+
+    def _attach_slot(self, slot: int, settings: Settings, seed: int) -> dict[str, torch.nn.Parameter]:
+        if self.pack is not None:
+            # Its own init RNG: a subject's LoRA starts the same whichever slot and pack it lands in.
+            self.pack.init_slot(slot, settings.effective_lora_alpha, torch.Generator().manual_seed(seed))
+            return self.pack.parameters(slot)
+        components = [("unet", self.base.unet)] + (
+            [("text_encoder", self.base.text_encoder)] if settings.train_text_encoder else []
+        )
+        trainable = {}
+        for prefix, module in components:
+            self.base.snapshot(prefix)
+            module.float()  # fully fine-tuned weights train in fp32, whatever the frozen storage dtype
+            module.requires_grad_(True)
+            trainable.update({f"{prefix}.{name}": p for name, p in module.named_parameters()})
+        return trainable
+
+    def _release(self, slot: int) -> None:
+        self.members.pop(slot, None)
+        if self.pack is not None:
+            self.pack.clear_slot(slot)
+        else:  # a full fine-tune: back to the base weights for whoever comes next
+            self.base.reset()
+            self._prepare_modules()
+
+    def _finish(self, member: SubjectTraining) -> Ended:
+        weights_uri = storage.join(member.subject_dir, "weights")
+        export_weights(self.base, member.settings, weights_uri, slot=member.slot)
+        write_train_log(member.subject_dir, member.log)
+        result = TrainResult(steps=member.settings.max_train_steps, log=member.log, resumed_from=member.resumed_from,
+                             weights_uri=weights_uri)  # fmt: skip
+        return Ended(member.subject, result=result)
+
+    # -- one step of the whole pack ----------------------------------------------------------------------------
+
+    def step(self) -> list[Ended]:
+        """One micro-batch for every resident subject; returns those that finished or failed in it."""
+        members = list(self.members.values())
+        if not members:
+            return []
+        try:  # the routes stay set through the backward pass: gradient checkpointing reruns the forward there
+            ended = self._forward_backward(members)
+        finally:
+            if self.pack is not None:
+                self.pack.clear_routes()
+        stepped = []
+        for m in [m for m in members if m.slot in self.members and m.micro == m.settings.gradient_accumulation_steps]:
+            try:
+                record, finished = self._optimizer_step(m)
+            except Exception as err:  # its checkpoint or export failed: that subject alone
+                self._release(m.slot)
+                ended.append(Ended(m.subject, error=err))
+                continue
+            stepped.append((m, record))
+            if finished is not None:
+                ended.append(finished)
+        for m, record in stepped:  # after the whole pack has stepped: a callback that raises stops the pack whole
+            if m.on_step is not None:
+                m.on_step(record)
+        return ended
+
+    def _forward_backward(self, members: list[SubjectTraining]) -> list[Ended]:
+        """The pack's micro-batch forward and backward; returns the subjects whose loss was not finite."""
+        samples = [self._sample(m) for m in members]
+        latents = torch.cat([s[0] for s in samples])
+        noise = torch.cat([s[1] for s in samples])
+        timesteps = torch.cat([s[2] for s in samples])
+        embeddings = torch.cat(self._embeddings(members))
+        noisy = self.base.noise_scheduler.add_noise(latents, noise, timesteps)
+        self._route("unet", [m.slot for m, s in zip(members, samples) for _ in range(s[0].shape[0])])
+        with self.autocast:
+            prediction = self.base.unet(noisy, timesteps, embeddings, return_dict=False)[0]
+        target = _target(self.base, latents, noise, timesteps)
+
+        losses, offset = [], 0
+        for m, (sample_latents, _, _) in zip(members, samples):
+            n = sample_latents.shape[0]
+            losses.append(self._loss(m, prediction[offset : offset + n].float(), target[offset : offset + n].float()))
+            offset += n
+        values = torch.stack([torch.stack(parts) for parts in losses]).detach().cpu().tolist()  # one sync for all
+        ended: list[Ended] = []
+        kept = []
+        for m, parts, (loss, _, _) in zip(members, values, losses):
+            if all(map(math.isfinite, parts)):
+                kept.append((m, parts, loss))
+                continue
+            error = NonFiniteLossError(f"loss is {parts[0]} at step {m.step + 1}; lower learning_rate or use bf16")
+            self._release(m.slot)
+            ended.append(Ended(m.subject, error=error))
+        if kept:
+            # Each subject's loss reaches only its own slot's weights: their sum back-propagates as K separate losses.
+            sum(m.scaler.scale(loss / m.settings.gradient_accumulation_steps) for m, _, loss in kept).backward()
+        for m, parts, _ in kept:
+            accumulation = m.settings.gradient_accumulation_steps
+            m.totals = [t + v / accumulation for t, v in zip(m.totals, parts)]
+            m.micro += 1
+        return ended
+
+    def _sample(self, m: SubjectTraining) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The subject's micro-batch: instance (then class) latents, noise and timesteps, all from its own RNG."""
+        bs, g, examples = m.settings.train_batch_size, m.generator, m.examples
+        latents = examples.instance.sample(torch.randint(len(examples.instance), (bs,), generator=g), g)
+        if examples.class_ is not None:
+            class_latents = examples.class_.sample(torch.randint(len(examples.class_), (bs,), generator=g), g)
+            latents = torch.cat([latents, class_latents])
+        noise = torch.randn(latents.shape, generator=g).to(self.base.device)
+        timesteps = torch.randint(
+            0, self.base.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g
+        ).to(self.base.device)
+        return latents, noise, timesteps
+
+    def _embeddings(self, members: list[SubjectTraining]) -> list[torch.Tensor]:
+        """Each subject's prompt embeddings, one row per sample: cached, or (text encoder training) one routed pass."""
+        prompts = [p for m in members for p in [(m, "instance")] + ([(m, "class")] if m.examples.class_ is not None else [])]
+        if not self.train_text_encoder:
+            rows = [m.examples.cached_embeddings[which] for m, which in prompts]
+        else:
+            ids = torch.cat([m.examples.instance_ids if w == "instance" else m.examples.class_ids for m, w in prompts])
+            self._route("text_encoder", [m.slot for m, _ in prompts])
+            with self.autocast:
+                encoded = self.base.text_encoder(ids)[0]
+            rows = list(encoded.split(1))
+        out, i = [], 0
+        for m in members:
+            parts = 2 if m.examples.class_ is not None else 1
+            out.append(torch.cat([row.expand(m.settings.train_batch_size, -1, -1) for row in rows[i : i + parts]]))
+            i += parts
+        return out
+
+    def _route(self, component: str, slots: list[int]) -> None:
+        if self.pack is not None:
+            self.pack.route(component, slots)
+
+    @staticmethod
+    def _loss(m: SubjectTraining, prediction: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+        """The subject's DreamBooth loss over its own samples: [loss, instance loss, prior loss]."""
+        if m.examples.class_ is None:
+            loss = F.mse_loss(prediction, target)
+            return [loss, loss.detach(), torch.zeros((), device=loss.device)]
+        pred_instance, pred_class = prediction.chunk(2)
+        target_instance, target_class = target.chunk(2)
+        instance_loss = F.mse_loss(pred_instance, target_instance)
+        prior_loss = F.mse_loss(pred_class, target_class)
+        return [instance_loss + m.settings.prior_loss_weight * prior_loss, instance_loss.detach(), prior_loss.detach()]
+
+    def _optimizer_step(self, m: SubjectTraining) -> tuple[StepRecord, Ended | None]:
+        m.scaler.unscale_(m.optimizer)
+        torch.nn.utils.clip_grad_norm_(list(m.params.values()), m.settings.max_grad_norm)
+        m.scaler.step(m.optimizer)
+        m.scaler.update()
+        m.lr_scheduler.step()
+        m.optimizer.zero_grad(set_to_none=True)
+        m.step += 1
+        now = time.perf_counter()
+        record = StepRecord(m.step, *m.totals, m.lr_scheduler.get_last_lr()[0], now - m.step_began)
+        m.log.append(record.__dict__)
+        m.micro, m.totals, m.step_began = 0, [0.0, 0.0, 0.0], now
+        last = m.step == m.settings.max_train_steps
+        if m.step % m.settings.checkpointing_steps == 0 or last:
+            m.checkpoint()
+        ended = None
+        if last:
+            ended = self._finish(m)
+            self._release(m.slot)
+        return record, ended
+
+
+@dataclass
+class PackJob:
+    """One subject to train in `train_pack`."""
+
+    subject: Subject
+    settings: Settings
+    subject_dir: str
+    class_image_uris: list[str] | None = None
+    on_step: Callable[[StepRecord], None] | None = None
+
+
+def train_pack(base: BaseModel, jobs: list[PackJob], capacity: int) -> list[Ended]:
+    """Train `jobs` (of one pack shape) `capacity` at a time, refilling each freed slot at once; in the order they end."""
+    queue = list(jobs)
+    trainer = PackTrainer(base, queue[0].settings, capacity)
+    ended: list[Ended] = []
+    try:
+        while queue or trainer.members:
+            while queue and trainer.free_slots:
+                job = queue.pop(0)
+                try:
+                    trainer.admit(job.subject, job.settings, job.subject_dir, job.class_image_uris, job.on_step)
+                except Exception as err:
+                    ended.append(Ended(job.subject, error=err))
+            ended.extend(trainer.step())
+    finally:
+        trainer.close()
+    return ended
 
 
 def train_subject(
@@ -179,97 +473,18 @@ def train_subject(
     class_image_uris: list[str] | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> TrainResult:
-    """Train one subject on `base`, checkpointing under `subject_dir`, resuming from its newest checkpoint."""
-    from diffusers.optimization import get_scheduler
-
-    use_prior = settings.with_prior_preservation
-    if use_prior and not class_image_uris:
-        raise ValueError("with_prior_preservation is on but no class images were given")
-    checkpoints_uri = storage.join(subject_dir, "checkpoints")
-    identity = training_identity(subject, settings, base)
-    resume = load_latest_checkpoint(checkpoints_uri)
-    if resume is not None and resume.extra.get("identity") != identity:
-        raise CheckpointError(
-            f"{checkpoints_uri}: the checkpoint at step {resume.step} was made with other training settings or "
-            "inputs; remove the subject's checkpoints to start over"
-        )
-
+    """Train one subject on `base` (a pack of one), checkpointing under `subject_dir`, resuming from its newest
+    checkpoint. Raises the subject's error if it fails."""
+    trainer = PackTrainer(base, settings, capacity=1)
     try:
-        examples = prepare_examples(
-            base, subject.instance_images, subject.instance_prompt, settings,
-            class_image_uris if use_prior else None, subject.class_prompt,
-        )  # fmt: skip
-        torch.manual_seed(subject.effective_seed)  # LoRA initialisation draws from the global RNG
-        trainable = attach_trainable(base, settings)
-        params = list(trainable.values())
-        optimizer = make_optimizer(params, settings, base.device)
-        lr_scheduler = get_scheduler(
-            settings.lr_scheduler,
-            optimizer,
-            num_warmup_steps=settings.lr_warmup_steps,
-            num_training_steps=settings.max_train_steps,
-        )
-        precision = settings.effective_mixed_precision(base.device.type)
-        autocast = settings.autocast(base.device.type)
-        scaler = torch.amp.GradScaler(base.device.type, enabled=precision == "fp16")
-        generator = torch.Generator().manual_seed(subject.effective_seed)
-        log: list[dict[str, Any]] = []
-        start = 0
-        if resume is not None:
-            with torch.no_grad():
-                for name, tensor in resume.trainable.items():
-                    trainable[name].copy_(tensor)
-            optimizer.load_state_dict(resume.optimizer)
-            lr_scheduler.load_state_dict(resume.lr_scheduler)
-            if resume.extra.get("scaler"):
-                scaler.load_state_dict(resume.extra["scaler"])
-            _restore_rng(generator, resume.rng)
-            log, start = resume.extra["log"], resume.step
-
-        def checkpoint(step: int) -> None:
-            state = TrainingState(
-                step=step,
-                trainable={name: p.detach() for name, p in trainable.items()},
-                optimizer=optimizer.state_dict(),
-                lr_scheduler=lr_scheduler.state_dict(),  # JSON: lambdas are functions, stored as None
-                rng=_rng_state(generator),
-                extra={"identity": identity, "log": log, "scaler": scaler.state_dict() if scaler.is_enabled() else None},
-            )
-            save_checkpoint(checkpoints_uri, state, keep=settings.checkpoints_total_limit)
-            write_train_log(subject_dir, log)
-
-        for step in range(start + 1, settings.max_train_steps + 1):
-            began = time.perf_counter()
-            total = instance_total = prior_total = 0.0
-            for _ in range(settings.gradient_accumulation_steps):
-                loss, instance_loss, prior_loss = training_loss(base, examples, settings, generator, autocast)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"loss is {loss.item()} at step {step}; lower learning_rate or use bf16")
-                scaler.scale(loss / settings.gradient_accumulation_steps).backward()
-                total += loss.item() / settings.gradient_accumulation_steps
-                instance_total += instance_loss.item() / settings.gradient_accumulation_steps
-                prior_total += prior_loss.item() / settings.gradient_accumulation_steps
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            record = StepRecord(step, total, instance_total, prior_total, lr_scheduler.get_last_lr()[0],
-                                time.perf_counter() - began)  # fmt: skip
-            log.append(record.__dict__)
-            if step % settings.checkpointing_steps == 0 or step == settings.max_train_steps:
-                checkpoint(step)
-            if on_step is not None:
-                on_step(record)
-
-        weights_uri = storage.join(subject_dir, "weights")
-        export_weights(base, settings, weights_uri)
-        write_train_log(subject_dir, log)
-        return TrainResult(steps=settings.max_train_steps, log=log, resumed_from=resume.step if resume else None,
-                           weights_uri=weights_uri)  # fmt: skip
+        trainer.admit(subject, settings, subject_dir, class_image_uris, on_step)
+        while True:
+            for ended in trainer.step():
+                if ended.error is not None:
+                    raise ended.error
+                return ended.result
     finally:
-        base.reset()
+        trainer.close()
 
 
 def write_train_log(subject_dir: str, log: list[dict[str, Any]]) -> None:

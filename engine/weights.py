@@ -3,7 +3,8 @@
 Export uses the layouts stock diffusers loads:
 LoRA: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(dir)`.
 Full: `unet/` (and `text_encoder/`) save_pretrained folders for `UNet2DConditionModel.from_pretrained(dir, subfolder="unet")`.
-Loading puts them onto the resident base model in memory; `BaseModel.reset()` takes them off again.
+LoRA weights live in the slots of a `LoraPack` (engine/packed_lora.py), so one resident model carries several
+subjects at once; `BaseModel.reset()` takes them off again.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import load as load_safetensors
 
 from engine import storage
-from engine.models import LORA_ADAPTER, BaseModel
-from engine.settings import Settings
+from engine.models import BaseModel
+from engine.packed_lora import LoraLayoutError, LoraPack
+from engine.settings import Settings, SettingsError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -27,6 +30,7 @@ def lora_config(settings: Settings, component: str):
     return LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.effective_lora_alpha,
+        lora_dropout=0.0,  # dropout would make a packed sample's update depend on more than its own subject's RNG
         init_lora_weights="gaussian",
         target_modules=list(targets),
     )
@@ -36,15 +40,41 @@ def lora_components(settings: Settings) -> list[str]:
     return ["unet", "text_encoder"] if settings.train_text_encoder else ["unet"]
 
 
-def load_subject_weights(base: BaseModel, settings: Settings, weights_uri: str) -> None:
-    """Put a trained subject's exported weights onto the base model (after `base.reset()`), safetensors only."""
+def attach_lora_pack(base: BaseModel, settings: Settings, capacity: int) -> LoraPack:
+    """`capacity` empty LoRA slots of the settings' layout on the (reset) base model."""
+    if base.lora is not None:
+        raise RuntimeError("a LoRA pack is already attached; reset the base model first")
+    targets = {"unet": settings.lora_target_modules, "text_encoder": settings.text_encoder_lora_target_modules}
+    components = {c: (getattr(base, c), targets[c]) for c in lora_components(settings)}
+    try:
+        base.lora = LoraPack.attach(components, settings.lora_rank, capacity)
+    except LoraLayoutError as err:
+        base.reset()  # whatever was wrapped before the error comes off again
+        raise SettingsError(f"lora_target_modules: {err}") from None
+    return base.lora
+
+
+def read_lora_weights(settings: Settings, weights_uri: str) -> dict[str, dict[str, torch.Tensor]]:
+    """A subject's exported LoRA file, per component, in peft's single-adapter layout; safetensors only."""
     from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-    from peft import set_peft_model_state_dict
 
     to_peft = {"unet": convert_unet_state_dict_to_peft, "text_encoder": convert_state_dict_to_peft}
+    exported = load_safetensors(storage.read_bytes(storage.join(weights_uri, LORA_FILE)))
+    state = {}
+    for component in lora_components(settings):
+        prefix = f"{component}."
+        own = {k[len(prefix):]: v for k, v in exported.items() if k.startswith(prefix)}
+        if not own:
+            raise ValueError(f"{weights_uri}: no {component} LoRA weights, but the settings say it was trained")
+        state[component] = to_peft[component](own)
+    return state
 
-    base.reset()
+
+def load_subject_weights(base: BaseModel, settings: Settings, weights_uri: str, slot: int = 0) -> None:
+    """Put a trained subject's exported weights onto the base model: full weights in place (after `base.reset()`),
+    LoRA weights into `slot` of the attached pack (a pack of one is attached if there is none)."""
     if settings.mode == "full":
+        base.reset()
         for component in ["unet", *(["text_encoder"] if settings.train_text_encoder else [])]:
             folder = storage.join(weights_uri, component)
             files = [n for n in storage.listdir(folder) if n.endswith(".safetensors")]
@@ -53,25 +83,18 @@ def load_subject_weights(base: BaseModel, settings: Settings, weights_uri: str) 
             base.snapshot(component)
             getattr(base, component).load_state_dict(load_safetensors(storage.read_bytes(storage.join(folder, files[0]))))
         return
-    exported = load_safetensors(storage.read_bytes(storage.join(weights_uri, LORA_FILE)))
-    for component in lora_components(settings):
-        prefix = f"{component}."
-        state = {k[len(prefix):]: v for k, v in exported.items() if k.startswith(prefix)}
-        if not state:
-            raise ValueError(f"{weights_uri}: no {component} LoRA weights, but the settings say it was trained")
-        base.add_lora(component, lora_config(settings, component))
-        result = set_peft_model_state_dict(
-            getattr(base, component), to_peft[component](state), adapter_name=LORA_ADAPTER
-        )
-        if result.unexpected_keys:
-            raise ValueError(f"{weights_uri}: {component} LoRA weights do not match the settings' LoRA layout")
+    pack = base.lora if base.lora is not None else attach_lora_pack(base, settings, capacity=1)
+    try:
+        pack.load_slot(slot, settings.effective_lora_alpha, read_lora_weights(settings, weights_uri))
+    except LoraLayoutError as err:
+        raise ValueError(f"{weights_uri}: {err}") from None
 
 
-def export_weights(base: BaseModel, settings: Settings, dest: str) -> None:
-    """Write the subject's trained weights (attached to `base`) to `dest`, any fsspec URI."""
+def export_weights(base: BaseModel, settings: Settings, dest: str, slot: int = 0) -> None:
+    """Write a subject's trained weights (LoRA: pack slot `slot`; full: the UNet itself) to `dest`, any fsspec URI."""
     with tempfile.TemporaryDirectory(prefix="dreamfleet-weights-") as tmp:
         if settings.mode == "lora":
-            _save_lora(base, settings, Path(tmp))
+            _save_lora(base.lora.exported(slot), settings, Path(tmp))
         else:
             base.unet.save_pretrained(Path(tmp) / "unet", safe_serialization=True)
             if settings.train_text_encoder:
@@ -79,25 +102,18 @@ def export_weights(base: BaseModel, settings: Settings, dest: str) -> None:
         storage.upload_dir(Path(tmp), dest)
 
 
-def _save_lora(base: BaseModel, settings: Settings, folder: Path) -> None:
+def _save_lora(state: dict[str, dict[str, torch.Tensor]], settings: Settings, folder: Path) -> None:
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
 
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(base.unet, adapter_name=LORA_ADAPTER))
-    text_layers = None
-    text_metadata = None
-    if settings.train_text_encoder:
-        text_layers = convert_state_dict_to_diffusers(
-            get_peft_model_state_dict(base.text_encoder, adapter_name=LORA_ADAPTER)
-        )
-        text_metadata = base.text_encoder.peft_config[LORA_ADAPTER].to_dict()
+    layers = {c: convert_state_dict_to_diffusers(state[c]) for c in lora_components(settings)}
     StableDiffusionPipeline.save_lora_weights(
         folder,
-        unet_lora_layers=unet_layers,
-        text_encoder_lora_layers=text_layers,
+        unet_lora_layers=layers["unet"],
+        text_encoder_lora_layers=layers.get("text_encoder"),
         safe_serialization=True,
         # rank and alpha travel with the weights, so stock diffusers scales the LoRA as it was trained
-        unet_lora_adapter_metadata=base.unet.peft_config[LORA_ADAPTER].to_dict(),
-        text_encoder_lora_adapter_metadata=text_metadata,
+        unet_lora_adapter_metadata=lora_config(settings, "unet").to_dict(),
+        text_encoder_lora_adapter_metadata=lora_config(settings, "text_encoder").to_dict()
+        if settings.train_text_encoder else None,
     )

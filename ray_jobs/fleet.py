@@ -113,6 +113,8 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
             num_workers=num_workers,
             gpus_per_job=gpus_per_job,
             cpus_per_job=request.cpus_per_job,
+            pack_subjects=request.settings.pack_subjects,
+            mixed_precision=request.settings.mixed_precision,
         )
         on_event = request.metrics.on_fleet_event if request.metrics is not None else None
         FleetScheduler(

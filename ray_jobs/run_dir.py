@@ -21,7 +21,7 @@ from engine.settings import Settings
 
 STATES = ("pending", "training", "trained", "generating", "done", "failed")
 # Settings that may differ between invocations on the same RUN without changing what a subject is.
-OPERATIONAL_SETTINGS = frozenset({"max_attempts"})
+OPERATIONAL_SETTINGS = frozenset({"max_attempts", "pack_subjects", "compile_unet"})  # how, not what
 STATUS_READ_THREADS = 32  # reading statuses is storage round trips; overlap them on object stores
 
 

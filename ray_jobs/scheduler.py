@@ -1,17 +1,24 @@
-"""The fleet scheduler: hands a plan's jobs to long-lived worker actors, one job per actor at a time.
+"""The fleet scheduler: hands a plan's jobs to long-lived worker actors, one call in flight per actor at a time.
 
 - Class-image sets first, each on exactly one actor; a subject waits only for its own set.
+- Training is packed: a worker trains up to `pack_subjects` LoRA subjects of one pack shape at once, in one UNet
+  batch. The pack lives in the worker between calls; each call returns when one of its subjects ends, and the
+  next call refills the freed slot at once (slots, not waves). A new pack takes an even share of the ready
+  subjects, so idle workers are not left empty while one packs everything. Full fine-tunes train alone.
+- Generation is packed too: a worker with no subjects in training renders up to `pack_subjects` subjects together.
 - A subject moves through its stages (train, then generate) on whichever worker is free; its state in RUN follows:
   pending → training → trained → generating → done, or failed with the reason.
-- At most one job in flight per actor: the driver holds a bounded number of futures whatever the manifest's size.
-- A subject's failure is retried up to `max_attempts` (an OOM retry turns on gradient checkpointing, then halves the
-  micro-batch); a dead worker is replaced and its subject re-queued, resuming from its last checkpoint. A death
-  after the subject made progress (a new checkpoint, new images) does not use up one of its attempts.
+- A subject's failure is retried up to `max_attempts`. An OOM of a pack halves that worker's pack and retries its
+  subjects without counting it against them; alone, an OOM retry turns on gradient checkpointing, then halves the
+  micro-batch. A dead worker is replaced and each of its subjects re-queued, resuming from its own newest
+  checkpoint. A death after the subject made progress (a new checkpoint, new images) does not use up one of its
+  attempts.
 - Every state change is written to RUN at once: the driver can be killed at any point and rerun.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +29,9 @@ from ray.exceptions import RayActorError
 
 from engine import storage
 from engine.checkpoints import complete_steps
+from engine.generation import render_shape
 from engine.settings import Settings
+from engine.train import pack_shape
 from ray_jobs.plan import ClassSetJob, FleetPlan, SubjectJob
 from ray_jobs.progress import FleetProgress
 from ray_jobs.run_dir import RunDirectory, subject_dir, summarize
@@ -31,7 +40,8 @@ from ray_jobs.worker import SubjectWorker
 RUNNING_STATE = {"train": "training", "generate": "generating"}
 FINISHED_STATE = {"train": "trained", "generate": "done"}
 BEFORE_STATE = {"train": "pending", "generate": "trained"}
-HISTORY_FIELDS = ("ok", "error", "resumed_from", "steps_run", "images", "images_generated", "seconds", "final_loss")
+HISTORY_FIELDS = ("ok", "error", "resumed_from", "steps_run", "images", "images_generated", "seconds", "final_loss",
+                  "pack", "pack_mates")  # fmt: skip
 
 
 class FleetError(RuntimeError):
@@ -45,6 +55,8 @@ class FleetOptions:
     gpus_per_job: float
     cpus_per_job: float = 1.0
     cache_dir: str | None = None
+    pack_subjects: int = 1
+    mixed_precision: str | None = None  # the run's setting: frozen weights are stored in it on a GPU
     worker_class: type = SubjectWorker  # a stand-in with the same methods serves the scheduling benchmark
 
 
@@ -100,10 +112,13 @@ class FleetScheduler:
         self.waiting: dict[str, list[SubjectJob]] = {}
         self.ready_sets: dict[str, list[str]] = {}
         self.set_attempts: dict[str, int] = {}
-        self.in_flight: dict[ray.ObjectRef, tuple[Any, ClassSetJob | SubjectJob]] = {}
+        # call in flight -> (its worker, what it carries: a class set, or the subject jobs it admitted / renders)
+        self.in_flight: dict[ray.ObjectRef, tuple[Any, str, Any]] = {}
         self.idle: deque = deque()
         self.starting: dict[ray.ObjectRef, Any] = {}  # identity call of each worker still loading -> the worker
         self.identities: dict[Any, dict[str, Any]] = {}  # started workers -> their pid, node and GPU ids
+        self.packs: dict[Any, dict[str, SubjectJob]] = {}  # each worker's subjects in training, by subject id
+        self.capacity: dict[Any, int] = {}  # each worker's pack size; halved by an OOM of the pack
         self.start_step: dict[str, int] = {}  # checkpoint step of each subject when first handed out here
         self.worker_deaths = 0  # in a row, no job returning in between: many means the fleet itself is broken
 
@@ -113,7 +128,7 @@ class FleetScheduler:
         cls = ray.remote(self.options.worker_class).options(
             num_gpus=self.options.gpus_per_job, num_cpus=self.options.cpus_per_job, max_restarts=0
         )
-        actor = cls.remote(self.options.base_model, self.options.cache_dir)
+        actor = cls.remote(self.options.base_model, self.options.cache_dir, mixed_precision=self.options.mixed_precision)
         # A worker joins the idle pool only when its identity call returns, i.e. once its model is loaded: the
         # driver never blocks on a starting worker, so the others keep working while it loads.
         self.starting[actor.identity.remote()] = actor
@@ -125,6 +140,7 @@ class FleetScheduler:
         except RayActorError:  # it could not even load the model
             self._replace(actor)
             return
+        self.packs[actor], self.capacity[actor] = {}, self.options.pack_subjects
         self.idle.append(actor)
 
     def _replace(self, actor) -> None:
@@ -133,7 +149,8 @@ class FleetScheduler:
             raise FleetError(f"{self.worker_deaths} workers died in a row, none finishing a job in between; "
                              "the cause is not one subject")  # fmt: skip
         ray.kill(actor, no_restart=True)
-        self.identities.pop(actor, None)
+        for table in (self.identities, self.packs, self.capacity):
+            table.pop(actor, None)
         self._start_worker()
         self.on_event("worker_replaced", {})
 
@@ -159,11 +176,45 @@ class FleetScheduler:
             job.status.state = BEFORE_STATE[job.stage]
             self.run_dir.write_status(job.status)
 
-    def _submit(self, actor, job: ClassSetJob | SubjectJob) -> None:
-        if isinstance(job, ClassSetJob):
-            ref = actor.make_class_set.remote(self.run_dir.class_images, job.class_prompt, job.settings)
-            self.in_flight[ref] = (actor, job)
-            return
+    def _take(self, wanted: Callable[[SubjectJob], bool], limit: int) -> list[SubjectJob]:
+        """Up to `limit` queued subject jobs that `wanted` accepts, in queue order, taken off the queue."""
+        taken = [job for job in self.queue if isinstance(job, SubjectJob) and wanted(job)][:limit]
+        for job in taken:
+            self.queue.remove(job)
+        return taken
+
+    def _dispatch(self) -> None:
+        """Give every idle worker its next call: refill its pack, or start one, or a class set, or a generation."""
+        for actor in list(self.idle):
+            pack = self.packs[actor]
+            if pack:  # its pack goes on, with compatible ready subjects in its free slots
+                shape = pack_shape(next(iter(pack.values())).settings)
+                admit = self._take(lambda j: j.stage == "train" and pack_shape(j.settings) == shape,
+                                   self.capacity[actor] - len(pack))  # fmt: skip
+                self._submit_train(actor, admit)
+            elif not self.queue:
+                continue
+            elif isinstance(self.queue[0], ClassSetJob):
+                self._submit_class_set(actor, self.queue.popleft())
+            elif self.queue[0].stage == "train":
+                shape, lora = pack_shape(self.queue[0].settings), self.queue[0].settings.mode == "lora"
+                ready = sum(isinstance(j, SubjectJob) and j.stage == "train" and pack_shape(j.settings) == shape
+                            for j in self.queue)  # fmt: skip
+                empty = sum(not self.packs[a] for a in self.idle) + len(self.starting)
+                share = math.ceil(ready / max(1, empty))  # an even share, so no worker waits empty
+                limit = min(self.capacity[actor], share) if lora else 1
+                self._submit_train(actor, self._take(lambda j: j.stage == "train" and pack_shape(j.settings) == shape, limit))
+            else:
+                shape, lora = render_shape(self.queue[0].settings), self.queue[0].settings.mode == "lora"
+                limit = self.options.pack_subjects if lora else 1
+                self._submit_generate(actor, self._take(lambda j: j.stage == "generate" and render_shape(j.settings) == shape, limit))
+            self.idle.remove(actor)
+
+    def _submit_class_set(self, actor, job: ClassSetJob) -> None:
+        ref = actor.make_class_set.remote(self.run_dir.class_images, job.class_prompt, job.settings)
+        self.in_flight[ref] = (actor, "class_set", job)
+
+    def _begin_attempt(self, actor, job: SubjectJob) -> None:
         job.tries += 1
         job.status.state = RUNNING_STATE[job.stage]
         job.status.attempts += 1
@@ -172,10 +223,20 @@ class FleetScheduler:
         job.progress_at_submit = self._progress(job)
         if job.stage == "train":
             self.start_step.setdefault(job.subject.subject_id, job.progress_at_submit)
-            ref = actor.train.remote(self.run_dir.uri, job.subject, job.settings, self.ready_sets.get(job.class_set))
-        else:
-            ref = actor.generate.remote(self.run_dir.uri, job.subject, job.settings)
-        self.in_flight[ref] = (actor, job)
+
+    def _submit_train(self, actor, admit: list[SubjectJob]) -> None:
+        for job in admit:
+            self._begin_attempt(actor, job)
+            self.packs[actor][job.subject.subject_id] = job
+        assignments = [(j.subject, j.settings, self.ready_sets.get(j.class_set)) for j in admit]
+        ref = actor.train.remote(self.run_dir.uri, assignments, self.capacity[actor])
+        self.in_flight[ref] = (actor, "train", admit)
+
+    def _submit_generate(self, actor, jobs: list[SubjectJob]) -> None:
+        for job in jobs:
+            self._begin_attempt(actor, job)
+        ref = actor.generate.remote(self.run_dir.uri, [(j.subject, j.settings) for j in jobs])
+        self.in_flight[ref] = (actor, "generate", jobs)
 
     def _progress(self, job: SubjectJob) -> int:
         """How far the subject's current stage has got, as RUN shows it: its newest checkpoint, or its images."""
@@ -185,6 +246,35 @@ class FleetScheduler:
         return sum(name.endswith(".png") for name in storage.listdir(storage.join(folder, "images")))
 
     # -- outcomes ------------------------------------------------------------------------------------------------
+
+    def _returned(self, ref: ray.ObjectRef) -> None:
+        actor, kind, payload = self.in_flight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayActorError as err:
+            died = {"ok": False, "error": f"worker process died: {type(err).__name__}", "retryable": True,
+                    "worker_died": True}  # fmt: skip
+            jobs = list(self.packs.get(actor, {}).values()) if kind == "train" else payload
+            self._replace(actor)
+            if kind == "class_set":
+                self._class_set_done(payload, died)
+            for job in jobs if kind != "class_set" else []:
+                self._subject_done(job, died)
+            return
+        self.worker_deaths = 0
+        self.idle.append(actor)
+        if kind == "class_set":
+            self._class_set_done(payload, result)
+        elif kind == "train":
+            for outcome in result["ended"]:
+                job = self.packs[actor].pop(outcome["subject_id"])
+                if outcome.get("oom") and outcome.get("pack_size", 1) > 1:
+                    # The pack did not fit: this worker packs half as many from now on.
+                    self.capacity[actor] = max(1, min(self.capacity[actor], outcome["pack_size"] // 2))
+                self._subject_done(job, outcome)
+        else:
+            for job, outcome in zip(payload, result):
+                self._subject_done(job, outcome)
 
     def _class_set_done(self, job: ClassSetJob, outcome: dict[str, Any]) -> None:
         if outcome["ok"]:
@@ -216,12 +306,13 @@ class FleetScheduler:
             return
         kind = "oom" if outcome.get("oom") else "worker_died" if outcome.get("worker_died") else "error"
         self.on_event(f"{job.stage}_attempt", {"outcome": kind, **outcome})
-        if kind == "worker_died" and self._progress(job) > job.progress_at_submit:
-            # The worker died after the subject made progress: a preempted node or a killed process, not a
-            # subject that crashes its worker. Only deaths without progress count against max_attempts.
+        packed_oom = kind == "oom" and outcome.get("pack_size", 1) > 1
+        if packed_oom or (kind == "worker_died" and self._progress(job) > job.progress_at_submit):
+            # A pack too big for the GPU is not the subject's fault; nor is a worker that died after the subject
+            # made progress (a preempted node, a killed process). Neither counts against max_attempts.
             job.tries -= 1
         if outcome.get("retryable", True) and job.tries < self.max_attempts:
-            if outcome.get("oom") and job.stage == "train":
+            if kind == "oom" and job.stage == "train" and not packed_oom:
                 job.settings = oom_adjusted(job.settings)
             # Back to the state before this stage: a retried generation keeps its subject's "trained" state.
             status.state, status.error = BEFORE_STATE[job.stage], outcome["error"]
@@ -237,6 +328,15 @@ class FleetScheduler:
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
+    def _tick(self) -> None:
+        training = sum(len(pack) for pack in self.packs.values())
+        generating = sum(len(p) for _, kind, p in self.in_flight.values() if kind == "generate")
+        self.progress.set_running(training + generating)
+        waiting = len(self.queue) + sum(len(jobs) for jobs in self.waiting.values())
+        self.on_event("tick", {"queued": waiting, "running": training + generating, "workers": len(self.identities),
+                               "pack_slots_used": training, "pack_slots_total": sum(self.capacity.values()),
+                               "counts": summarize(self.plan.statuses)})  # fmt: skip
+
     def run(self) -> dict[str, int]:
         """Run the plan to completion; returns counts of subjects by state."""
         self._enqueue_plan()
@@ -244,35 +344,20 @@ class FleetScheduler:
         for _ in range(min(self.options.num_workers, work)):
             self._start_worker()
         with self.progress:
-            while self.queue or self.in_flight:
-                while self.idle and self.queue:
-                    self._submit(self.idle.popleft(), self.queue.popleft())
+            while self.queue or self.in_flight or any(self.packs.values()):
+                self._dispatch()
                 done, _ = ray.wait([*self.in_flight, *self.starting], num_returns=1, timeout=1.0)
                 for ref in done:
                     if ref in self.starting:
                         self._started(ref)
-                        continue
-                    actor, job = self.in_flight.pop(ref)
-                    try:
-                        outcome = ray.get(ref)
-                    except RayActorError as err:
-                        outcome = {"ok": False, "error": f"worker process died: {type(err).__name__}",
-                                   "retryable": True, "worker_died": True}  # fmt: skip
-                        self._replace(actor)
                     else:
-                        self.idle.append(actor)
-                        self.worker_deaths = 0
-                    if isinstance(job, ClassSetJob):
-                        self._class_set_done(job, outcome)
-                    else:
-                        self._subject_done(job, outcome)
-                running = sum(isinstance(job, SubjectJob) for _, job in self.in_flight.values())
-                self.progress.set_running(running)
-                waiting = len(self.queue) + sum(len(jobs) for jobs in self.waiting.values())
-                self.on_event("tick", {"queued": waiting, "running": running, "workers": len(self.identities),
-                                       "counts": summarize(self.plan.statuses)})  # fmt: skip
+                        self._returned(ref)
+                self._tick()
         for actor in [*self.idle, *self.starting.values()]:
             ray.kill(actor, no_restart=True)
         self.identities.clear()
-        self.on_event("tick", {"queued": 0, "running": 0, "workers": 0, "counts": summarize(self.plan.statuses)})
+        self.packs.clear()
+        self.capacity.clear()
+        self.on_event("tick", {"queued": 0, "running": 0, "workers": 0, "pack_slots_used": 0, "pack_slots_total": 0,
+                               "counts": summarize(self.plan.statuses)})  # fmt: skip
         return summarize(self.plan.statuses)

@@ -1,7 +1,9 @@
-"""The fleet's worker: one long-lived process per GPU slot that loads the base model once and serves many subjects.
+"""The fleet's worker: one long-lived process per GPU slot that loads the base model once and serves many subjects,
+training a pack of them at once (engine/train.PackTrainer) and rendering several per UNet batch.
 
-Methods return plain outcome dicts instead of raising, so the scheduler can tell a subject's own failure (bad
-image, NaN loss, OOM) from the death of the worker process itself.
+The pack lives in the worker between calls: each `train` call admits subjects into free slots and returns as soon
+as one ends, so the scheduler refills its slot at once. Methods return plain outcome dicts instead of raising, so
+the scheduler can tell a subject's own failure (bad image, NaN loss, OOM) from the death of the worker process.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,13 +19,13 @@ import torch
 from engine import storage
 from engine.checkpoints import CheckpointError
 from engine.class_images import ClassImageCache
-from engine.generation import render_subject
+from engine.generation import RenderJob, render_pack
 from engine.images import ImageError
-from engine.models import default_device, load_base_model, resolve_base_model
+from engine.models import default_device, frozen_weights_dtype, load_base_model, resolve_base_model
 from engine.settings import Settings, SettingsError
 from engine.subject import Subject
-from engine.train import train_subject
-from engine.weights import load_subject_weights
+from engine.train import PackTrainer
+from engine.weights import attach_lora_pack, load_subject_weights
 from ray_jobs.generations import write_subject_generations
 from ray_jobs.run_dir import subject_dir
 
@@ -45,67 +48,176 @@ def _failure(err: BaseException, **extra: Any) -> dict[str, Any]:
         "error": f"{type(err).__name__}: {err}",
         "retryable": not isinstance(err, PERMANENT_ERRORS),
         "oom": isinstance(err, torch.cuda.OutOfMemoryError),
-        "traceback": traceback.format_exc(limit=8),
+        "traceback": "".join(traceback.format_exception(err, limit=8)),
         "peak_gpu_memory_bytes": _peak_gpu_memory(),
         **extra,
     }
 
 
+# With free slots, a train call returns at least this often, so the scheduler can fill them with subjects that became
+# ready in the meantime (their class images finished, another worker gave them up).
+REFILL_SECONDS = 5.0
+
+
+@dataclass
+class Residency:
+    """A subject's stay in this worker's pack: since when, its step times, and who trained beside it."""
+
+    began: float
+    pack: str
+    resumed_from: int | None = None
+    step_seconds: list[float] = field(default_factory=list)
+    mates: set[str] = field(default_factory=set)
+
+
 class SubjectWorker:
-    def __init__(self, base_model: str, cache_dir: str | None = None, cpu_threads: int = 1):
+    def __init__(self, base_model: str, cache_dir: str | None = None, cpu_threads: int = 1,
+                 mixed_precision: str | None = None):  # fmt: skip
         device = default_device()
         if device.type == "cpu":
             # Several workers share the machine's cores; one thread each avoids oversubscribing them.
             torch.set_num_threads(cpu_threads)
-        self.base = load_base_model(resolve_base_model(base_model, cache_dir), device)
+        dtype = frozen_weights_dtype(Settings(mixed_precision=mixed_precision).effective_mixed_precision(device.type))
+        self.base = load_base_model(resolve_base_model(base_model, cache_dir), device, dtype)
+        self.trainer: PackTrainer | None = None
+        self.packs = 0  # packs started by this worker, for the pack ids in subjects' histories
+        self.residents: dict[str, Residency] = {}
 
     def identity(self) -> dict[str, Any]:
-        """Where this worker runs: its process and the GPU ids Ray assigned it (shared ids mean packed slots)."""
+        """Where this worker runs: its process and the GPU ids Ray assigned it (shared ids mean shared GPUs)."""
         import ray
 
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()[:12], "gpu_ids": ray.get_gpu_ids()}
 
+    def _idle_model(self) -> None:
+        """The base model bare again, for class images or generation (the scheduler sends them only to a worker
+        whose pack is empty)."""
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer = None
+
+    def _compile(self, settings: Settings) -> None:
+        if settings.compile_unet:
+            self.base.compile_unet()
+
     def make_class_set(self, class_root: str, class_prompt: str, settings: Settings) -> dict[str, Any]:
         began = time.perf_counter()
         try:
+            self._idle_model()
             result = ClassImageCache(class_root).ensure(self.base, class_prompt, settings)
         except Exception as err:
             return _failure(err)
         return {"ok": True, "uris": result.uris, "generated": result.generated, "seconds": time.perf_counter() - began}
 
-    def train(self, run: str, subject: Subject, settings: Settings, class_uris: list[str] | None) -> dict[str, Any]:
-        steps_run = []
-        began = time.perf_counter()
+    # -- training: a pack of subjects that changes as they come and go ------------------------------------------
+
+    def train(
+        self, run: str, admit: list[tuple[Subject, Settings, list[str] | None]], capacity: int
+    ) -> dict[str, Any]:
+        """Admit `admit` into free slots of the resident pack (a new pack of `capacity` slots if there is none),
+        then train until at least one resident subject ends, or, with slots free, for REFILL_SECONDS.
+
+        Returns {"ended": one outcome per subject that finished or failed, "residents": ids still training}.
+        """
+        ended: list[dict[str, Any]] = []
+        if admit and self.trainer is None:
+            self._compile(admit[0][1])
+            self.trainer = PackTrainer(self.base, admit[0][1], capacity)
+            self.packs += 1
+        for subject, settings, class_uris in admit:
+            ended += self._admit(run, subject, settings, class_uris)
+        began = time.monotonic()
+        while self.trainer is not None and self.trainer.members and not ended:
+            try:
+                finished = self.trainer.step()
+            except Exception as err:  # the pack's shared pass failed (e.g. out of memory): every resident ends
+                size = len(self.trainer.members)
+                ended += [self._ended(m.subject.subject_id, _failure(err, pack_size=size)) for m in self.trainer.members.values()]
+                self._idle_model()
+                if isinstance(err, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                break
+            for e in finished:
+                outcome = _failure(e.error) if e.error is not None else {
+                    "ok": True, "final_loss": e.result.losses[-1], "peak_gpu_memory_bytes": _peak_gpu_memory(),
+                }  # fmt: skip
+                ended.append(self._ended(e.subject.subject_id, outcome))
+            if self.trainer.free_slots and time.monotonic() - began > REFILL_SECONDS:
+                break
+        if self.trainer is not None and not self.trainer.members:
+            self._idle_model()
+        return {"ended": ended, "residents": sorted(self.residents)}
+
+    def _admit(self, run: str, subject: Subject, settings: Settings, class_uris: list[str] | None) -> list[dict]:
+        sid = subject.subject_id
+        node = self.identity()["node"]
+        residency = Residency(time.perf_counter(), f"{node}-{os.getpid()}-{self.packs}")
+        self.residents[sid] = residency
         try:
-            result = train_subject(
-                self.base, subject, settings, subject_dir(run, subject.subject_id), class_uris,
-                on_step=lambda record: steps_run.append(record.seconds),
+            member = self.trainer.admit(
+                subject, settings, subject_dir(run, sid), class_uris,
+                on_step=lambda record: self._stepped(sid, record.seconds),
             )  # fmt: skip
         except Exception as err:
-            return _failure(err, steps_run=len(steps_run))
+            return [self._ended(sid, _failure(err))]
+        residency.resumed_from = member.resumed_from
+        return []
+
+    def _stepped(self, sid: str, seconds: float) -> None:
+        residency = self.residents[sid]
+        residency.step_seconds.append(seconds)
+        residency.mates.update(m.subject.subject_id for m in self.trainer.members.values())
+
+    def _ended(self, sid: str, outcome: dict[str, Any]) -> dict[str, Any]:
+        residency = self.residents.pop(sid)
+        residency.mates.discard(sid)
         return {
-            "ok": True,
-            "resumed_from": result.resumed_from,
-            "steps_run": len(steps_run),
-            "step_seconds": steps_run,
-            "final_loss": result.losses[-1],
-            "seconds": time.perf_counter() - began,
-            "peak_gpu_memory_bytes": _peak_gpu_memory(),
+            "subject_id": sid,
+            "resumed_from": residency.resumed_from,
+            "steps_run": len(residency.step_seconds),
+            "step_seconds": residency.step_seconds,
+            "seconds": time.perf_counter() - residency.began,
+            "pack": residency.pack,
+            "pack_mates": sorted(residency.mates),
+            **outcome,
         }
 
-    def generate(self, run: str, subject: Subject, settings: Settings) -> dict[str, Any]:
-        """Render the subject's prompts with its trained weights on the resident model, then take them off."""
+    # -- generation: several subjects per UNet batch ------------------------------------------------------------
+
+    def generate(self, run: str, jobs: list[tuple[Subject, Settings]]) -> list[dict[str, Any]]:
+        """Render the subjects' prompts together, each image through its own subject's weights; one outcome each."""
         began = time.perf_counter()
-        folder = subject_dir(run, subject.subject_id)
+        outcomes: dict[str, dict[str, Any]] = {}
+        render: list[RenderJob] = []
+        before: dict[str, int] = {}
         try:
-            before = len(storage.listdir(storage.join(folder, "images")))
-            if subject.prompts:
-                load_subject_weights(self.base, settings, storage.join(folder, "weights"))
-            rows = render_subject(self.base, subject, settings, storage.join(folder, "images"))
-            write_subject_generations(folder, rows)
+            self._idle_model()
+            self._compile(jobs[0][1])
+            lora = jobs[0][1].mode == "lora"
+            if lora:
+                attach_lora_pack(self.base, jobs[0][1], capacity=len(jobs))
+            for slot, (subject, settings) in enumerate(jobs):
+                folder = subject_dir(run, subject.subject_id)
+                try:
+                    before[subject.subject_id] = len(storage.listdir(storage.join(folder, "images")))
+                    if subject.prompts:
+                        load_subject_weights(self.base, settings, storage.join(folder, "weights"), slot=slot)
+                except Exception as err:  # this subject's weights: it fails alone
+                    outcomes[subject.subject_id] = _failure(err)
+                    continue
+                render.append(RenderJob(subject, settings, storage.join(folder, "images"), slot))
+            rows = render_pack(self.base, render) if render else {}
+            for job in render:
+                write_subject_generations(subject_dir(run, job.subject.subject_id), rows[job.subject.subject_id])
         except Exception as err:
-            return _failure(err)
+            failure = _failure(err)
+            return [outcomes.get(s.subject_id) or {**failure, "subject_id": s.subject_id} for s, _ in jobs]
         finally:
             self.base.reset()
-        return {"ok": True, "images": len(rows), "images_generated": len(rows) - before,
-                "seconds": time.perf_counter() - began, "peak_gpu_memory_bytes": _peak_gpu_memory()}  # fmt: skip
+        seconds, peak = time.perf_counter() - began, _peak_gpu_memory()
+        for job in render:
+            sid = job.subject.subject_id
+            images = len(rows[sid])
+            outcomes[sid] = {"ok": True, "images": images, "images_generated": images - before[sid],
+                             "seconds": seconds, "peak_gpu_memory_bytes": peak}  # fmt: skip
+        return [{**outcomes[s.subject_id], "subject_id": s.subject_id} for s, _ in jobs]
