@@ -1,7 +1,9 @@
 """The fleet scheduler's own overhead: FleetScheduler driving SleepWorker actors (bench/sleep_worker.py) that sleep
-instead of training, on a local Ray cluster with logical GPUs.
+instead of training, on a local Ray cluster with logical GPUs. Training is packed as the fleet packs it
+(--pack-subjects, default 1: one subject per worker at a time); the stand-in trains a pack at the speed of one
+subject, the GPU ideal, so the ideal makespan is the total sleep / (GPUs · pack size).
 
-Measures the makespan against the ideal (total sleep / GPUs; goal ≤ 1.05x), the driver's overhead per subject (goal
+Measures the makespan against the ideal (goal ≤ 1.05x), the driver's overhead per subject (goal
 < 50 ms) three ways — (makespan - ideal) / subjects, the driver thread's CPU time, and optionally a cProfile of the
 driver thread, whose time outside ray.wait is the driver's own work — and the driver's memory (RSS). Every actor
 logs when each call started and ended, so the GPU-seconds the run lost are split into start-up (before an actor's
@@ -11,8 +13,9 @@ that takes --init-seconds to start (its model load) costs the rest of the fleet.
 
 The issue's goal, 10,000 subjects on 64 GPUs:
     python bench/scheduling_simulation.py --subjects 10000 --gpus 64 --work-seconds 0.75
-Smaller, with a profile of the driver thread, and with a worker killed mid-run:
+Smaller, with a profile of the driver thread, packed 4 to a worker, and with a worker killed mid-run:
     python bench/scheduling_simulation.py --subjects 2000 --gpus 16 --work-seconds 0.5 --profile
+    python bench/scheduling_simulation.py --subjects 2000 --gpus 16 --work-seconds 0.5 --pack-subjects 4
     python bench/scheduling_simulation.py --subjects 1000 --gpus 16 --work-seconds 0.5 --init-seconds 5 --kill-after 300
 """
 
@@ -56,9 +59,11 @@ PROFILED = (
     ("FleetScheduler.run", "ray_jobs/scheduler.py", "run"),
     ("  _enqueue_plan", "ray_jobs/scheduler.py", "_enqueue_plan"),
     ("  _start_worker", "ray_jobs/scheduler.py", "_start_worker"),
-    ("  _submit", "ray_jobs/scheduler.py", "_submit"),
-    ("    _identity (ray.get)", "ray_jobs/scheduler.py", "_identity"),
-    ("  _subject_done", "ray_jobs/scheduler.py", "_subject_done"),
+    ("  _started (ray.get)", "ray_jobs/scheduler.py", "_started"),
+    ("  _dispatch", "ray_jobs/scheduler.py", "_dispatch"),
+    ("    _submit_train", "ray_jobs/scheduler.py", "_submit_train"),
+    ("  _returned", "ray_jobs/scheduler.py", "_returned"),
+    ("    _subject_done", "ray_jobs/scheduler.py", "_subject_done"),
     ("  ray.wait", "ray/_private/worker.py", "wait"),
     ("  ray.get", "ray/_private/worker.py", "get"),
     ("  actor method call", "ray/actor.py", "_actor_method_call"),
@@ -71,6 +76,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--subjects", type=int, default=10_000)
     parser.add_argument("--gpus", type=int, default=64, help="logical GPUs, one worker each")
     parser.add_argument("--cpus", type=int, help="logical CPUs (default: as many as GPUs; each worker takes one)")
+    parser.add_argument("--pack-subjects", type=int, default=1, help="subjects a worker trains at once (FleetOptions)")
     parser.add_argument("--work-seconds", type=float, default=0.75, help="mean sleep per subject")
     parser.add_argument("--jitter", type=float, default=0.5, help="sleeps are uniform in mean·(1 ± jitter)")
     parser.add_argument("--class-set-seconds", type=float, default=1.0, help="sleep per class-image set")
@@ -170,7 +176,8 @@ class FleetRun:
 
 
 def run_fleet(run: RunDirectory, plan, args: argparse.Namespace, watcher: FleetWatcher) -> FleetRun:
-    options = FleetOptions(base_model="sleep", num_workers=args.gpus, gpus_per_job=1.0, worker_class=SleepWorker)
+    options = FleetOptions(base_model="sleep", num_workers=args.gpus, gpus_per_job=1.0,
+                           pack_subjects=args.pack_subjects, worker_class=SleepWorker)  # fmt: skip
     scheduler = FleetScheduler(run, plan, options, max_attempts=3, on_event=watcher, show_progress=False)
     profile = cProfile.Profile() if args.profile else None
     ray_jobs.scheduler.ray = gets = TimedGets()
@@ -186,13 +193,14 @@ def run_fleet(run: RunDirectory, plan, args: argparse.Namespace, watcher: FleetW
     return FleetRun(counts, began, time.time(), makespan, cpu, rss, profile, gets.blocked)
 
 
-def read_timeline(folder: Path) -> dict[str, list[tuple[str, float, float]]]:
-    """Each actor's calls, in start order: pid -> [(kind, start, end)]."""
+def read_timeline(folder: Path) -> dict[str, list[tuple[str, float, float, int]]]:
+    """Each actor's calls, in start order: pid -> [(kind, start, end, subjects the call ended)]."""
     calls = defaultdict(list)
     for file in folder.glob("*.txt"):
         for line in file.read_text().splitlines():
-            kind, _, start, end = line.split()
-            calls[file.stem].append((kind, float(start), float(end)))
+            kind, names, start, end = line.split()
+            ended = 0 if kind == "class_set" or names == "-" else len(names.split(","))
+            calls[file.stem].append((kind, float(start), float(end), ended))
     return {pid: sorted(c, key=lambda c: c[1]) for pid, c in calls.items()}
 
 
@@ -200,10 +208,10 @@ def lost_gpu_time(calls: dict[str, list], began: float, ended: float) -> dict[st
     """GPU-seconds of the run not spent in a job: before each actor's first, between jobs, after its last."""
     first = [c[0][1] - began for c in calls.values()]
     all_up = began + max(first)
-    finished_after = sum(1 for c in calls.values() for kind, _, end in c if kind == "train" and end > all_up)
+    finished_after = sum(n for c in calls.values() for kind, _, end, n in c if kind == "train" and end > all_up)
     idle = [(prev[2], nxt[1]) for c in calls.values() for prev, nxt in itertools.pairwise(c)]  # (from, to) per gap
     return {
-        "busy": sum(end - start for c in calls.values() for _, start, end in c),
+        "busy": sum(end - start for c in calls.values() for _, start, end, _ in c),
         "startup": sum(first),
         "first_job_after": first,
         "turnaround": sum(to - since for since, to in idle),
@@ -229,11 +237,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def report_time(args, plan, fleet: FleetRun, lost: dict, setup: dict[str, float]) -> None:
-    n, gpus = args.subjects, args.gpus
-    ideal = (sum(work_seconds(f"subject-{i:06d}", args.work_seconds, args.jitter) for i in range(n))
+    n, gpus, pack = args.subjects, args.gpus, args.pack_subjects
+    # A pack of K trains at the speed of one subject: K lanes per GPU, every lane kept full.
+    ideal = (sum(work_seconds(f"subject-{i:06d}", args.work_seconds, args.jitter) for i in range(n)) / pack
              + len(plan.class_sets) * args.class_set_seconds) / gpus  # fmt: skip
     torch_in_workers = {s.worker.get("torch_loaded") for s in plan.statuses.values() if s.worker}
     print(f"{n} subjects on {gpus} logical GPUs ({args.cpus or gpus} logical CPUs, {os.cpu_count()} cores), "
+          f"packs of {pack}, "
           f"{args.work_seconds} s ± {100 * args.jitter:.0f}% each, {len(plan.class_sets)} class sets of "
           f"{args.class_set_seconds} s, worker start-up sleep {args.init_seconds} s"
           f"{', driver profiled' if fleet.profile else ''}; load average before: {setup['load']:.2f}")  # fmt: skip
@@ -245,7 +255,7 @@ def report_time(args, plan, fleet: FleetRun, lost: dict, setup: dict[str, float]
           f"driver thread CPU {1e3 * fleet.driver_cpu / n:.2f} ms")  # fmt: skip
     print(f"GPU-seconds: {gpus * fleet.makespan:.0f} = busy {lost['busy']:.0f} + start-up {lost['startup']:.0f} "
           f"+ turnaround {lost['turnaround']:.0f} + tail {lost['tail']:.0f}")  # fmt: skip
-    need = f" (keeping every worker busy needs {gpus / args.work_seconds:.1f})" if args.work_seconds else ""
+    need = f" (keeping every slot busy needs {gpus * pack / args.work_seconds:.1f})" if args.work_seconds else ""
     after_start = (lost["busy"] + lost["turnaround"] + lost["tail"]) / max(lost["busy"], 1e-9)
     print(f"once every worker is up: {lost['throughput']:.1f} subjects/s finished{need}; "
           f"(busy + turnaround + tail) / busy = {after_start:.3f}")  # fmt: skip

@@ -160,5 +160,5 @@ EXPORTED_NAMES = (
     "dreamfleet_class_images_generated_total", "dreamfleet_class_image_cache_hits_total",
     "dreamfleet_images_generated_total", "dreamfleet_generation_image_seconds", "dreamfleet_vlm_rows_total",
     "dreamfleet_vlm_batch_seconds", "dreamfleet_vlm_output_tokens_total", "dreamfleet_vlm_rows_left",
-    "dreamfleet_worker_peak_gpu_memory_bytes",
+    "dreamfleet_worker_peak_gpu_memory_bytes", "dreamfleet_pack_slots",
 )  # fmt: skip

@@ -245,6 +245,120 @@ class LossCurve:
     height: int = LOSS_HEIGHT
 
 
+STAGE_NAMES = {"train": "training", "generate": "generation"}
+# The stage of an attempt counted in status.json but absent from its history (the driver was killed mid-attempt, or
+# the attempt is still running), from the subject's state: a resumed run puts a subject back before its stage.
+STAGE_OF_STATE = {"pending": "train", "training": "train", "failed": "train", "trained": "generate",
+                  "generating": "generate"}  # fmt: skip
+STILL_RUNNING = frozenset({"training", "generating"})
+MATES_SHOWN = 6  # pack mates named in a history row; the rest are counted
+
+
+@dataclass(frozen=True)
+class PackStay:
+    """The pack a training attempt ran in: its id and every subject that trained in it alongside at some step (mates
+    come and go as slots are refilled, so there can be more of them than the pack has slots)."""
+
+    id: str
+    mates: list[str]
+
+    @property
+    def shown(self) -> list[str]:
+        return self.mates[:MATES_SHOWN]
+
+    @property
+    def more(self) -> int:
+        return len(self.mates) - len(self.shown)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A row of a subject's history table: a recorded attempt, or one status.json counts without an outcome."""
+
+    number: int | None
+    stage: str
+    outcome: str  # "ok", "failed", "interrupted", or "running or interrupted"
+    entry: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    @property
+    def facts(self) -> list[str]:
+        """What the attempt did, as short phrases (steps, images, seconds)."""
+        if self.outcome not in ("ok", "failed"):
+            return ["no outcome recorded"]
+        e, facts = self.entry, []
+        if e.get("steps_run") is not None:
+            resumed = f" (resumed from step {e['resumed_from']})" if e.get("resumed_from") else ""
+            facts.append(f"{e['steps_run']} steps{resumed}")
+        if e.get("images_generated") is not None:
+            facts.append(f"{e['images_generated']} image{'s' if e['images_generated'] != 1 else ''}")
+        if isinstance(e.get("seconds"), int | float):
+            facts.append(f"{e['seconds']:.1f} s")
+        return facts
+
+    @property
+    def pack(self) -> PackStay | None:
+        if not self.entry.get("pack"):
+            return None
+        return PackStay(str(self.entry["pack"]), [str(m) for m in self.entry.get("pack_mates") or []])
+
+
+@dataclass(frozen=True)
+class AttemptSummary:
+    """A subject's attempts counted per stage: retries are attempts after a failed (or interrupted) attempt of the
+    same stage, so a subject trained and rendered first time has none, whatever status.attempts says."""
+
+    rows: list[Attempt]
+    retries: int
+    failed_stage: str | None  # the stage a failed subject failed in; None if it failed before any attempt
+    failed_after: int  # its attempts at that stage since the stage last succeeded
+
+    @property
+    def retries_text(self) -> str:
+        return f"{self.retries} retr{'y' if self.retries == 1 else 'ies'}" if self.retries else ""
+
+    @property
+    def failed_after_text(self) -> str:
+        if not self.failed_after:
+            return ""
+        stage = STAGE_NAMES.get(self.failed_stage or "", self.failed_stage)
+        words = (str(self.failed_after), stage, "attempts" if self.failed_after != 1 else "attempt")
+        return " ".join(w for w in words if w)
+
+
+def attempt_summary(status: SubjectStatus) -> AttemptSummary:
+    """The rows of `status`'s history, with the attempts it counts but holds no outcome of, and its retries."""
+    rows: list[Attempt] = []
+    expected = 1  # the scheduler numbers a subject's attempts 1, 2, ... across its stages
+    for entry in status.history or []:
+        number, stage = entry.get("attempt"), str(entry.get("stage") or "")
+        if isinstance(number, int):
+            rows += [Attempt(n, stage, "interrupted", {}) for n in range(expected, number)]
+            expected = max(expected, number + 1)
+        rows.append(Attempt(number, stage, "ok" if entry.get("ok") else "failed", entry))
+    if status.state in STAGE_OF_STATE:
+        for n in range(expected, status.attempts + 1):
+            running = n == status.attempts and status.state in STILL_RUNNING
+            outcome = "running or interrupted" if running else "interrupted"
+            rows.append(Attempt(n, STAGE_OF_STATE[status.state], outcome, {}))
+    retries, last_ok = 0, {}
+    for row in rows:
+        if last_ok.get(row.stage) is False:  # an attempt after its stage's previous one failed
+            retries += 1
+        last_ok[row.stage] = row.ok
+    failed_stage, failed_after = None, 0
+    if status.state == "failed" and rows:
+        failed_stage = rows[-1].stage
+        for row in reversed([r for r in rows if r.stage == failed_stage]):
+            if row.ok:
+                break
+            failed_after += 1
+    return AttemptSummary(rows, retries, failed_stage, failed_after)
+
+
 @dataclass
 class SubjectCard:
     status: SubjectStatus
@@ -252,6 +366,10 @@ class SubjectCard:
     instance_images: list[Picture]
     prompts: list[PromptGroup]
     loss: LossCurve | None
+
+    @functools.cached_property
+    def attempts(self) -> AttemptSummary:
+        return attempt_summary(self.status)
 
 
 def loss_curve(records: list[dict[str, Any]]) -> LossCurve | None:
@@ -414,6 +532,8 @@ def _write_run_pages(
         "rejected": run.read_rejected_rows(),
         "notes": notes,
         "pages": [layout.page_name(n) for n in range(1, pages + 1)],
+        # where each subject's card is, for the pack mates named in the history tables
+        "card_links": {c.status.subject_id: f"{layout.page_name(c.page)}#subject-{c.status.subject_id}" for c in cards},
     }
     for number in range(1, pages + 1):
         page_cards = cards[(number - 1) * SUBJECTS_PER_PAGE : number * SUBJECTS_PER_PAGE]

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -38,8 +38,8 @@ STEPS, INTERVAL = 40, 5
 class Kill:
     pid: int
     what: str  # the process title, e.g. ray::SubjectWorker.train
-    subject: str | None = None  # the subject it was training, if any
-    checkpoint: int = 0  # that subject's newest complete checkpoint at the moment of the kill
+    # the subjects of its pack, each with its newest complete checkpoint at the moment of the kill
+    training: dict[str, int] = field(default_factory=dict)
 
 
 class Killer(threading.Thread):
@@ -86,7 +86,7 @@ class Killer(threading.Thread):
         for sid, status in RunDirectory(self.run_uri).read_statuses().items():
             if status.state == "training" and status.worker and status.worker["pid"] == process.pid:
                 steps = complete_steps(storage.join(self.run_uri, "subjects", sid, "checkpoints"))
-                kill.subject, kill.checkpoint = sid, (steps or [0])[-1]
+                kill.training[sid] = (steps or [0])[-1]
         try:
             process.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
@@ -104,6 +104,7 @@ def test_a_run_survives_random_kills_and_loses_or_duplicates_nothing(ray_cluster
             "--set", f"max_train_steps={STEPS}", "--set", f"checkpointing_steps={INTERVAL}",
             "--set", "num_class_images=2", "--set", "num_images_per_prompt=1", "--set", "vlm_batch_size=2",
             "--set", "vlm_rows_per_file=1",  # many part files: exactly once must hold per file
+            "--set", "pack_subjects=4",  # two workers, four subjects in each pack: a kill takes a whole pack down
             # A kill before a subject's first new checkpoint uses up one of its attempts; be generous, so this test
             # is about losing nothing (test_fleet.py covers the attempt budget).
             "--set", "max_attempts=10"]  # fmt: skip
@@ -126,12 +127,16 @@ def test_a_run_survives_random_kills_and_loses_or_duplicates_nothing(ray_cluster
         trained = [h for h in status.history if h["stage"] == "train" and h["ok"]]
         assert len(trained) == 1, status.history
 
-    # Each kill mid-training cost at most one checkpoint interval: the subject later resumed from the checkpoint that
-    # existed at the kill (or a newer one), and its successful attempt ran exactly the steps that were left.
-    for kill in (k for k in killer.kills if k.subject):
-        final = next(h for h in statuses[kill.subject].history if h["stage"] == "train" and h["ok"])
-        assert (final["resumed_from"] or 0) >= kill.checkpoint, (kill, final)
-        assert final["steps_run"] == STEPS - (final["resumed_from"] or 0)
+    # Each kill mid-training cost each subject of the pack at most one checkpoint interval: it later resumed from the
+    # checkpoint that existed at the kill (or a newer one), and its successful attempt ran exactly the steps left.
+    for kill in killer.kills:
+        for sid, checkpoint in kill.training.items():
+            final = next(h for h in statuses[sid].history if h["stage"] == "train" and h["ok"])
+            assert (final["resumed_from"] or 0) >= checkpoint, (kill, final)
+            assert final["steps_run"] == STEPS - (final["resumed_from"] or 0)
+    # The kills hit packs: at least one took several subjects down at once, and they trained packed.
+    assert max(len(k.training) for k in killer.kills) >= 2, killer.kills
+    assert any(len(h.get("pack_mates") or []) >= 1 for s in statuses.values() for h in s.history), statuses
 
     # Outputs: every image once, every moderation row once.
     generations = pq.read_table(Path(run) / "generations.parquet").to_pylist()

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -30,6 +31,7 @@ SCRIPT = "<script>alert(1)</script>"
 INJECTED = "<img src=x onerror=\"document.title='pwned'\">"
 SCRIPT_PROMPT = f"a photo of sks ball {SCRIPT}"
 FAILURE = "<b>CUDA</b> out of memory after 3 attempts"
+PACK = "node1-42-1"  # a pack id as the worker makes them: node, pid, the worker's nth pack
 MODERATION_COLUMNS = [("error", pa.string()), ("model", pa.string()), ("num_output_tokens", pa.int32()),
                       ("reasoning", pa.string()), ("safe", pa.bool_()), ("categories", pa.list_(pa.string())),
                       ("score", pa.float64())]  # fmt: skip
@@ -113,11 +115,21 @@ def build_run(base: str) -> dict:
               base_model="tiny", base_model_path="/cache/tiny", extend=False)  # fmt: skip
     prompts = {"alpha": ["a photo of sks ball on a table", SCRIPT_PROMPT], "beta": ["a photo of sks cup"]}
     rows = []
+    # alpha trained and rendered first time, in a pack with beta; beta's worker died in that pack, the driver was
+    # killed during its second attempt (no outcome recorded), and its third trained it alone.
+    run.write_status(SubjectStatus("alpha", "done", 2, history=[
+        {"attempt": 1, "stage": "train", "ok": True, "steps_run": 20, "seconds": 3.5, "pack": PACK,
+         "pack_mates": ["beta"]},
+        {"attempt": 2, "stage": "generate", "ok": True, "images_generated": 2, "seconds": 1.0},
+    ]))  # fmt: skip
+    run.write_status(SubjectStatus("beta", "done", 4, history=[
+        {"attempt": 1, "stage": "train", "ok": False, "error": "worker process died: ActorDiedError", "pack": PACK,
+         "pack_mates": ["alpha"]},
+        {"attempt": 3, "stage": "train", "ok": True, "steps_run": 10, "resumed_from": 10, "seconds": 2.0,
+         "pack": "node2-77-1", "pack_mates": []},
+        {"attempt": 4, "stage": "generate", "ok": True, "images_generated": 1, "seconds": 1.0},
+    ]))  # fmt: skip
     for sid, subject_prompts in prompts.items():
-        run.write_status(SubjectStatus(sid, "done", 2, history=[
-            {"attempt": 1, "stage": "train", "ok": True, "steps_run": 20, "seconds": 3.5},
-            {"attempt": 2, "stage": "generate", "ok": True, "images_generated": 2, "seconds": 1.0},
-        ]))  # fmt: skip
         log = [{"step": s, "loss": 1.0 / s + 0.1, "instance_loss": 0.5, "prior_loss": 0.5, "lr": 1e-4, "seconds": 0.1}
                for s in range(1, 21)]  # fmt: skip
         storage.write_bytes(storage.join(run_uri, "subjects", sid, "train_log.jsonl"),
@@ -196,6 +208,87 @@ def test_the_failed_subject_and_the_rejected_rows_say_why(small_run):
     assert 'href="report.html#subject-gamma"' in html
     assert "manifest row 3 (bad id)" in html and "invalid subject_id &#39;bad id&#39;" in html
     assert html.count('<svg class="loss"') == 2  # alpha's and beta's training loss; gamma has no log
+
+
+def card(html: str, subject_id: str) -> str:
+    """A subject's card, as the page's HTML."""
+    start = html.index(f'id="subject-{subject_id}"')
+    return html[start : html.index("</article>", start)]
+
+
+def text(html: str) -> str:
+    """What a reader sees of an HTML fragment: block tags as spaces, inline ones dropped, whitespace collapsed."""
+    return " ".join(re.sub(r"<[^>]+>", "", re.sub(r"</?(?:tr|td|th|pre|div|h3)\b[^>]*>", " ", html)).split())
+
+
+def headline(html: str, subject_id: str) -> str:
+    found = card(html, subject_id)
+    return text(found[found.index("<h3>") : found.index("</h3>")])
+
+
+def history(html: str, subject_id: str) -> list[str]:
+    """The rows of a subject's history table, as text."""
+    return [text(row.split("</tr>")[0]) for row in card(html, subject_id).split('<tr class="attempt">')[1:]]
+
+
+def test_a_card_counts_retries_per_stage_not_each_stage_as_an_attempt(small_run):
+    html = small_run["report"].read_text()
+    # alpha trained and rendered first time: status.attempts is 2, one per stage, and neither is a retry.
+    assert headline(html, "alpha") == "alpha done"
+    # beta's training was tried again after its worker died, and again after the driver was killed mid-attempt.
+    assert headline(html, "beta") == "beta done · 2 retries"
+    assert headline(html, "gamma") == "gamma failed · 2 retries"
+    assert "Failed after 3 training attempts:" in text(card(html, "gamma"))
+    assert "attempts" not in headline(html, "alpha") + headline(html, "beta")
+    failures = html[html.index('<section id="failures">') : html.index("</section>")]
+    assert "gamma 3 training attempts" in text(failures)
+
+
+def test_the_history_shows_each_training_attempts_pack_and_pack_mates(small_run):
+    html = small_run["report"].read_text()
+    assert history(html, "alpha") == ["1 train ok 20 steps · 3.5 s · packed with beta",
+                                      "2 generate ok 2 images · 1.0 s"]  # fmt: skip
+    assert history(html, "beta") == [
+        "1 train failed worker process died: ActorDiedError packed with alpha",
+        "2 train interrupted no outcome recorded",  # counted in status.json, its outcome never written
+        "3 train ok 10 steps (resumed from step 10) · 2.0 s · alone",
+        "4 generate ok 1 image · 1.0 s",
+    ]
+    # A mate is a link to its card; the pack's id is there on hover.
+    assert '<span class="pack" title="pack node1-42-1">packed with <a href="report.html#subject-beta">beta</a>' in html
+
+
+def test_retries_failures_and_packs_are_counted_from_the_history_of_any_run(tmp_path):
+    run = RunDirectory(str(tmp_path / "packed"))
+    run.start(command="run", manifest_uri=str(tmp_path / "gone.parquet"), manifest_fingerprint="0",
+              settings=load_settings("tiny"), base_model="tiny", base_model_path="/x", extend=False)  # fmt: skip
+    mates = [f"m{i:02d}" for i in range(9)]
+    train = {"stage": "train", "ok": True, "steps_run": 20, "pack": PACK}
+    fail = {"stage": "generate", "ok": False, "error": "out of disk"}
+    run.write_status(SubjectStatus("big-pack", "done", 2, history=[
+        {"attempt": 1, **train, "pack_mates": mates}, {"attempt": 2, "stage": "generate", "ok": True}]))  # fmt: skip
+    # Trained after one retry, then every generation attempt failed: retries 1 + 2, failed after 3 of its last stage.
+    run.write_status(SubjectStatus("render-fails", "failed", 5, "out of disk", history=[
+        {"attempt": 1, "stage": "train", "ok": False, "error": "NaN loss"}, {"attempt": 2, **train, "pack_mates": []},
+        *({"attempt": a, **fail} for a in (3, 4, 5))]))  # fmt: skip
+    # Its first attempt's driver was killed; the second is running now.
+    run.write_status(SubjectStatus("in-flight", "training", 2))
+    # Its class images could not be made: it failed before any attempt.
+    run.write_status(SubjectStatus("no-class-set", "failed", 0, "class images for 'a dog' could not be made"))
+    for sid in mates:
+        run.write_status(SubjectStatus(sid, "done", 2))
+    html = Path(report.write_run_report(run.uri)).read_text()
+
+    assert headline(html, "big-pack") == "big-pack done"
+    assert history(html, "big-pack")[0] == "1 train ok 20 steps · packed with m00, m01, m02, m03, m04, m05 and 3 more"
+    assert headline(html, "render-fails") == "render-fails failed · 3 retries"
+    assert "Failed after 3 generation attempts:" in text(card(html, "render-fails"))
+    assert headline(html, "in-flight") == "in-flight training · 1 retry"
+    assert history(html, "in-flight") == ["1 train interrupted no outcome recorded",
+                                          "2 train running or interrupted no outcome recorded"]  # fmt: skip
+    assert headline(html, "no-class-set") == "no-class-set failed"
+    assert "Failed: class images for" in text(card(html, "no-class-set"))
+    assert headline(html, "m00") == "m00 done"
 
 
 def test_thumbnails_are_files_beside_the_report_reused_by_a_rerun(small_run):
