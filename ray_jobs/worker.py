@@ -126,6 +126,7 @@ class SubjectWorker:
             self.packs += 1
         for subject, settings, class_uris in admit:
             ended += self._admit(run, subject, settings, class_uris)
+        self._note_mates()
         began = time.monotonic()
         while self.trainer is not None and self.trainer.members and not ended:
             try:
@@ -164,9 +165,14 @@ class SubjectWorker:
         return []
 
     def _stepped(self, sid: str, seconds: float) -> None:
-        residency = self.residents[sid]
-        residency.step_seconds.append(seconds)
-        residency.mates.update(m.subject.subject_id for m in self.trainer.members.values())
+        self.residents[sid].step_seconds.append(seconds)
+
+    def _note_mates(self) -> None:
+        """Everyone now in the pack is everyone else's pack mate."""
+        if self.trainer is not None:
+            ids = {m.subject.subject_id for m in self.trainer.members.values()}
+            for sid in ids:
+                self.residents[sid].mates.update(ids)
 
     def _ended(self, sid: str, outcome: dict[str, Any]) -> dict[str, Any]:
         residency = self.residents.pop(sid)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine import storage
 from ray_jobs.cli import main
 from ray_jobs.manifest import write_subjects_manifest
 from ray_jobs.run_dir import RunDirectory
+from ray_jobs.worker import SubjectWorker
 from tests.ray_jobs.conftest import make_subject_rows
 
 pytestmark = pytest.mark.slow
@@ -174,3 +177,74 @@ def test_run_generates_every_trained_subject_exactly_once(ray_cluster, tmp_path,
     fresh = str(tmp_path / "fresh")
     assert main(["generate", manifest, "--out", fresh, *FAST]) == 1
     assert "not trained yet" in capsys.readouterr().out
+
+
+def test_subjects_train_in_packs_whose_freed_slots_refill_at_once(ray_cluster, tmp_path):
+    rows = make_subject_rows(tmp_path / "images", 4, classes=("ball",))  # one class set: ready in manifest order
+    rows[0]["params"] = '{"max_train_steps": 4}'  # s0 leaves early; its slot goes to s2 while s1 trains on
+    manifest, run = str(tmp_path / "subjects.parquet"), str(tmp_path / "run")
+    write_subjects_manifest(manifest, rows)
+
+    assert main(["train", manifest, "--out", run, "--workers", "1", *FAST, "--set", "pack_subjects=2"]) == 0
+
+    statuses = _statuses(run)
+    trained = {sid: s["history"][-1] for sid, s in statuses.items()}
+    assert {s["state"] for s in statuses.values()} == {"trained"}
+    assert all(len(s["history"]) == 1 for s in statuses.values())  # packing costs nobody an attempt
+    assert len({h["pack"] for h in trained.values()}) == 1  # one worker, one pack, refilled as subjects left
+    # s1 shared steps with s0 and then with s2, which took s0's slot while s1 was still training: slots, not waves
+    assert {"s0", "s2"} <= set(trained["s1"]["pack_mates"])
+    assert [h["steps_run"] for h in (trained[f"s{i}"] for i in range(4))] == [4, 12, 12, 12]
+    for sid in statuses:
+        assert (Path(run) / "subjects" / sid / "weights" / "pytorch_lora_weights.safetensors").exists()
+
+
+class PacksAbovePairsRunOutOfMemory(SubjectWorker):
+    """The real worker on a GPU where a pack of more than two subjects does not fit (the OOM is injected)."""
+
+    def train(self, run, admit, capacity):
+        from engine.train import PackTrainer
+
+        real_step = PackTrainer.step
+
+        def step(trainer):
+            if len(trainer.members) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected: a pack above two does not fit)")
+            return real_step(trainer)
+
+        PackTrainer.step = step  # in this worker process only
+        try:
+            return super().train(run, admit, capacity)
+        finally:
+            PackTrainer.step = real_step
+
+
+def test_an_oom_halves_the_pack_and_costs_its_subjects_no_attempt(ray_cluster, tmp_path):
+    from ray import cloudpickle
+
+    from engine.models import fingerprint, resolve_base_model
+    from engine.settings import load_settings
+    from ray_jobs.manifest import read_subjects_manifest
+    from ray_jobs.plan import plan_fleet
+    from ray_jobs.scheduler import FleetOptions, FleetScheduler
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    rows = make_subject_rows(tmp_path / "images", 4)
+    write_subjects_manifest(str(tmp_path / "subjects.parquet"), rows)
+    settings = load_settings("tiny", overrides={"max_train_steps": 6, "num_class_images": 2})
+    manifest = read_subjects_manifest(str(tmp_path / "subjects.parquet"), settings)
+    run = RunDirectory(str(tmp_path / "run"))
+    plan = plan_fleet(manifest.subjects, [], {}, settings, fingerprint(resolve_base_model("tiny")), ("train",))
+    options = FleetOptions(base_model="tiny", num_workers=1, gpus_per_job=0, pack_subjects=4,
+                           worker_class=PacksAbovePairsRunOutOfMemory)  # fmt: skip
+    events = []
+    counts = FleetScheduler(run, plan, options, max_attempts=1, show_progress=False,
+                            on_event=lambda kind, data: events.append((kind, data))).run()  # fmt: skip
+
+    assert counts.get("trained") == 4  # with one attempt each: the pack's OOM was not theirs
+    for status in run.read_statuses().values():
+        first, last = status.history[0], status.history[-1]
+        assert "OutOfMemoryError" in first["error"] and len(first["pack_mates"]) == 3
+        assert last["ok"] and len(last["pack_mates"]) <= 1
+    totals = [data["pack_slots_total"] for kind, data in events if kind == "tick" and data["workers"]]
+    assert totals[0] == 4 and totals[-1] == 2
