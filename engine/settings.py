@@ -73,7 +73,9 @@ class Settings(BaseModel):
 
     # Fleet
     max_attempts: int = Field(3, ge=1)
-    # LoRA subjects one worker trains (and renders) at once in one UNet batch; see bench/RESULTS.md for the choice
+    # LoRA subjects one worker trains (and renders) at once in one UNet batch. 8: measured best on the CPU for the
+    # tiny preset (1.48x subjects per CPU-hour, bench/RESULTS.md); for real models on a GPU a prediction until
+    # bench/gpu_pack_train.py has run (a pack that does not fit is halved by the fleet at its first OOM).
     pack_subjects: int = Field(8, ge=1, le=64)
     compile_unet: bool = False  # torch.compile the UNet of each worker (GPU: pays back its compile time on long runs)
 
