@@ -92,6 +92,12 @@ def oom_adjusted(settings: Settings) -> Settings:
     return settings
 
 
+def _trains_like(job: SubjectJob) -> Callable[[SubjectJob], bool]:
+    """Whether another job's next stage is training that can share a pack with `job`'s."""
+    shape = pack_shape(job.settings)
+    return lambda other: other.stage == "train" and pack_shape(other.settings) == shape
+
+
 class FleetScheduler:
     def __init__(
         self,
@@ -188,22 +194,19 @@ class FleetScheduler:
         for actor in list(self.idle):
             pack = self.packs[actor]
             if pack:  # its pack goes on, with compatible ready subjects in its free slots
-                shape = pack_shape(next(iter(pack.values())).settings)
-                admit = self._take(lambda j: j.stage == "train" and pack_shape(j.settings) == shape,
-                                   self.capacity[actor] - len(pack))  # fmt: skip
-                self._submit_train(actor, admit)
+                fits = _trains_like(next(iter(pack.values())))
+                self._submit_train(actor, self._take(fits, self.capacity[actor] - len(pack)))
             elif not self.queue:
                 continue
             elif isinstance(self.queue[0], ClassSetJob):
                 self._submit_class_set(actor, self.queue.popleft())
             elif self.queue[0].stage == "train":
-                shape, lora = pack_shape(self.queue[0].settings), self.queue[0].settings.mode == "lora"
-                ready = sum(isinstance(j, SubjectJob) and j.stage == "train" and pack_shape(j.settings) == shape
-                            for j in self.queue)  # fmt: skip
+                fits, lora = _trains_like(self.queue[0]), self.queue[0].settings.mode == "lora"
+                ready = sum(isinstance(j, SubjectJob) and fits(j) for j in self.queue)
                 empty = sum(not self.packs[a] for a in self.idle) + len(self.starting)
                 share = math.ceil(ready / max(1, empty))  # an even share, so no worker waits empty
                 limit = min(self.capacity[actor], share) if lora else 1
-                self._submit_train(actor, self._take(lambda j: j.stage == "train" and pack_shape(j.settings) == shape, limit))
+                self._submit_train(actor, self._take(fits, limit))
             else:
                 shape, lora = render_shape(self.queue[0].settings), self.queue[0].settings.mode == "lora"
                 limit = self.options.pack_subjects if lora else 1
