@@ -123,9 +123,9 @@ def engine_round(vlm, task, images: list[str], batch_size: int) -> tuple[float, 
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = [Image.open(p).convert("RGB") for p in images[start : start + batch_size]]
-        outputs.extend(vlm.generate(batch, task.instruction))
+        outputs.extend(vlm.generate(batch, task.prompt))
     seconds = time.perf_counter() - began
-    answers = {Path(p).stem: next(iter(task.parse(o).values())) for p, o in zip(images, outputs)}
+    answers = {Path(p).stem: next(iter(task.parse(o, None).values())) for p, o in zip(images, outputs)}
     return seconds, answers, [o.num_output_tokens for o in outputs]
 
 
@@ -157,7 +157,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     settings = load_settings("tiny", overrides={"vlm_batch_size": 8})
     task = make_task(args.task, settings)
-    loop = PerImageLoop(resolve_vlm("tiny"), settings, task.instruction)
+    loop = PerImageLoop(resolve_vlm("tiny"), settings, task.prompt)
     vlm = VLM("tiny", settings, "cpu")
     sides: dict[str, list] = {"loop": [], "engine": [], "pass": []}
     with tempfile.TemporaryDirectory(prefix="bench-vlm-") as work:

@@ -53,10 +53,10 @@ class StandInPredictor(VLMPredictor):
 
         self.vlm = types.SimpleNamespace(name="stand-in")
         self.task = make_task(settings=settings, **task_args)
-        self.schema, self.inbox, self.answer_processor = schema, inbox, None
+        self.schema, self.inbox = schema, inbox
 
-    def _answer(self, batch, good, rows) -> None:
-        for i in good:
+    def _answer(self, batch, asked, rows) -> None:
+        for i in asked:
             rows[i].update(num_output_tokens=3, text="a constant answer")
 
 
@@ -64,11 +64,11 @@ def old_decode_batch(batch: pa.Table, settings, skip_ids: frozenset[str]) -> pa.
     """The old decode stage: drop the ids already written (the whole set travels with every task), then decode."""
     import pyarrow.compute as pc
 
-    from ray_jobs.analyze import decode_batch
+    from ray_jobs.analyze import decode_batches
 
     if skip_ids:
         batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), pa.array(list(skip_ids), pa.string()))))
-    return decode_batch(batch, settings)
+    return pa.concat_tables(list(decode_batches(batch, settings)))
 
 
 def old_pass(manifest: str, out: str, settings, schema: pa.Schema) -> None:

@@ -38,11 +38,16 @@ class GrammarCompiler:
         self._compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size))
         self._compiled: dict[Grammar, object] = {}
 
-    def processor_factory(self, grammar: Grammar):
-        """A callable making a fresh logits processor: xgrammar's processors hold per-generation state."""
+    def processor_factory(self, grammars: Grammar | list[Grammar]):
+        """A callable making a fresh logits processor: one grammar for every row of a batch, or one per row.
+        Fresh because xgrammar's processors hold per-generation state."""
         import xgrammar as xgr
 
-        if grammar not in self._compiled:
-            self._compiled[grammar] = self._compiler.compile_grammar(grammar.parsed())
-        compiled = self._compiled[grammar]
-        return lambda: xgr.contrib.hf.LogitsProcessor(compiled)
+        for grammar in grammars if isinstance(grammars, list) else [grammars]:
+            if grammar not in self._compiled:
+                self._compiled[grammar] = self._compiler.compile_grammar(grammar.parsed())
+        if isinstance(grammars, list):
+            compiled = [self._compiled[g] for g in grammars]
+            return lambda: xgr.contrib.hf.LogitsProcessor(list(compiled))
+        single = self._compiled[grammars]
+        return lambda: xgr.contrib.hf.LogitsProcessor(single)

@@ -56,17 +56,21 @@ def decode_image(
         raise ImageError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
-def read_image(
-    uri: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = DEFAULT_MIN_IMAGE_SIDE
-) -> Image.Image:
-    """Read and decode the image at any fsspec URI (transient storage errors retried, see engine.storage)."""
+def read_source(uri: str) -> bytes:
+    """The bytes at any fsspec URI (transient storage errors retried, see engine.storage); ImageError if unreadable."""
     try:
-        data = storage.read_bytes(uri)
+        return storage.read_bytes(uri)
     except FileNotFoundError:
         raise ImageError(f"{uri}: no such file") from None
     except Exception as err:
         raise ImageError(f"{uri}: cannot read ({type(err).__name__}: {err})") from None
-    return decode_image(data, name=uri, max_pixels=max_pixels, min_side=min_side)
+
+
+def read_image(
+    uri: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_side: int = DEFAULT_MIN_IMAGE_SIDE
+) -> Image.Image:
+    """Read and decode the image at any fsspec URI."""
+    return decode_image(read_source(uri), name=uri, max_pixels=max_pixels, min_side=min_side)
 
 
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = True) -> Image.Image:

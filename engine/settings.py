@@ -97,6 +97,16 @@ class Settings(BaseModel):
     extract_prompt: str | None = None
     moderate_prompt: str | None = None
     caption_prompt: str | None = None
+    vqa_prompt: str | None = None  # wraps each row's question; "{question}" marks where it goes
+    detect_prompt: str | None = None  # "{categories}" marks where the row's labels go
+    parse_prompt: str | None = None
+    # Documents and videos in VLM passes
+    pdf_dpi: float = Field(144, gt=0, le=1200)  # pages are rendered at this resolution, then fit to the pixel budget
+    pdf_max_pages: int = Field(200, ge=1)  # a PDF with more pages is a row error, not thousands of rows
+    video_fps: float = Field(2.0, gt=0)  # frames sampled per second of video (Qwen3-VL's default)
+    video_max_frames: int = Field(64, ge=2)  # at most this many frames per video, spread evenly over it
+    video_max_seconds: float = Field(3600, gt=0)  # a longer video is a row error
+    video_max_pixels: int = Field(16 * 1280 * 32 * 32, ge=1)  # all sampled frames of one video together
 
     @model_validator(mode="after")
     def _pixel_budget_ordered(self) -> Settings:
@@ -149,7 +159,9 @@ VLM_SETTINGS = frozenset(
         "vlm_batch_size", "vlm_concurrency", "vlm_gpus_per_actor", "vlm_cpus_per_actor", "vlm_rows_per_file",
         "vlm_max_new_tokens", "vlm_thinking_budget",
         "enable_thinking", "vlm_min_pixels", "vlm_max_pixels", "vlm_dtype", "trust_remote_code",
-        "ocr_prompt", "extract_prompt", "moderate_prompt", "caption_prompt",
+        "ocr_prompt", "extract_prompt", "moderate_prompt", "caption_prompt", "vqa_prompt", "detect_prompt",
+        "parse_prompt", "pdf_dpi", "pdf_max_pages", "video_fps", "video_max_frames", "video_max_seconds",
+        "video_max_pixels",
     }
 )  # fmt: skip
 RUN_ONLY_SETTINGS = frozenset({"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet"}) | VLM_SETTINGS
@@ -179,6 +191,9 @@ TINY_PRESET: dict[str, Any] = {
     "vlm_thinking_budget": 16,
     "vlm_min_pixels": 32 * 32,
     "vlm_max_pixels": 128 * 128,
+    "pdf_max_pages": 20,
+    "video_max_frames": 8,
+    "video_max_pixels": 8 * 128 * 128,
 }
 
 

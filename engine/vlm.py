@@ -18,6 +18,7 @@ from PIL import Image
 from engine.library_logging import quiet_libraries
 from engine.models import PICKLE_SUFFIXES, ModelError
 from engine.settings import Settings
+from engine.video import Video
 
 THINK_END = "</think>"
 TINY_VLM_NAMES = {"tiny": "dense", "tiny-moe": "moe", "tiny-thinking": "dense-thinking",
@@ -54,9 +55,17 @@ def resolve_vlm(name: str, cache_dir: Path | None = None) -> Path:
         raise ModelError(f"{name}: cannot fetch from the hub ({type(err).__name__}: {err})") from None
 
 
+Visual = Image.Image | Video  # what one row shows the model
+
+
 def pixel_budget(settings: Settings) -> dict:
-    """Qwen3-VL's processor takes its pixel budget as the image processor's `size`."""
-    return {"size": {"shortest_edge": settings.vlm_min_pixels, "longest_edge": settings.vlm_max_pixels}}
+    """Qwen3-VL's processor takes its pixel budgets as each processor's `size`: per image, and per video for all its
+    frames together. Frames arrive sampled already (engine/video.py), so the processor samples none itself."""
+    return {
+        "images_kwargs": {"size": {"shortest_edge": settings.vlm_min_pixels, "longest_edge": settings.vlm_max_pixels}},
+        "videos_kwargs": {"size": {"shortest_edge": settings.vlm_min_pixels, "longest_edge": settings.video_max_pixels},
+                          "do_sample_frames": False, "cap_pixels_per_frame": True},
+    }  # fmt: skip
 
 
 class VLM:
@@ -88,14 +97,27 @@ class VLM:
     def vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
 
-    def chat_prompt(self, instruction: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    def chat_prompt(self, instruction: str, video: bool = False) -> str:
+        visual = {"type": "video" if video else "image"}
+        messages = [{"role": "user", "content": [visual, {"type": "text", "text": instruction}]}]
         extra = {} if self.settings.enable_thinking is None else {"enable_thinking": self.settings.enable_thinking}
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
 
-    def _generate(self, prompts: list[str], images: Sequence[Image.Image], max_new_tokens: int, **kwargs):
+    def _generate(self, prompts: list[str], visuals: Sequence[Visual], max_new_tokens: int, **kwargs):
+        # The processor takes a batch's images and videos apart, each list in prompt order.
+        images = [v for v in visuals if not isinstance(v, Video)]
+        videos = [v for v in visuals if isinstance(v, Video)]
+        media: dict = {"images": images} if images else {}
+        if videos:
+            from transformers.video_utils import VideoMetadata
+
+            media["videos"] = [v.frames for v in videos]
+            media["video_metadata"] = [
+                VideoMetadata(total_num_frames=len(v.frame_indices), fps=v.fps, frames_indices=v.frame_indices,
+                              width=v.width, height=v.height) for v in videos
+            ]  # fmt: skip
         inputs = self.processor(
-            text=prompts, images=list(images), padding=True, return_tensors="pt", **pixel_budget(self.settings)
+            text=prompts, padding=True, return_tensors="pt", **media, **pixel_budget(self.settings)
         ).to(self.device)
         with torch.inference_mode():
             out = self.model.generate(
@@ -114,15 +136,17 @@ class VLM:
 
     def generate(
         self,
-        images: Sequence[Image.Image],
-        instruction: str,
+        images: Sequence[Visual],
+        instructions: str | Sequence[str],
         answer_processor: Callable[[], object] | None = None,
         want_first_logits: bool = False,
     ) -> list[VLMOutput]:
-        """One answer per image to the same instruction; `answer_processor()` makes a fresh logits processor
-        (e.g. a grammar) for the answer phase of this batch."""
+        """One answer per image or video, each to its own instruction (or one instruction for all);
+        `answer_processor()` makes a fresh logits processor (e.g. grammars, one per row) for the answer phase."""
         tokenizer = self.processor.tokenizer
-        prompts = [self.chat_prompt(instruction)] * len(images)
+        if isinstance(instructions, str):
+            instructions = [instructions] * len(images)
+        prompts = [self.chat_prompt(text, isinstance(v, Video)) for v, text in zip(images, instructions, strict=True)]
         reasoning: list[str | None] = [None] * len(images)
         reasoning_tokens = [0] * len(images)
         if self.thinks:

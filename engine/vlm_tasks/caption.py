@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from engine.settings import Settings
 from engine.vlm import VLMOutput
-from engine.vlm_tasks import VLMTask
+from engine.vlm_tasks import RowRequest, VLMTask
 
 PROMPT = (
     "Describe this image in detail: the main subject, its appearance, the setting, colours, lighting and "
@@ -16,10 +16,11 @@ PROMPT = (
 
 class CaptionTask(VLMTask):
     name = "caption"
+    accepts_video = True
     columns = pa.schema([("caption", pa.string())])
 
     def __init__(self, settings: Settings):
-        self.instruction = settings.caption_prompt or PROMPT
+        self.prompt = settings.caption_prompt or PROMPT
 
-    def parse(self, output: VLMOutput) -> dict:
+    def parse(self, output: VLMOutput, request: RowRequest) -> dict:
         return {"caption": output.answer.strip()}

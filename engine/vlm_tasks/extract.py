@@ -17,14 +17,14 @@ import pyarrow as pa
 from engine.constrained import Grammar
 from engine.settings import Settings
 from engine.vlm import VLMOutput
-from engine.vlm_tasks import TaskError, VLMTask
+from engine.vlm_tasks import RowRequest, TaskError, VLMTask
 
 PROMPT = (
     "Extract the fields described by this JSON Schema from the document in the image. Answer with one JSON object "
     "that matches the schema; copy values exactly as written in the document.\n\nSchema:\n{schema}"
 )
 MAX_PROPERTIES = 256  # beyond this the prompt alone outgrows a useful context; split the schema instead
-RESERVED = {"error", "model", "num_output_tokens", "reasoning", "fields", "id", "image", "image_bytes"}
+RESERVED = {"error", "model", "num_output_tokens", "reasoning", "fields", "id", "image", "image_bytes", "video", "page"}
 SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
 
 # JSON Schema keywords the constrained decoder (xgrammar) silently ignores: a schema using them would yield answers
@@ -314,18 +314,21 @@ class ExtractTask(VLMTask):
 
         self.schema = schema
         self.validator = jsonschema.validators.validator_for(schema)(schema)
-        self.grammar = answer_grammar(decoding_schema(schema, settings.vlm_max_new_tokens))
+        self.answer_grammar = answer_grammar(decoding_schema(schema, settings.vlm_max_new_tokens))
         try:
-            self.grammar.parsed()
+            self.answer_grammar.parsed()
         except GrammarError as err:
             raise TaskError(str(err)) from None
-        self.instruction = (settings.extract_prompt or PROMPT).replace("{schema}", json.dumps(schema, indent=1))
+        self.prompt = (settings.extract_prompt or PROMPT).replace("{schema}", json.dumps(schema, indent=1))
         self.properties = schema["properties"]
         self.columns = pa.schema(
             [("fields", pa.string())] + [(name, column_type(p)) for name, p in self.properties.items()]
         )
 
-    def parse(self, output: VLMOutput) -> dict:
+    def grammar(self, request: RowRequest) -> Grammar:
+        return self.answer_grammar
+
+    def parse(self, output: VLMOutput, request: RowRequest) -> dict:
         try:
             # strict=False: xgrammar admits raw control characters in strings bounded by maxLength; they are
             # content, and json.dumps below writes them escaped, so `fields` is always strict JSON.

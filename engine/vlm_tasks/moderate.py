@@ -14,7 +14,7 @@ import yaml
 from engine.constrained import Grammar
 from engine.settings import Settings
 from engine.vlm import VLMOutput
-from engine.vlm_tasks import TaskError, VLMTask
+from engine.vlm_tasks import RowRequest, TaskError, VLMTask
 
 # The 13 MLCommons hazard categories, as Llama Guard 3 Vision names them.
 DEFAULT_POLICY = [
@@ -61,14 +61,15 @@ def load_policy(path: str | Path | None) -> list[Category]:
 class ModerationTask(VLMTask):
     name = "moderate"
     wants_first_logits = True
+    accepts_video = True
     columns = pa.schema([("safe", pa.bool_()), ("categories", pa.list_(pa.string())), ("score", pa.float64())])
 
     def __init__(self, settings: Settings, policy: list[Category]):
         self.policy = policy
         listing = "\n".join(f"{c.code}: {c.name}." + (f" {c.description}" if c.description else "") for c in policy)
-        self.instruction = (settings.moderate_prompt or PROMPT).replace("{categories}", listing)
+        self.prompt = (settings.moderate_prompt or PROMPT).replace("{categories}", listing)
         codes = " | ".join(json.dumps(c.code) for c in policy)
-        self.grammar = Grammar("ebnf", f'root ::= "safe" | "unsafe\\n" code ("," code)*\ncode ::= {codes}\n')
+        self.answer_grammar = Grammar("ebnf", f'root ::= "safe" | "unsafe\\n" code ("," code)*\ncode ::= {codes}\n')
         self.verdict_ids: tuple[int, int] | None = None
 
     def prepare(self, vlm) -> None:
@@ -76,7 +77,10 @@ class ModerationTask(VLMTask):
         # "safe" and "unsafe" differ in their first character, so their first tokens always differ.
         self.verdict_ids = (encode("safe", add_special_tokens=False)[0], encode("unsafe", add_special_tokens=False)[0])
 
-    def parse(self, output: VLMOutput) -> dict:
+    def grammar(self, request: RowRequest) -> Grammar:
+        return self.answer_grammar
+
+    def parse(self, output: VLMOutput, request: RowRequest) -> dict:
         lines = output.answer.strip().split("\n")
         verdict = lines[0].strip()
         if verdict not in ("safe", "unsafe"):

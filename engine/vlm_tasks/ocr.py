@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from engine.settings import Settings
 from engine.vlm import VLMOutput
-from engine.vlm_tasks import VLMTask
+from engine.vlm_tasks import RowRequest, VLMTask
 
 PROMPT = (
     "Read all the text in this image. Write it out exactly as it appears, in natural reading order "
@@ -16,10 +16,11 @@ PROMPT = (
 
 class OCRTask(VLMTask):
     name = "ocr"
+    accepts_video = True
     columns = pa.schema([("text", pa.string())])
 
     def __init__(self, settings: Settings):
-        self.instruction = settings.ocr_prompt or PROMPT
+        self.prompt = settings.ocr_prompt or PROMPT
 
-    def parse(self, output: VLMOutput) -> dict:
+    def parse(self, output: VLMOutput, request: RowRequest) -> dict:
         return {"text": output.answer.strip()}

@@ -18,7 +18,7 @@ from engine.constrained import GrammarCompiler
 from engine.images import decode_image
 from engine.settings import load_settings
 from engine.vlm import VLM
-from engine.vlm_tasks import TaskError, make_task
+from engine.vlm_tasks import RowRequest, TaskError, make_task
 from engine.vlm_tasks.extract import answer_bytes, answer_grammar, decoding_schema
 
 BUDGET = load_settings("tiny").vlm_max_new_tokens  # the tiny preset's answer budget, 128 tokens
@@ -130,9 +130,18 @@ def matcher(compiler, schema: dict) -> xgr.GrammarMatcher:
     return xgr.GrammarMatcher(compiler.compile_grammar(answer_grammar(schema).parsed()))
 
 
-def grammar_processors(vlm: VLM, task):
-    """A logits-processor factory for the task's grammar, as the pass builds one per model actor."""
-    return GrammarCompiler(vlm.processor.tokenizer, vlm.vocab_size).processor_factory(task.grammar)
+def requests(images: list[Image.Image]) -> list[RowRequest]:
+    return [RowRequest(image.width, image.height) for image in images]
+
+
+def answer_rows(vlm: VLM, task, images: list[Image.Image]) -> list[dict]:
+    """The task's rows for `images`, each row asked and constrained as a pass does it: its instruction, its grammar."""
+    rows = requests(images)
+    compiler = GrammarCompiler(vlm.processor.tokenizer, vlm.vocab_size)
+    grammars = compiler.processor_factory([task.grammar(r) for r in rows])
+    outputs = vlm.generate(images, [task.instruction(r) for r in rows], grammars)
+    # parse raises ValueError for an answer that is not complete, valid JSON
+    return [task.parse(output, row) for output, row in zip(outputs, rows, strict=True)]
 
 
 @pytest.mark.parametrize("schema, budget", SCHEMAS, ids=SCHEMA_IDS)
@@ -201,9 +210,9 @@ def test_unbounded_string_fields_always_parse_and_validate_on_the_tiny_default(d
     schema_file = tmp_path / "schema.json"
     schema_file.write_text(json.dumps(FLAT[fields]))
     task = make_task("extract", load_settings("tiny"), schema_file)
-    assert json.dumps(FLAT[fields], indent=1) in task.instruction  # the prompt shows the user's schema, not ours
-    outputs = dense.generate(documents, task.instruction, grammar_processors(dense, task))
-    for row in map(task.parse, outputs):  # parse raises ValueError for an answer that is not complete, valid JSON
+    # the prompt shows the user's schema, not ours
+    assert json.dumps(FLAT[fields], indent=1) in task.instruction(requests(documents)[0])
+    for row in answer_rows(dense, task, documents):
         jsonschema.validate(json.loads(row["fields"]), FLAT[fields])
         assert all(isinstance(row[name], str) for name in FLAT[fields]["properties"])
 
@@ -215,7 +224,7 @@ def test_nested_objects_arrays_of_objects_and_optional_fields_parse_and_validate
     schema_file.write_text(json.dumps(NESTED))
     task = make_task("extract", settings, schema_file)
     vlm = VLM("tiny", settings)
-    for row in map(task.parse, vlm.generate(documents, task.instruction, grammar_processors(vlm, task))):
+    for row in answer_rows(vlm, task, documents):
         jsonschema.validate(json.loads(row["fields"]), NESTED)
         assert isinstance(row["paid"], bool | None) and isinstance(row["vendor"], str)  # an object stays JSON text
     bounded = decoding_schema(NESTED, budget)

@@ -1,4 +1,5 @@
-"""The VLM engine and its tasks on the tiny Qwen3-VL models: batching, reasoning split, constrained answers."""
+"""The VLM engine and its tasks on the tiny Qwen3-VL models: batching, reasoning split, constrained answers, and the
+per-row tasks (vqa's questions, parse's Markdown) on the dense and the MoE Thinking model."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from engine.constrained import GrammarCompiler
 from engine.models import ModelError
 from engine.settings import load_settings
 from engine.vlm import VLM, resolve_vlm
-from engine.vlm_tasks import TaskError, make_task
+from engine.vlm_tasks import RowRequest, TaskError, make_task
 
 # Its own bounds fit the tiny preset's 128 answer tokens at up to 4 bytes a character (engine/vlm_tasks/extract.py).
 SCHEMA = {
@@ -43,10 +44,20 @@ def thinking() -> VLM:
     return VLM("tiny-moe-thinking", load_settings("tiny"))
 
 
-def _run(vlm: VLM, task, images):
+def sized(images, **row) -> list[RowRequest]:
+    """One request per image, of its size, each with the same `row` fields (question, categories)."""
+    return [RowRequest(image.width, image.height, **row) for image in images]
+
+
+def _run(vlm: VLM, task, images, requests: list[RowRequest] | None = None):
+    """The task over a batch as a pass runs it: per-row instructions and grammars; its rows and the raw outputs."""
+    requests = requests or sized(images)
     task.prepare(vlm)
-    factory = GrammarCompiler(vlm.processor.tokenizer, vlm.vocab_size).processor_factory(task.grammar) if task.grammar else None
-    return [task.parse(o) for o in vlm.generate(images, task.instruction, factory, task.wants_first_logits)], factory
+    grammars = [task.grammar(r) for r in requests]
+    compiler = GrammarCompiler(vlm.processor.tokenizer, vlm.vocab_size)
+    factory = compiler.processor_factory(grammars) if grammars[0] is not None else None
+    outputs = vlm.generate(images, [task.instruction(r) for r in requests], factory, task.wants_first_logits)
+    return [task.parse(o, r) for o, r in zip(outputs, requests, strict=True)], outputs
 
 
 def test_a_batch_of_differently_sized_images_gets_one_answer_each(dense, images):
@@ -96,9 +107,62 @@ def test_moderation_answers_only_in_the_policy_with_a_probability(dense, images,
 
 
 def test_prompts_can_be_overridden_in_settings():
+    request = RowRequest(64, 48)
     task = make_task("ocr", load_settings("tiny", overrides={"ocr_prompt": "Transcribe."}))
-    assert task.instruction == "Transcribe."
-    assert "S13: Elections." in make_task("moderate", load_settings("tiny")).instruction
+    assert task.instruction(request) == "Transcribe."
+    assert "S13: Elections." in make_task("moderate", load_settings("tiny")).instruction(request)
+
+
+@pytest.mark.parametrize("model", ["dense", "thinking"])
+def test_vqa_asks_each_row_its_own_question_else_the_task_wide_one(request, model, images):
+    vlm = request.getfixturevalue(model)
+    task = make_task("vqa", load_settings("tiny"), question="What colour is it?")
+    requests = [RowRequest(64, 48, question="How many shapes?"), RowRequest(96, 96), RowRequest(40, 120, question=" ")]
+    assert [task.instruction(r) for r in requests] == ["How many shapes?"] + ["What colour is it?"] * 2
+    rows, outputs = _run(vlm, task, images, requests)
+    assert len(rows) == 3 and all(isinstance(r["answer"], str) and r["answer"] == r["answer"].strip() for r in rows)
+    assert all(bool(o.reasoning) == vlm.thinks for o in outputs)  # the Thinking model reasoned before answering
+    assert task.columns.names == ["answer"] and task.accepts_video
+
+
+def test_vqa_rows_with_different_questions_in_one_batch_get_one_answer_each(dense, images):
+    task = make_task("vqa", load_settings("tiny"))
+    task.check_input(["image", "question"])  # the column is enough without --question
+    questions = ["Is it red?", "What shape is shown?", "Describe the colour in one word."]
+    requests = [RowRequest(image.width, image.height, question=q) for image, q in zip(images, questions)]
+    rows, outputs = _run(dense, task, images, requests)
+    assert len(rows) == len(outputs) == 3 and all(o.num_output_tokens > 0 for o in outputs)
+
+
+def test_vqa_prompt_override_wraps_the_question_and_must_place_it():
+    task = make_task("vqa", load_settings("tiny", overrides={"vqa_prompt": "Answer in one word. {question}"}))
+    assert task.instruction(RowRequest(8, 8, question="Colour?")) == "Answer in one word. Colour?"
+    with pytest.raises(TaskError, match="must contain {question}"):
+        make_task("vqa", load_settings("tiny", overrides={"vqa_prompt": "Answer in one word."}))
+
+
+def test_vqa_without_any_question_is_refused_before_running_and_per_row():
+    task = make_task("vqa", load_settings("tiny"))
+    with pytest.raises(TaskError, match="vqa needs a 'question' column or --question TEXT"):
+        task.check_input(["image"])
+    with pytest.raises(ValueError, match="no question"):  # a row of the column whose cell is empty
+        task.instruction(RowRequest(8, 8, question=None))
+    make_task("vqa", load_settings("tiny"), question="Why?").check_input(["image"])
+    with pytest.raises(TaskError, match="--question is empty"):
+        make_task("vqa", load_settings("tiny"), question="  ")
+
+
+@pytest.mark.parametrize("model", ["dense", "thinking"])
+def test_parse_writes_each_page_as_markdown(request, model, images):
+    vlm = request.getfixturevalue(model)
+    task = make_task("parse", load_settings("tiny"))
+    assert task.instruction(RowRequest(64, 48)) == "qwenvl markdown" and not task.accepts_video
+    rows, outputs = _run(vlm, task, images)
+    assert [list(r) for r in rows] == [["markdown"]] * 3 and task.columns.names == ["markdown"]
+    assert all(r["markdown"] == o.answer.strip() for r, o in zip(rows, outputs))
+    assert all(bool(o.reasoning) == vlm.thinks for o in outputs)
+    custom = make_task("parse", load_settings("tiny", overrides={"parse_prompt": "qwenvl html"}))
+    assert custom.instruction(RowRequest(64, 48)) == "qwenvl html"
 
 
 @pytest.mark.parametrize(
