@@ -12,6 +12,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,17 +22,26 @@ from PIL import Image
 
 from engine.images import ImageError
 from engine.settings import Settings
+from engine.video import Video
+from engine.vlm_tasks import RowRequest
 from ray_jobs import exit_status
-from ray_jobs.images_input import ImagesInput, check_images_manifest, load_row
+from ray_jobs.images_input import VISUAL_COLUMNS, ImagesInput, RowVisual, check_images_manifest, row_visuals
 from ray_jobs.manifest import ManifestError
-from ray_jobs.pass_output import PassOutput, arrow_filesystem
+from ray_jobs.pass_output import DONE_PAGES, PassOutput, arrow_filesystem
 from ray_jobs.pass_resources import PassShape, choose_cpus_per_actor
 from ray_jobs.progress import FleetProgress
 
 STANDARD_COLUMNS = pa.schema(
     [("error", pa.string()), ("model", pa.string()), ("num_output_tokens", pa.int32()), ("reasoning", pa.string())]
 )
-INTERNAL = ("__pixels", "__width", "__height", "__decode_error")  # decoded images, dropped before output
+PAGE = pa.field("page", pa.int32())  # 1-based page of a PDF row, null for other rows: added by decoding
+# What decoding hands the model stage, dropped before output: pixels at the budget (a video's frames one after
+# another), their shape, the upright source size boxes are reported in, a video's sampling, or why the row failed.
+INTERNAL = pa.schema([
+    ("__pixels", pa.binary()), ("__frames", pa.int32()), ("__width", pa.int32()), ("__height", pa.int32()),
+    ("__source_width", pa.int32()), ("__source_height", pa.int32()), ("__fps", pa.float64()),
+    ("__frame_indices", pa.list_(pa.int32())), ("__decode_error", pa.string()),
+])  # fmt: skip
 STATS_POLL_SECONDS = 0.5
 
 
@@ -44,9 +54,15 @@ class AnalyzeRequest:
     vlm_model: str = "tiny"
     schema_file: str | None = None
     policy_file: str | None = None
+    question: str | None = None
+    categories: str | None = None
     address: str | None = None
     verbose: bool = False
     show_progress: bool = True
+
+    def task_args(self) -> dict[str, Any]:
+        return {"name": self.task, "schema_file": self.schema_file, "policy_file": self.policy_file,
+                "question": self.question, "categories": self.categories}  # fmt: skip
 
 
 # -- CPU stage: decode ------------------------------------------------------------------------------------------
@@ -62,45 +78,76 @@ def fit_pixel_budget(image: Image.Image, min_pixels: int, max_pixels: int) -> Im
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def decode_batch(batch: pa.Table, settings: Settings) -> pa.Table:
-    """Decode each row's image into raw RGB at the pixel budget, or record why it cannot be used."""
-    uris = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * batch.num_rows
-    blobs = batch.column("image_bytes").to_pylist() if "image_bytes" in batch.column_names else [None] * batch.num_rows
-    pixels, widths, heights, errors = [], [], [], []
-    for uri, data in zip(uris, blobs):
-        try:
-            image = fit_pixel_budget(load_row(uri, data, settings), settings.vlm_min_pixels, settings.vlm_max_pixels)
-            pixels.append(image.tobytes())
-            widths.append(image.width)
-            heights.append(image.height)
-            errors.append(None)
-        except ImageError as err:
-            pixels.append(None)
-            widths.append(None)
-            heights.append(None)
-            errors.append(str(err))
-    for name, values, kind in zip(INTERNAL, (pixels, widths, heights, errors),
-                                  (pa.binary(), pa.int32(), pa.int32(), pa.string())):  # fmt: skip
-        batch = batch.append_column(name, pa.array(values, kind))
-    return batch
+def _decoded(shown: RowVisual, settings: Settings) -> dict[str, Any]:
+    """The internal columns of one image, page or video at the pixel budget."""
+    values: dict[str, Any] = {"__source_width": shown.width, "__source_height": shown.height, "page": shown.page}
+    if isinstance(shown.visual, Video):
+        clip = shown.visual  # sampled within video_max_pixels already
+        return values | {"__pixels": clip.frames.tobytes(), "__frames": len(clip.frame_indices),
+                         "__width": clip.width, "__height": clip.height, "__fps": clip.fps,
+                         "__frame_indices": clip.frame_indices}  # fmt: skip
+    image = fit_pixel_budget(shown.visual, settings.vlm_min_pixels, settings.vlm_max_pixels)
+    return values | {"__pixels": image.tobytes(), "__frames": 0, "__width": image.width, "__height": image.height}
 
 
-def decode_memory_bytes(settings: Settings) -> int:
-    """What one decode task holds at most: its batch of decoded images at the pixel budget, plus the largest source
-    image it may open (RGBA at max_image_pixels)."""
-    return settings.vlm_batch_size * settings.vlm_max_pixels * 3 + settings.max_image_pixels * 4
+def _row_outputs(uri: str | None, data: bytes | None, video: str | None, done_pages: list[int] | None,
+                 settings: Settings) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The output rows of one input row: one per image, page or video; a row that fails ends with one error row
+    (page null, so a rerun counts the row as done)."""
+    try:
+        for shown in row_visuals(uri, data, video, settings, done_pages or ()):
+            yield _decoded(shown, settings)
+    except ImageError as err:
+        yield {"page": None, "__decode_error": str(err)}
+
+
+def decode_batches(batch: pa.Table, settings: Settings) -> Iterator[pa.Table]:
+    """Decode each row's image, PDF pages or video frames at the pixel budget, or record why it cannot be used.
+    A PDF becomes a row per page: tables are yielded every `vlm_batch_size` output rows, so a long PDF never sits
+    in memory whole. `__done_pages` (added by the checkpoint filter on a resumed pass) names pages already written."""
+    def column(name: str) -> list:
+        return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+    uris, blobs, videos, done = (column(c) for c in (*VISUAL_COLUMNS, DONE_PAGES))
+    sources: list[int] = []
+    rows: list[dict[str, Any]] = []
+    for i in range(batch.num_rows):
+        for row in _row_outputs(uris[i], blobs[i], videos[i], done[i], settings):
+            sources.append(i)
+            rows.append(row)
+            if len(rows) == settings.vlm_batch_size:
+                yield _with_decoded(batch, sources, rows)
+                sources, rows = [], []
+    if rows:
+        yield _with_decoded(batch, sources, rows)
+
+
+def _with_decoded(batch: pa.Table, sources: list[int], rows: list[dict[str, Any]]) -> pa.Table:
+    table = batch.take(pa.array(sources, pa.int64()))
+    if DONE_PAGES in table.column_names:
+        table = table.drop_columns([DONE_PAGES])
+    for field in (PAGE, *INTERNAL):
+        table = table.append_column(field, pa.array([r.get(field.name) for r in rows], field.type))
+    return table
+
+
+def decode_memory_bytes(settings: Settings, has_video: bool) -> int:
+    """What one decode task holds at most: a batch of decoded images (or videos) at the pixel budget, plus the largest
+    source image it may open (RGBA at max_image_pixels)."""
+    per_row = max(settings.vlm_max_pixels, settings.video_max_pixels if has_video else 0) * 3
+    return settings.vlm_batch_size * per_row + settings.max_image_pixels * 4
 
 
 # -- model stage ------------------------------------------------------------------------------------------------
 
 
 def output_schema(input_schema: pa.Schema, task) -> pa.Schema:
-    fields = [f for f in input_schema if f.name not in INTERNAL]
+    fields = list(input_schema)
     taken = {f.name for f in fields}
-    clashes = sorted(taken & (set(STANDARD_COLUMNS.names) | set(task.columns.names)))
+    clashes = sorted(taken & ({PAGE.name, *STANDARD_COLUMNS.names, *task.columns.names} | set(INTERNAL.names)))
     if clashes:
         raise ManifestError(f"input columns {clashes} clash with the pass's output columns")
-    return pa.schema([*fields, *STANDARD_COLUMNS, *task.columns])
+    return pa.schema([*fields, *STANDARD_COLUMNS, PAGE, *task.columns])
 
 
 class BatchStatsInbox:
@@ -130,20 +177,16 @@ class VLMPredictor:
         self.task = make_task(settings=settings, **task_args)
         self.task.prepare(self.vlm)
         self.schema, self.inbox = schema, inbox
-        self.answer_processor = None
-        if self.task.grammar is not None:
-            compiler = GrammarCompiler(self.vlm.processor.tokenizer, self.vlm.vocab_size)
-            self.answer_processor = compiler.processor_factory(self.task.grammar)
+        self.grammars = GrammarCompiler(self.vlm.processor.tokenizer, self.vlm.vocab_size)  # compiles each once
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         began = time.perf_counter()
         rows = [{name: None for name in (*STANDARD_COLUMNS.names, *self.task.columns.names)} for _ in range(batch.num_rows)]
-        errors = batch.column("__decode_error").to_pylist()
-        good = [i for i, e in enumerate(errors) if e is None]
-        for i, error in enumerate(errors):
+        for i, error in enumerate(batch.column("__decode_error").to_pylist()):
             rows[i].update(error=error, model=self.vlm.name)
-        if good:
-            self._answer(batch, good, rows)
+        asked = self._ask(batch, rows)
+        if asked:
+            self._answer(batch, asked, rows)
         columns = {f.name: batch.column(f.name).cast(f.type) for f in self.schema if f.name in batch.column_names}
         for field in (*STANDARD_COLUMNS, *self.task.columns):
             columns[field.name] = pa.array([r[field.name] for r in rows], field.type)
@@ -151,22 +194,52 @@ class VLMPredictor:
         self._report(table, time.perf_counter() - began)
         return table
 
-    def _answer(self, batch: pa.Table, good: list[int], rows: list[dict]) -> None:
-        pixels, widths, heights = (batch.column(c).to_pylist() for c in INTERNAL[:3])
-        images = [
-            Image.fromarray(np.frombuffer(pixels[i], np.uint8).reshape(heights[i], widths[i], 3)) for i in good
-        ]
+    def _ask(self, batch: pa.Table, rows: list[dict]) -> dict[int, tuple[RowRequest, str]]:
+        """Each decoded row's request and instruction; a row the task cannot ask gets its error instead."""
+        def column(name: str) -> list:
+            return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+        questions, categories = column("question"), column("categories")
+        widths, heights, frames = column("__source_width"), column("__source_height"), column("__frames")
+        asked = {}
+        for i, row in enumerate(rows):
+            if row["error"] is not None:
+                continue
+            request = RowRequest(widths[i], heights[i], questions[i], categories[i], is_video=frames[i] > 0)
+            if request.is_video and not self.task.accepts_video:
+                row["error"] = f"task {self.task.name} does not take video rows (caption, moderate, ocr and vqa do)"
+                continue
+            try:
+                asked[i] = (request, self.task.instruction(request))
+            except ValueError as err:
+                row["error"] = f"task: {err}"
+        return asked
+
+    def _visual(self, batch: pa.Table, i: int) -> Image.Image | Video:
+        pixels = np.frombuffer(batch.column("__pixels")[i].as_py(), np.uint8)
+        width, height = batch.column("__width")[i].as_py(), batch.column("__height")[i].as_py()
+        frames = batch.column("__frames")[i].as_py()
+        if frames:
+            indices = batch.column("__frame_indices")[i].as_py()
+            return Video(pixels.reshape(frames, height, width, 3), batch.column("__fps")[i].as_py(), indices)
+        return Image.fromarray(pixels.reshape(height, width, 3))
+
+    def _answer(self, batch: pa.Table, asked: dict[int, tuple[RowRequest, str]], rows: list[dict]) -> None:
+        order = list(asked)
+        visuals = [self._visual(batch, i) for i in order]
+        instructions = [asked[i][1] for i in order]
+        grammars = [self.task.grammar(asked[i][0]) for i in order]
+        processor = self.grammars.processor_factory(grammars) if grammars[0] is not None else None
         try:
-            outputs = self.vlm.generate(images, self.task.instruction, self.answer_processor,
-                                        self.task.wants_first_logits)  # fmt: skip
+            outputs = self.vlm.generate(visuals, instructions, processor, self.task.wants_first_logits)
         except Exception as err:  # the whole batch failed (e.g. out of memory): each row says so, none is lost
-            for i in good:
+            for i in order:
                 rows[i]["error"] = f"model: {type(err).__name__}: {err}"
             return
-        for i, output in zip(good, outputs):
+        for i, output in zip(order, outputs):
             rows[i].update(num_output_tokens=output.num_output_tokens, reasoning=output.reasoning)
             try:
-                rows[i].update(self.task.parse(output))
+                rows[i].update(self.task.parse(output, asked[i][0]))
             except ValueError as err:
                 rows[i]["error"] = f"answer: {err}"
 
@@ -233,8 +306,9 @@ def analyze(request: AnalyzeRequest, metrics=None) -> int:
     from engine.vlm_tasks import make_task
 
     images = check_images_manifest(request.input)
-    task_args = {"name": request.task, "schema_file": request.schema_file, "policy_file": request.policy_file}
+    task_args = request.task_args()
     task = make_task(settings=request.settings, **task_args)  # bad schema or policy files fail here, before Ray
+    task.check_input(images.schema.names)
     schema = output_schema(images.schema, task)
     output = PassOutput(request.out)
     output.prepare()
@@ -272,14 +346,14 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
         # every `vlm_rows_per_file` rows (smaller blocks measured 3.7x slower at 100k rows: a task per block).
         ds = ds.repartition(target_num_rows_per_block=settings.vlm_rows_per_file)
         ds = ds.map_batches(
-            decode_batch,
+            decode_batches,
             fn_kwargs={"settings": settings},
             batch_size=settings.vlm_batch_size,
             batch_format="pyarrow",
             # Decoding reserves the memory its batch of images needs. Being a resource the model actors do not ask
             # for, it also keeps Ray Data from fusing decoding into them (it fuses only ops of equal resources),
             # so the GPU never waits on a JPEG.
-            memory=decode_memory_bytes(settings),
+            memory=decode_memory_bytes(settings, "video" in images.schema.names),
         )
         left = max(0, images.num_rows - output.committed_rows())
         progress = FleetProgress(left, enabled=request.show_progress, label=f"{request.task} rows")

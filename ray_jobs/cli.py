@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from engine.models import ModelError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
-from engine.vlm_tasks import TaskError
+from engine.vlm_tasks import TASKS, TaskError
 from ray_jobs import exit_status, report
 from ray_jobs.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
@@ -114,8 +114,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     request = AnalyzeRequest(
         input=args.input, task=args.task, out=args.out, settings=_settings(args), vlm_model=args.vlm_model,
-        schema_file=args.schema, policy_file=args.policy, address=args.address, verbose=args.verbose,
-        show_progress=not args.no_progress,
+        schema_file=args.schema, policy_file=args.policy, question=args.question, categories=args.categories,
+        address=args.address, verbose=args.verbose, show_progress=not args.no_progress,
     )  # fmt: skip
     with metrics_session(args) as metrics:
         return analyze(request, metrics)
@@ -179,11 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser("analyze", help="a Ray Data VLM pass over an images manifest")
     analyze.add_argument("input", help="images manifest: a Parquet file, a folder or prefix of them, a glob, or Hive "
                                        "partitions (any fsspec URI); columns id, image or image_bytes")
-    analyze.add_argument("--task", required=True, choices=["ocr", "extract", "moderate", "caption"])
+    analyze.add_argument("--task", required=True, choices=list(TASKS))
     analyze.add_argument("--out", required=True, help="output folder of Parquet part files, e.g. captions.parquet "
                                                       "(any fsspec URI); rerunning answers only the ids not written")
     analyze.add_argument("--schema", help="JSON Schema file of the fields to extract (task extract)")
     analyze.add_argument("--policy", help="moderation policy file, YAML or JSON (default: the 13 MLCommons hazards)")
+    analyze.add_argument("--question", help="the question for every row without its own 'question' (task vqa)")
+    analyze.add_argument("--categories", help="comma-separated labels to localise in rows without their own "
+                         "'categories' (task detect)")
     analyze.add_argument("--vlm-model", default="tiny", help="tiny, a local directory, or a Qwen3-VL hub id")
     analyze.add_argument("--base-model", default="tiny", help="which preset's defaults apply (tiny: small budgets)")
     analyze.add_argument("--config", help="YAML settings file")

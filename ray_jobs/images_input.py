@@ -5,7 +5,7 @@ the file-level checks run over all of it before anything starts, streamed so the
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -15,18 +15,26 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
+from PIL import Image
 
 from engine import storage
-from engine.images import ImageError, decode_image, read_image
+from engine.documents import count_pages, is_pdf, render_pages
+from engine.images import ImageError, decode_image, read_source
+from engine.video import Video, read_video
 from engine.settings import Settings
 from ray_jobs.manifest import ManifestError
 
-IMAGE_COLUMNS = ("image", "image_bytes")
-TEXT_COLUMNS = ("id", "image")  # read as text by the pass: bytes that are not UTF-8 would stop it midway
+VISUAL_COLUMNS = ("image", "image_bytes", "video")  # exactly one of them per row
+TEXT_COLUMNS = ("id", "image", "video", "question", "categories")  # read as text by the pass: bytes that are not
+# UTF-8 would stop it midway
+_TEXT = (pa.types.is_string, pa.types.is_large_string)
 COLUMN_KINDS = {
-    "id": (pa.types.is_string, pa.types.is_large_string),
-    "image": (pa.types.is_string, pa.types.is_large_string),
+    "id": _TEXT,
+    "image": _TEXT,
     "image_bytes": (pa.types.is_binary, pa.types.is_large_binary),
+    "video": _TEXT,
+    "question": _TEXT,
+    "categories": _TEXT,
 }
 SCAN_BATCH_ROWS = 65_536
 
@@ -124,8 +132,8 @@ def open_images_input(uri: str) -> ImagesInput:
         raise ManifestError(f"{uri}: partition folders {clashes} repeat columns of the files")
     if "id" not in first.names:
         raise ManifestError(f"{uri}: no 'id' column")
-    if not set(IMAGE_COLUMNS) & set(first.names):
-        raise ManifestError(f"{uri}: needs an 'image' (URI) or 'image_bytes' column")
+    if not set(VISUAL_COLUMNS) & set(first.names):
+        raise ManifestError(f"{uri}: needs an 'image' (URI), 'image_bytes' or 'video' (URI) column")
     for name, kinds in COLUMN_KINDS.items():
         if name in first.names and not any(k(first.field(name).type) for k in kinds):
             raise ManifestError(f"{uri}: column '{name}' has type {first.field(name).type}")
@@ -208,27 +216,68 @@ def check_images_manifest(uri: str) -> ImagesInput:
 # -- rows ---------------------------------------------------------------------------------------------------------
 
 
-def load_row(uri: str | None, data: bytes | None, settings: Settings):
-    """The row's image (PIL), from its URI or its bytes; ImageError says why it cannot be used."""
-    if (uri is None) == (data is None):
-        raise ImageError("the row has neither 'image' nor 'image_bytes'" if uri is None else
-                         "the row has both 'image' and 'image_bytes'; give one")  # fmt: skip
+@dataclass
+class RowVisual:
+    """One thing a row shows the model: its image, one page of its PDF, or its video's sampled frames."""
+
+    visual: Image.Image | Video
+    width: int  # upright size in pixels of what is shown (a page at pdf_dpi; a video's frames): boxes are in these
+    height: int
+    page: int | None = None  # 1-based, for PDF pages
+
+
+def row_visuals(uri: str | None, data: bytes | None, video: str | None, settings: Settings,
+                done_pages: Collection[int] = ()) -> Iterator[RowVisual]:  # fmt: skip
+    """What the row shows, in order: one image, a PDF's pages (those not in `done_pages`) or one video. ImageError
+    (DocumentError, VideoError) says why the row cannot be used; pages already yielded stay good."""
+    given = [name for name, value in zip(VISUAL_COLUMNS, (uri, data, video)) if value is not None]
+    if len(given) != 1:
+        raise ImageError("the row has none of 'image', 'image_bytes', 'video'; give one" if not given else
+                         f"the row has {' and '.join(repr(g) for g in given)}; give exactly one")  # fmt: skip
     limits = {"max_pixels": settings.max_image_pixels, "min_side": settings.min_image_side}
-    if data is not None:
-        return decode_image(data, name="image_bytes", **limits)
-    return read_image(uri, **limits)
+    if video is not None:
+        clip = read_video(video, fps=settings.video_fps, max_frames=settings.video_max_frames,
+                          max_seconds=settings.video_max_seconds, max_pixels=settings.video_max_pixels,
+                          max_frame_pixels=settings.max_image_pixels, min_side=settings.min_image_side)  # fmt: skip
+        yield RowVisual(clip, clip.width, clip.height)
+        return
+    name = "image_bytes" if uri is None else uri
+    if data is None:
+        data = read_source(uri)
+    if is_pdf(data):
+        for page in render_pages(data, name=name, dpi=settings.pdf_dpi, max_pages=settings.pdf_max_pages,
+                                 max_pixels=settings.max_image_pixels, render_pixels=settings.vlm_max_pixels,
+                                 skip=done_pages):  # fmt: skip
+            yield RowVisual(page.image, page.width, page.height, page.number)
+        return
+    image = decode_image(data, name=name, **limits)
+    yield RowVisual(image, image.width, image.height)
 
 
 def check_image_rows(uri: str, settings: Settings) -> Iterator[tuple[int, str, str]]:
     """Every row that a pass would answer with an error, as (row, id, reason): what `validate --kind images` prints.
-    Row numbers count across the files in the order they are listed."""
+    PDFs are opened and their pages counted, not rendered; videos are sampled as the pass would. Row numbers count
+    across the files in the order they are listed."""
     images = check_images_manifest(uri)
-    columns = ["id", *(c for c in IMAGE_COLUMNS if c in images.schema.names)]
+    columns = ["id", *(c for c in VISUAL_COLUMNS if c in images.schema.names)]
     row = 0
     for batch in images.batches(columns):
         for data in batch.to_pylist():
             try:
-                load_row(data.get("image"), data.get("image_bytes"), settings)
+                _check_row(data.get("image"), data.get("image_bytes"), data.get("video"), settings)
             except ImageError as err:
                 yield row, data["id"], str(err)
             row += 1
+
+
+def _check_row(uri: str | None, data: bytes | None, video: str | None, settings: Settings) -> None:
+    if video is None and (uri is None) != (data is None):
+        name, blob = uri or "image_bytes", data if data is not None else read_source(uri)
+        if is_pdf(blob):
+            count_pages(blob, name=name, dpi=settings.pdf_dpi, max_pages=settings.pdf_max_pages,
+                        max_pixels=settings.max_image_pixels)  # fmt: skip
+        else:
+            decode_image(blob, name=name, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
+        return
+    for _ in row_visuals(uri, data, video, settings):  # raises the row's error
+        pass

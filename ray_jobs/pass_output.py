@@ -7,6 +7,11 @@ committed. A rerun first deletes the data files of every pending checkpoint (a t
 its commit), then skips every committed id. The checkpoint lives beside OUT, not in it: Ray's clean-up deletes files
 under OUT by name prefix, and readers of OUT (pandas, polars, duckdb) should see nothing but part files. It is kept
 after success, so a rerun with new rows answers only those.
+
+A PDF is one input row but a row per page in OUT, and its pages may land in different part files, committed apart.
+Ray's filter would drop the whole PDF once any page is written; `PageCheckpointManager` and `PageAwareFilter` make
+resume exact per (id, page): ids with a row whose `page` is null (an image, a video, a failed row) are done, and a
+PDF with pages written goes on with `__done_pages`, so only its missing pages are rendered and answered.
 """
 
 from __future__ import annotations
@@ -14,16 +19,69 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from ray.data.checkpoint.checkpoint_filter import CheckpointFilter, IdColumnCheckpointManager
+
 from engine import storage
 from ray_jobs.manifest import ManifestError
 
 FOOTER_READ_THREADS = 16  # reading footers is storage round trips: overlap them
+DONE_PAGES = "__done_pages"  # the pages of a PDF row already in OUT, added to resumed input rows
+
+
+def written_pages(ids: np.ndarray, data_dir: str, filesystem: pafs.FileSystem) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """From the committed ids (sorted, a PDF's id once per page) and OUT's part files: (the sorted ids that are done
+    whole, {id: pages written} of PDFs with no row of page null)."""
+    dataset = pds.dataset(data_dir, filesystem=filesystem, format="parquet")
+    if "page" not in dataset.schema.names:
+        return np.unique(ids), {}
+    pages = dataset.to_table(columns=["id", "page"], filter=pc.field("page").is_valid())
+    paged = pages.group_by("id").aggregate([("page", "list")])
+    page_lists = dict(zip(paged.column("id").to_pylist(), (sorted(p) for p in paged.column("page_list").to_pylist())))
+    whole_ids = dataset.to_table(columns=["id"], filter=pc.field("page").is_null()).column("id")
+    whole = np.unique(whole_ids.to_numpy(zero_copy_only=False)) if len(whole_ids) else np.array([], dtype=object)
+    for done in whole:
+        page_lists.pop(done, None)
+    return whole, page_lists
+
+
+class PageCheckpointManager(IdColumnCheckpointManager):
+    """Ray's loading of the committed ids (pending writes cleaned first), then split into whole rows and PDF pages."""
+
+    def load_checkpoint(self, data_file_dir=None, data_file_filesystem=None):
+        import ray
+
+        ids_ref, size = super().load_checkpoint(data_file_dir, data_file_filesystem)
+        if ids_ref is None or data_file_dir is None:
+            return ids_ref, size
+        task = ray.remote(num_cpus=1)(written_pages)
+        # Whole ids and the page lists together weigh at most twice the ids: reserve that for each filter actor.
+        return task.remote(ids_ref, data_file_dir, data_file_filesystem or self.filesystem), 2 * size
+
+
+class PageAwareFilter(CheckpointFilter):
+    """Drops rows that are done whole; lets a PDF with pages written through with the list of those pages."""
+
+    def __init__(self, config, checkpoint_ref):
+        import ray
+
+        super().__init__(config, checkpoint_ref)
+        self.whole, self.pages = ray.get(checkpoint_ref)
+
+    def filter_rows_for_block(self, block: pa.Table) -> pa.Table:
+        if len(self.whole):
+            ids = block.column(self.id_column).to_numpy(zero_copy_only=False)
+            where = np.searchsorted(self.whole, ids).clip(max=len(self.whole) - 1)
+            block = block.filter(pa.array(self.whole[where] != ids))
+        done = [self.pages.get(i) for i in block.column(self.id_column).to_pylist()]
+        return block.append_column(DONE_PAGES, pa.array(done, pa.list_(pa.int32())))
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
@@ -74,12 +132,28 @@ class PassOutput:
         """Whether every id of `images` is committed already, so the pass has nothing to do. Exact (pyarrow's is_in
         over the committed ids); tried only when no write was left pending and as many ids are committed as exist."""
         committed, pending = self._checkpoint_files()
-        if not committed or pending or self.committed_rows() < images.num_rows:
+        if not committed or pending or self.committed_rows() < images.num_rows or self.has_pages():
             return False
         written = pds.dataset(committed, filesystem=self.fs, format="parquet").to_table(columns=["id"]).column("id")
         written = written.combine_chunks()
         return all(pc.all(pc.is_in(batch.column("id"), value_set=written)).as_py() is not False
                    for batch in images.batches(["id"]))  # fmt: skip
+
+    def has_pages(self) -> bool:
+        """Whether OUT holds PDF pages, whose ids alone cannot tell a finished PDF from one half written."""
+        def paged(path: str) -> bool:
+            metadata = self._footer(path)
+            column = metadata.schema.to_arrow_schema().get_field_index("page")
+            if column < 0:
+                return False
+            for i in range(metadata.num_row_groups):
+                stats = metadata.row_group(i).column(column).statistics
+                if stats is None or not stats.has_null_count or stats.null_count < metadata.row_group(i).num_rows:
+                    return True
+            return False
+
+        with ThreadPoolExecutor(FOOTER_READ_THREADS) as pool:
+            return any(pool.map(paged, self.data_files()))
 
     def checkpoint_config(self):
         from ray.data.checkpoint import CheckpointConfig
@@ -89,6 +163,8 @@ class PassOutput:
             checkpoint_path=self.checkpoint_path,
             delete_checkpoint_on_success=False,
             override_filesystem=self.arrow_filesystem(),
+            checkpoint_manager_cls=PageCheckpointManager,
+            checkpoint_filter_cls=PageAwareFilter,
         )
 
     def committed_rows(self) -> int:

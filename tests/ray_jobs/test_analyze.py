@@ -58,8 +58,8 @@ def _rows(folder: Path) -> tuple[list[dict], dict[str, str]]:
         "not-image": ({"image": str(folder / "text.png")}, "not an image in any format"),
         "truncated": ({"image": str(folder / "cut.png")}, "truncated"),
         "bomb": ({"image": str(folder / "bomb.png")}, "over the limit"),
-        "neither": ({}, "neither 'image' nor 'image_bytes'"),
-        "both": ({"image": str(folder / "doc.png"), "image_bytes": _png("red")}, "both"),
+        "neither": ({}, "none of 'image', 'image_bytes', 'video'"),
+        "both": ({"image": str(folder / "doc.png"), "image_bytes": _png("red")}, "give exactly one"),
     }
     rows = good + [{"id": k, **v[0]} for k, v in bad.items()]
     for row in rows:
@@ -103,7 +103,7 @@ def test_every_task_keeps_every_row_and_names_each_bad_one(ray_cluster, tmp_path
     table = pq.read_table(out)
     expected = {"id": pa.string(), "image": pa.string(), "image_bytes": pa.binary(), "batch": pa.string(),
                 "error": pa.string(), "model": pa.string(), "num_output_tokens": pa.int32(),
-                "reasoning": pa.string(), **columns}  # fmt: skip
+                "reasoning": pa.string(), "page": pa.int32(), **columns}  # fmt: skip
     assert {f.name: f.type for f in table.schema} == expected
     out_rows = {r["id"]: r for r in table.to_pylist()}
     assert sorted(out_rows) == sorted(r["id"] for r in rows)  # rows out == rows in
@@ -167,7 +167,7 @@ def test_a_write_killed_before_its_commit_is_redone_once_not_twice(ray_cluster, 
 @pytest.mark.parametrize("rows, message", [
     ([{"image": "x.png"}], "no 'id' column"),
     ([{"id": "a", "image": "x.png"}, {"id": "a", "image": "y.png"}], "duplicate ids"),
-    ([{"id": "a", "path": "x.png"}], "needs an 'image' (URI) or 'image_bytes' column"),
+    ([{"id": "a", "path": "x.png"}], "needs an 'image' (URI), 'image_bytes' or 'video' (URI) column"),
 ])  # fmt: skip
 def test_manifest_problems_stop_before_anything_runs(tmp_path, capsys, rows, message):
     manifest = tmp_path / "bad.parquet"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from PIL import Image
 from ray_jobs.cli import main
 from ray_jobs.manifest import write_subjects_manifest
 from ray_jobs.run_dir import RunDirectory
+from tests import media_files
 from tests.conftest import draw_subject
 from tests.ray_jobs.conftest import make_subject_rows
 
@@ -177,8 +179,8 @@ def test_each_bad_image_row_gets_its_error_and_every_good_row_is_answered(ray_cl
     ]
     expected = {case: expect for case, _, _, expect in IMAGES} | {
         "good": None,
-        "neither-column": "the row has neither 'image' nor 'image_bytes'",
-        "both-columns": "the row has both 'image' and 'image_bytes'; give one",
+        "neither-column": "the row has none of 'image', 'image_bytes', 'video'; give one",
+        "both-columns": "the row has 'image' and 'image_bytes'; give exactly one",
         "uri-does-not-exist": "nowhere.png: no such file",
         "unknown-uri-scheme": "Protocol not known: gopher",
     }
@@ -197,6 +199,71 @@ def test_each_bad_image_row_gets_its_error_and_every_good_row_is_answered(ray_cl
             assert row["error"] is None and row["text"] is not None, (rid, row["error"])
         else:
             assert row["error"] and expect in row["error"], (rid, expect, row["error"])
+
+
+# -- documents and videos: rows of an images manifest, a PDF a row per page -----------------------------------
+
+DOCUMENTS: list[tuple[str, bytes, str | None]] = [
+    # case, bytes of the PDF (an `image_bytes` row), expected message (None: every page answered)
+    ("scanned-3-pages", media_files.scanned_pdf(3), None),
+    ("portrait-and-landscape", media_files.text_pdf([media_files.A4, media_files.A4_LANDSCAPE]), None),
+    ("truncated-pdf", media_files.scanned_pdf(3)[:300], "truncated or damaged beyond repair"),
+    ("encrypted-pdf", media_files.encrypted_pdf(), "the PDF is encrypted and needs a password"),
+    ("zero-pages", media_files.empty_pdf(), "the PDF has no pages"),
+    ("3000-pages", media_files.many_pages_pdf(3000), "the PDF has 3000 pages, over the limit of 20 (pdf_max_pages)"),
+    ("huge-page-bomb", media_files.huge_page_pdf(), "pixels at 144 dpi, over the limit of 64000000 (max_image_pixels)"),
+    ("inflating-bomb", media_files.inflating_pdf(), "refused as a PDF bomb"),
+    ("garbage-named-pdf", media_files.garbage(), "not an image in any format Pillow reads"),
+]  # fmt: skip
+VIDEOS: list[tuple[str, Callable[[Path], Path], str | None]] = [
+    # case, writer of the file (a `video` row), expected message (None: answered)
+    ("mp4", lambda p: media_files.write_video(p / "clip.mp4", seconds=2), None),
+    ("phone-rotated", lambda p: media_files.write_video(p / "phone.mp4", seconds=2, rotation=90), None),
+    ("no-frames", lambda p: media_files.write_video_without_frames(p / "empty.mp4"), "no decodable frames"),
+    ("audio-only", lambda p: media_files.write_audio_only(p / "song.m4a"), "no video stream in the file"),
+    ("huge-frame-size", lambda p: media_files.write_huge_header_video(p / "huge.mp4"),
+     "16000x16000 = 256000000 pixels, over the limit of 64000000 (max_image_pixels)"),
+    ("text-named-mp4", lambda p: _text_file(p / "notes.mp4"), "not a video FFmpeg can open"),
+    ("over-long", lambda p: media_files.write_video(p / "long.mp4", seconds=6), "over the limit of 5 s (video_max_seconds)"),
+]  # fmt: skip
+
+
+def _text_file(path: Path) -> Path:
+    path.write_text("minutes of the meeting, not a video\n")
+    return path
+
+
+@pytest.mark.slow
+def test_each_bad_document_or_video_row_gets_its_error_and_every_good_page_and_video_is_answered(
+    ray_cluster, tmp_path, capsys
+):
+    folder = tmp_path / "media"
+    folder.mkdir()
+    rows = [{"id": case, "image_bytes": data, "video": None} for case, data, _ in DOCUMENTS]
+    rows += [{"id": case, "image_bytes": None, "video": str(write(folder))} for case, write, _ in VIDEOS]
+    expected = {case: expect for case, _, expect in DOCUMENTS + VIDEOS}
+    manifest, out = tmp_path / "media.parquet", tmp_path / "caption.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    limits = ["--set", "video_max_seconds=5"]  # the tiny preset's pdf_max_pages is 20
+
+    assert main(["validate", str(manifest), "--kind", "images", *limits]) == 2
+    printed = capsys.readouterr().out
+    for case, expect in expected.items():
+        assert (f"(id {case!r})" in printed) == (expect is not None), case
+    assert main(["analyze", str(manifest), "--task", "caption", "--out", str(out), "--no-progress", *limits]) == 1
+    answered: dict[str, list[dict]] = {}
+    for row in pq.read_table(out).to_pylist():
+        answered.setdefault(row["id"], []).append(row)
+    assert sorted(answered) == sorted(expected)
+    assert [r["page"] for r in answered["scanned-3-pages"]] == [1, 2, 3]
+    assert sorted(r["page"] for r in answered["portrait-and-landscape"]) == [1, 2]
+    for case, expect in expected.items():
+        for row in answered[case]:
+            if expect is None:
+                assert row["error"] is None and row["caption"] is not None, (case, row["error"])
+            else:
+                assert len(answered[case]) == 1 and row["page"] is None, case  # one row per bad input
+                assert expect in row["error"], (case, expect, row["error"])
 
 
 # -- job-level: the whole command is refused before anything runs -------------------------------------------
@@ -246,7 +313,7 @@ def test_a_manifest_file_that_cannot_be_used_stops_the_command(tmp_path, capsys,
 IMAGES_FILES = [
     ("no-id-column", [{"image": "a.png"}], "no 'id' column"),
     ("duplicate-ids", [{"id": "a", "image": "a.png"}, {"id": "a", "image": "b.png"}], "duplicate ids, e.g. ['a']"),
-    ("no-image-column", [{"id": "a", "text": "hello"}], "needs an 'image' (URI) or 'image_bytes' column"),
+    ("no-image-column", [{"id": "a", "text": "hello"}], "needs an 'image' (URI), 'image_bytes' or 'video' (URI) column"),
     ("image-column-not-text", [{"id": "a", "image": 42}], "column 'image' has type int64"),
     # A folder of files: each list is one file
     ("duplicate-ids-across-files", [[{"id": "a", "image": "a.png"}], [{"id": "a", "image": "b.png"}]],

@@ -65,7 +65,7 @@ def test_the_s3_api_server_serves_folders_and_globs(s3_endpoint):
     ({"a.parquet": _rows("x", 2), "b.parquet": [{"id": None, "image": "/i.png"}, {"id": "y", "image": "/i.png"}]},
      "1 row(s) have no id"),
     ({"a.parquet": _rows("x", 2), "b.parquet": [{"id": "y", "image": "/i.png", "extra": 1}]}, "its columns differ"),
-    ({"a.parquet": [{"id": "y", "path": "/i.png"}]}, "needs an 'image' (URI) or 'image_bytes' column"),
+    ({"a.parquet": [{"id": "y", "path": "/i.png"}]}, "needs an 'image' (URI), 'image_bytes' or 'video' (URI) column"),
     ({"a.parquet": [{"image": "/i.png"}]}, "no 'id' column"),
     ({"a.parquet": [{"id": 1, "image": "/i.png"}]}, "column 'id' has type int64"),
     ({"notes.txt": None}, "no Parquet files"),
