@@ -12,10 +12,12 @@ import datetime
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import re
 import sys
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import av
 import jinja2
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pds
 from PIL import Image
 
 from engine import storage
+from engine.documents import count_pages, is_pdf, page_pixels, render_pages
 from engine.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
 from engine.settings import Settings
 from ray_jobs import exit_status
@@ -47,7 +52,18 @@ SAMPLE_ROWS = 50
 TOP_ERRORS = 10
 LOSS_WIDTH, LOSS_HEIGHT, LOSS_MAX_POINTS = 320, 96, 400
 # The VLM tasks' own output columns (SPEC "VLM pass output"), shown beside each sampled row's image.
-TASK_COLUMNS = ("text", "fields", "caption", "safe", "categories", "score")
+TASK_COLUMNS = ("text", "fields", "caption", "safe", "categories", "score", "answer", "boxes", "markdown")
+# What a sampled row shows: its id and page, what the model saw, the question it was asked, and what came back.
+SAMPLE_COLUMNS = ("id", "page", "image", "image_bytes", "video", "question", "error", "model", "reasoning",
+                  *TASK_COLUMNS)  # fmt: skip
+BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#008080", "#f032e6", "#9a6324")
+NO_LABEL = "(no label)"
+PDF_DPI = Settings.model_fields["pdf_dpi"].default  # the pass's default; boxes on pages are in pixels at its dpi
+PDF_MAX_PAGES = Settings.model_fields["pdf_max_pages"].default
+PDFIUM = threading.Lock()  # PDFium is not thread-safe: one document open at a time in this process
+VIDEO_MAX_PACKETS = 256  # a stream that yields no frame in this many packets is not worth a thumbnail
+# Transposes that turn a decoded video frame upright, by the counter-clockwise degrees of its display matrix.
+UPRIGHT_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 LINKED_SCHEMES = frozenset({"file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -114,6 +130,34 @@ class ReportLayout:
 # -- thumbnails ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class UprightSize:
+    """The upright size of what a thumbnail shows, as recorded in the thumbnail's JPEG comment: pixels of an image
+    (EXIF orientation applied), or points of a PDF page, which a report turns into pixels at the pass's pdf_dpi."""
+
+    width: float
+    height: float
+    unit: str  # "px" or "pt"
+
+    def pixels(self, dpi: float) -> tuple[int, int]:
+        if self.unit == "px":
+            return int(self.width), int(self.height)
+        return page_pixels(self.width, self.height, dpi)
+
+    def comment(self) -> bytes:
+        return json.dumps({"upright": [self.width, self.height], "unit": self.unit}).encode()
+
+    @classmethod
+    def from_comment(cls, comment: bytes | None) -> UprightSize | None:
+        try:
+            recorded = json.loads(comment or b"")
+            (width, height), unit = recorded["upright"], recorded["unit"]
+            return cls(float(width), float(height), unit) if unit in ("px", "pt") else None
+        except (ValueError, KeyError, TypeError):  # no comment, or a thumbnail made before sizes were recorded
+            return None
+
+
+
 @dataclass
 class Picture:
     """An image as a page shows it: its thumbnail (None when it could not be made, with the reason) and full size."""
@@ -122,63 +166,158 @@ class Picture:
     full: str | None  # link to the full-size image; None for bytes in a table, or a URI not safe to link
     thumb: str | None = None
     problem: str | None = None
+    size: tuple[int, int] | None = None  # upright pixels (a PDF page at pdf_dpi), when the thumbnail records them
+
+
+@dataclass
+class ThumbnailJob:
+    """How to make one thumbnail, and the pictures that show it; `exists` when only its recorded size is wanted."""
+
+    make: Callable[[], tuple[Image.Image, UprightSize]]
+    exists: bool
+    pictures: list[Picture] = field(default_factory=list)
 
 
 class ThumbnailStore:
-    """Thumbnails named by a hash of their source (URI or bytes), made once and reused by every later report.
+    """Thumbnails named by a hash of their source (URI or bytes, and the PDF page), made once and reused by every
+    later report. Each records the upright size of its source, so boxes can be drawn over a reused one.
 
     A thumbnail already in the folder is never remade, so an image replaced at the same URI keeps its old
     thumbnail until the folder's thumbnails are deleted; run directories never rewrite an image in place.
     """
 
-    def __init__(self, layout: ReportLayout, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(self, layout: ReportLayout, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 pdf_dpi: float = PDF_DPI, pdf_max_pages: int = PDF_MAX_PAGES):  # fmt: skip
         self.layout = layout
         self.max_pixels = max_pixels
+        self.pdf_dpi = pdf_dpi
+        self.pdf_max_pages = pdf_max_pages
         self.existing = set(storage.listdir(layout.thumbs))
-        self.pending: dict[str, tuple[Callable[[], bytes], str, list[Picture]]] = {}  # name -> source, label, users
+        self.pending: dict[str, ThumbnailJob] = {}
 
-    def for_uri(self, uri: str) -> Picture:
+    def for_uri(self, uri: str, page: int | None = None, sized: bool = False) -> Picture:
+        """The thumbnail of the image (or PDF page) at `uri`; `sized`: its upright size is needed too."""
         canonical = canonical_uri(uri)
-        name = hashlib.sha256(canonical.encode()).hexdigest()[:24] + ".jpg"
-        return self._register(Picture(name, self.layout.link(uri)), lambda: storage.read_bytes(canonical), uri)
+        name = _thumbnail_name(canonical.encode(), page)
+        make = functools.partial(self._still, lambda: storage.read_bytes(canonical), uri, page)
+        return self._register(Picture(name, self.layout.link(uri)), make, sized)
 
-    def for_bytes(self, data: bytes, label: str) -> Picture:
-        name = hashlib.sha256(data).hexdigest()[:24] + ".jpg"
-        return self._register(Picture(name, None), lambda: data, label)
+    def for_bytes(self, data: bytes, label: str, page: int | None = None, sized: bool = False) -> Picture:
+        make = functools.partial(self._still, lambda: data, label, page)
+        return self._register(Picture(_thumbnail_name(data, page), None), make, sized)
 
-    def _register(self, picture: Picture, source: Callable[[], bytes], label: str) -> Picture:
+    def for_video(self, uri: str) -> Picture:
+        """The thumbnail of a video's first frame."""
+        canonical = canonical_uri(uri)
+        name = _thumbnail_name(f"video:{canonical}".encode(), None)
+        return self._register(Picture(name, self.layout.link(uri)), lambda: self._first_frame(canonical, uri), False)
+
+    def _register(self, picture: Picture, make: Callable[[], tuple[Image.Image, UprightSize]], sized: bool) -> Picture:
         picture.thumb = self.layout.thumb_link(picture.name)
-        if picture.name not in self.existing:
-            self.pending.setdefault(picture.name, (source, label, []))[2].append(picture)
+        exists = picture.name in self.existing
+        if not exists or sized:
+            self.pending.setdefault(picture.name, ThumbnailJob(make, exists)).pictures.append(picture)
         return picture
 
     def make_pending(self) -> None:
-        """Make every registered thumbnail not in the folder yet; the pictures of an unreadable image get why."""
+        """Make every registered thumbnail not in the folder yet, and read the size of those wanted with theirs; the
+        pictures of an unreadable image get why."""
         jobs = list(self.pending.items())
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            problems = list(pool.map(lambda job: self._make(job[0], *job[1][:2]), jobs))
-        for (name, (_, _, pictures)), problem in zip(jobs, problems):
+            results = list(pool.map(lambda job: self._run(*job), jobs))
+        for (name, job), (size, problem) in zip(jobs, results):
             if problem is None:
                 self.existing.add(name)
-            for picture in pictures if problem is not None else []:
-                picture.thumb, picture.problem = None, problem
+            for picture in job.pictures:
+                if problem is None:
+                    picture.size = size.pixels(self.pdf_dpi) if size else None
+                else:
+                    picture.thumb, picture.problem = None, problem
         self.pending.clear()
 
-    def _make(self, name: str, source: Callable[[], bytes], label: str) -> str | None:
-        """Write thumbnail `name` from `source`'s image; None when done, else why it could not be made."""
+    def _run(self, name: str, job: ThumbnailJob) -> tuple[UprightSize | None, str | None]:
+        """Thumbnail `name`'s upright size once it is in the folder (made now if need be), or why it cannot be."""
+        uri = storage.join(self.layout.thumbs, name)
+        if job.exists:
+            try:
+                recorded = UprightSize.from_comment(Image.open(io.BytesIO(storage.read_bytes(uri))).info.get("comment"))
+            except Exception:  # deleted since listed, or not a JPEG any more: made again below
+                recorded = None
+            if recorded is not None:
+                return recorded, None
         try:
-            image = decode_image(source(), name=label, max_pixels=self.max_pixels, min_side=1)
-        except FileNotFoundError:
-            return f"{label}: no such file"
+            image, size = job.make()
         except ImageError as err:
-            return str(err)
-        except Exception as err:  # each fsspec backend raises its own types (credentials, permissions, network)
-            return f"{label}: cannot read ({type(err).__name__}: {err})"
+            return None, str(err)
         image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
-        storage.write_bytes(storage.join(self.layout.thumbs, name), buffer.getvalue())
-        return None
+        image.convert("RGB").save(buffer, "JPEG", quality=THUMBNAIL_QUALITY, comment=size.comment())
+        storage.write_bytes(uri, buffer.getvalue())
+        return size, None
+
+    def _still(self, source: Callable[[], bytes], label: str, page: int | None) -> tuple[Image.Image, UprightSize]:
+        """An image, upright, or a PDF's page (page 1 of a row without one) rendered about thumbnail size."""
+        data = _read(source, label)
+        if is_pdf(data):
+            return self._page(data, label, page or 1)
+        image = decode_image(data, name=label, max_pixels=self.max_pixels, min_side=1)
+        return image, UprightSize(image.width, image.height, "px")
+
+    def _page(self, data: bytes, label: str, number: int) -> tuple[Image.Image, UprightSize]:
+        """Page `number` of a PDF, through the pass's own renderer and guards, drawn at about thumbnail size."""
+        others = set(range(1, self.pdf_max_pages + 1)) - {number}
+        with PDFIUM:
+            pages = list(render_pages(data, name=label, dpi=self.pdf_dpi, max_pages=self.pdf_max_pages,
+                                      max_pixels=self.max_pixels, render_pixels=THUMBNAIL_SIZE**2, skip=others))
+            if not pages:
+                count = count_pages(data, name=label, dpi=self.pdf_dpi, max_pages=self.pdf_max_pages,
+                                    max_pixels=self.max_pixels)  # fmt: skip
+                raise ImageError(f"{label}: the PDF has {count} page{'s' if count != 1 else ''}, no page {number}")
+        return pages[0].image, UprightSize(*pages[0].points, "pt")
+
+    def _first_frame(self, canonical: str, label: str) -> tuple[Image.Image, UprightSize]:
+        """A video's first frame, upright; its header's frame size checked before a frame is decoded."""
+        try:
+            fs, path = storage.filesystem(canonical)
+            with fs.open(path, "rb") as file, av.open(file) as container:
+                if not container.streams.video:
+                    raise ImageError(f"{label}: no video stream")
+                stream = container.streams.video[0]
+                width, height = stream.codec_context.width, stream.codec_context.height
+                if width * height > self.max_pixels:
+                    raise ImageError(f"{label}: frames are {width}x{height} = {width * height} pixels, over the limit "
+                                     f"of {self.max_pixels} (max_image_pixels)")  # fmt: skip
+                for packet in itertools.islice(container.demux(stream), VIDEO_MAX_PACKETS):
+                    for frame in packet.decode():
+                        image = frame.to_image()
+                        turn = UPRIGHT_TURNS.get(round(frame.rotation) % 360)  # the display matrix, as players apply it
+                        image = image.transpose(turn) if turn is not None else image
+                        return image, UprightSize(image.width, image.height, "px")
+        except ImageError:
+            raise
+        except FileNotFoundError:
+            raise ImageError(f"{label}: no such file") from None
+        except av.FFmpegError as err:
+            raise ImageError(f"{label}: not a readable video ({err})") from None
+        except Exception as err:  # each fsspec backend raises its own types (credentials, permissions, network)
+            raise ImageError(f"{label}: cannot read ({type(err).__name__}: {err})") from None
+        raise ImageError(f"{label}: no frame in its first {VIDEO_MAX_PACKETS} packets")
+
+
+def _thumbnail_name(source: bytes, page: int | None) -> str:
+    digest = hashlib.sha256(source)
+    if page is not None:
+        digest.update(f"#page={page}".encode())
+    return digest.hexdigest()[:24] + ".jpg"
+
+
+def _read(source: Callable[[], bytes], label: str) -> bytes:
+    try:
+        return source()
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except Exception as err:  # each fsspec backend raises its own types (credentials, permissions, network)
+        raise ImageError(f"{label}: cannot read ({type(err).__name__}: {err})") from None
 
 
 # -- rendering ----------------------------------------------------------------------------------------------------
@@ -553,10 +692,103 @@ def _remove_stale_pages(layout: ReportLayout, pages: int) -> None:
 # -- the table report ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Box:
+    """A `detect` box in pixels of the upright original, top-left origin (SPEC "VLM pass output")."""
+
+    label: str
+    x1: float | None
+    y1: float | None
+    x2: float | None
+    y2: float | None
+
+    @classmethod
+    def of(cls, value: dict[str, Any] | None) -> Box:
+        value = value or {}
+        corners = (value.get(k) for k in ("x1", "y1", "x2", "y2"))
+        label = value.get("label")
+        return cls(NO_LABEL if label is None else _printable(label), *(_coordinate(c) for c in corners))
+
+    @property
+    def drawable(self) -> bool:
+        return all(c is not None and math.isfinite(c) for c in (self.x1, self.y1, self.x2, self.y2))
+
+    # The rectangle as SVG draws it (corners in either order), to a hundredth of a pixel.
+    @property
+    def x(self) -> float:
+        return round(min(self.x1, self.x2), 2)
+
+    @property
+    def y(self) -> float:
+        return round(min(self.y1, self.y2), 2)
+
+    @property
+    def width(self) -> float:
+        return round(abs(self.x2 - self.x1), 2)
+
+    @property
+    def height(self) -> float:
+        return round(abs(self.y2 - self.y1), 2)
+
+    @property
+    def colour(self) -> str:
+        """The same colour for a label in every row and every report."""
+        return BOX_COLOURS[int(hashlib.sha256(self.label.encode()).hexdigest()[:8], 16) % len(BOX_COLOURS)]
+
+    @property
+    def corners(self) -> list[str]:
+        return ["–" if c is None else f"{c:.1f}" for c in (self.x1, self.y1, self.x2, self.y2)]
+
+    @property
+    def title(self) -> str:
+        x1, y1, x2, y2 = self.corners
+        return f"{self.label} ({x1}, {y1})–({x2}, {y2})"
+
+
+def _coordinate(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+@dataclass(frozen=True)
+class BoxOverlay:
+    """A row's boxes drawn over its thumbnail: an SVG whose viewBox is the upright original's size in pixels, so each
+    box lands where its coordinates say however much the thumbnail is scaled."""
+
+    width: int
+    height: int
+    boxes: list[Box]
+
+    @property
+    def font_size(self) -> float:
+        return round(max(self.width, self.height) / 16, 2)  # about 12 px on a thumbnail, whatever the image's size
+
+
 @dataclass
 class SampleRow:
-    values: dict[str, Any]  # the row's id, error, model and task columns
+    values: dict[str, Any]  # the row's id, page, error, model and task columns
     picture: Picture | None
+    boxes: list[Box] | None = None  # a `detect` row's boxes; None if the row has none (another task, or an error)
+    video: str | None = None  # the row's video URI, as text
+    video_link: str | None = None
+
+    @property
+    def overlay(self) -> BoxOverlay | None:
+        if not self.boxes or self.video is not None or self.picture is None or self.picture.size is None:
+            return None
+        return BoxOverlay(*self.picture.size, [b for b in self.boxes if b.drawable])
+
+    @property
+    def undrawn(self) -> str | None:
+        """Why the row's boxes are listed but not drawn."""
+        if not self.boxes or self.overlay is not None:
+            return None
+        if self.video is not None:
+            return "boxes on a video are listed, not drawn"
+        return "no thumbnail to draw the boxes on"
+
+    @property
+    def box_counts(self) -> list[tuple[str, int]]:
+        return sorted(Counter(b.label for b in self.boxes or []).items(), key=lambda item: (-item[1], item[0]))
 
 
 def _printable(value: Any) -> Any:
@@ -585,6 +817,25 @@ def open_table(uri: str) -> pds.Dataset:
         raise ReportError(f"{uri}: not Parquet ({err})") from None
 
 
+def _list_type(schema: pa.Schema, name: str) -> pa.DataType | None:
+    """The item type of column `name` when it is a list; None when it is absent or not a list."""
+    if name not in schema.names:
+        return None
+    kind = schema.field(name).type
+    return kind.value_type if pa.types.is_list(kind) or pa.types.is_large_list(kind) else None
+
+
+def holds_moderation_codes(schema: pa.Schema) -> bool:
+    """Whether `categories` is moderation's list of codes; `detect` passes its input's text column through instead."""
+    return _list_type(schema, "categories") is not None
+
+
+def holds_boxes(schema: pa.Schema) -> bool:
+    """Whether `boxes` is detect's list of labelled boxes, not some input column of the same name passed through."""
+    item = _list_type(schema, "boxes")
+    return item is not None and pa.types.is_struct(item) and item.get_field_index("label") >= 0
+
+
 @dataclass
 class TableStats:
     """What the report says of a whole table, counted batch by batch so a table of millions of rows fits."""
@@ -594,6 +845,11 @@ class TableStats:
     models: set = field(default_factory=set)
     categories: Counter = field(default_factory=Counter)
     verdicts: Counter = field(default_factory=Counter)
+    pages: int = 0  # rows that are a page of a PDF
+    videos: int = 0
+    detections: int = 0  # rows with a list of boxes (empty when nothing was found)
+    boxes: Counter = field(default_factory=Counter)  # label -> boxes
+    box_rows: Counter = field(default_factory=Counter)  # label -> rows with at least one box of it
 
     def add(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
@@ -602,27 +858,49 @@ class TableStats:
             self.errors.update(e for e in batch.column("error").to_pylist() if e is not None)
         if "model" in names:
             self.models.update(m for m in batch.column("model").to_pylist() if m)
-        if "categories" in names:
+        if holds_moderation_codes(batch.schema):
             self.categories.update(code for codes in batch.column("categories").to_pylist() for code in codes or [])
         if "safe" in names:
             self.verdicts.update(batch.column("safe").to_pylist())
+        if "page" in names:
+            self.pages += batch.num_rows - batch.column("page").null_count
+        if "video" in names:
+            self.videos += batch.num_rows - batch.column("video").null_count
+        if holds_boxes(batch.schema):
+            self._add_boxes(batch.column("boxes"))
+
+    def _add_boxes(self, boxes: pa.Array) -> None:
+        self.detections += len(boxes) - boxes.null_count
+        flat = pc.list_flatten(boxes)
+        if len(flat) == 0:
+            return
+        labels = pc.fill_null(pc.struct_field(flat, "label"), NO_LABEL)
+        found = pa.table({"label": labels, "row": pc.list_parent_indices(boxes)})
+        per_label = found.group_by("label").aggregate([("row", "count"), ("row", "count_distinct")]).to_pylist()
+        for counted in per_label:
+            self.boxes[counted["label"]] += counted["row_count"]
+            self.box_rows[counted["label"]] += counted["row_count_distinct"]
 
 
-def write_table_report(parquet_uri: str, out: str | None = None) -> str:
-    """Write the report of a VLM pass output (default OUTPUT.report.html, next to it); returns its URI."""
+def write_table_report(parquet_uri: str, out: str | None = None, pdf_dpi: float = PDF_DPI) -> str:
+    """Write the report of a VLM pass output (default OUTPUT.report.html, next to it); returns its URI. `pdf_dpi`: the
+    pass's, the resolution of the pages its boxes are in pixels of."""
     table = open_table(parquet_uri)
     columns = table.schema.names
     stats = TableStats()
+    detect = holds_boxes(table.schema)
+    counted = ["error", "safe", "model", "page", "video", *(["boxes"] if detect else []),
+               *(["categories"] if holds_moderation_codes(table.schema) else [])]  # fmt: skip
     try:
-        for batch in table.to_batches(columns=[c for c in ("error", "categories", "safe", "model") if c in columns]):
+        for batch in table.to_batches(columns=[c for c in counted if c in columns]):
             stats.add(batch)
-        shown = [c for c in ("id", "image", "image_bytes", "error", "model", "reasoning", *TASK_COLUMNS) if c in columns]
+        shown = [c for c in SAMPLE_COLUMNS if c in columns]
         first = table.head(SAMPLE_ROWS, columns=shown).to_pylist() if shown else []
     except (pa.ArrowException, OSError) as err:
         raise ReportError(f"{parquet_uri}: not readable ({err})") from None
     layout = ReportLayout(canonical_uri(out or table_report_path_for(parquet_uri)))
-    thumbs = ThumbnailStore(layout)
-    sample = [_sample_row(row, thumbs) for row in first]
+    thumbs = ThumbnailStore(layout, pdf_dpi=pdf_dpi)
+    sample = [_sample_row(row, thumbs, detect) for row in first]
     thumbs.make_pending()
     context = {
         "source": parquet_uri,
@@ -632,9 +910,16 @@ def write_table_report(parquet_uri: str, out: str | None = None) -> str:
         "top_errors": stats.errors.most_common(TOP_ERRORS),
         "distinct_errors": len(stats.errors),
         "models": sorted(stats.models),
-        "has_categories": "categories" in columns,
+        "has_categories": holds_moderation_codes(table.schema),
         "categories": sorted(stats.categories.items(), key=lambda item: (-item[1], item[0])),
         "verdicts": stats.verdicts if "safe" in columns else None,
+        "pages": stats.pages if "page" in columns else None,
+        "videos": stats.videos if "video" in columns else None,
+        "detections": stats.detections if detect else None,
+        "total_boxes": sum(stats.boxes.values()),
+        "box_labels": [(label, n, stats.box_rows[label])
+                       for label, n in sorted(stats.boxes.items(), key=lambda item: (-item[1], item[0]))],  # fmt: skip
+        "pdf_dpi": f"{pdf_dpi:g}",
         "columns": [c for c in TASK_COLUMNS if c in columns],
         "sample": sample,
     }
@@ -642,24 +927,30 @@ def write_table_report(parquet_uri: str, out: str | None = None) -> str:
     return out or table_report_path_for(parquet_uri)
 
 
-def _sample_row(row: dict[str, Any], thumbs: ThumbnailStore) -> SampleRow:
-    picture = None
+def _sample_row(row: dict[str, Any], thumbs: ThumbnailStore, detect: bool) -> SampleRow:
+    boxes = [Box.of(b) for b in row["boxes"]] if detect and row.get("boxes") is not None else None
+    page, sized = row.get("page"), bool(boxes)
+    picture = video = None
     if row.get("image"):
-        picture = thumbs.for_uri(row["image"])
+        picture = thumbs.for_uri(row["image"], page, sized)
     elif row.get("image_bytes"):
-        picture = thumbs.for_bytes(row["image_bytes"], f"row {row.get('id')!r} image_bytes")
-    values = {k: _printable(v) for k, v in row.items() if k not in ("image", "image_bytes")}
+        picture = thumbs.for_bytes(row["image_bytes"], f"row {row.get('id')!r} image_bytes", page, sized)
+    elif row.get("video"):
+        video = row["video"]
+        picture = thumbs.for_video(video)
+    values = {k: _printable(v) for k, v in row.items() if k not in ("image", "image_bytes", "video", "boxes")}
     if "fields" in values:
         values["fields"] = _format_fields(values["fields"])
-    return SampleRow(values, picture)
+    link = thumbs.layout.link(video) if video else None
+    return SampleRow(values, picture, boxes, _printable(video), link)
 
 
 # -- the command --------------------------------------------------------------------------------------------------
 
 
-def write_report(uri: str, out: str | None = None) -> str:
+def write_report(uri: str, out: str | None = None, pdf_dpi: float = PDF_DPI) -> str:
     """The report of whatever `uri` is: a run directory (it has run.json), a pass output (a folder of Parquet part
-    files) or a Parquet file; its URI."""
+    files) or a Parquet file; its URI. `pdf_dpi`: a pass output's (see write_table_report)."""
     if storage.exists(storage.join(uri, "run.json")):
         return write_run_report(uri, out)
     fs, path = storage.filesystem(uri)
@@ -667,7 +958,7 @@ def write_report(uri: str, out: str | None = None) -> str:
         if fs.isdir(path):
             if not any(f.endswith(".parquet") for f in fs.find(path)):
                 raise ReportError(f"{uri}: a directory with neither run.json nor Parquet part files")
-            return write_table_report(uri, out)
+            return write_table_report(uri, out, pdf_dpi)
         with fs.open(path, "rb") as f:
             magic = f.read(4)
     except FileNotFoundError:
@@ -676,12 +967,12 @@ def write_report(uri: str, out: str | None = None) -> str:
         raise ReportError(f"{uri}: cannot read ({type(err).__name__}: {err})") from None
     if magic != b"PAR1":
         raise ReportError(f"{uri}: neither a run directory (no run.json) nor a Parquet file")
-    return write_table_report(uri, out)
+    return write_table_report(uri, out, pdf_dpi)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     try:
-        print(write_report(args.path, args.out))
+        print(write_report(args.path, args.out, args.pdf_dpi))
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_status.NOT_RUN
@@ -693,4 +984,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser("report", help="an HTML report of a run directory or a VLM pass output")
     report.add_argument("path", help="run directory, VLM pass output folder, or Parquet file (any fsspec URI)")
     report.add_argument("--out", help="the report's HTML file (default: RUN/report.html, OUTPUT.report.html)")
+    report.add_argument("--pdf-dpi", type=_dpi, default=PDF_DPI,
+                        help=f"the pass's pdf_dpi, which its boxes on PDF pages are in pixels of (default {PDF_DPI:g})")
     report.set_defaults(handler=cmd_report)
+
+
+def _dpi(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive resolution")
+    return value
