@@ -165,3 +165,26 @@ def test_a_pdf_split_over_part_files_resumes_page_by_page(ray_cluster, tmp_path,
     assert sorted(_pages(table)["long"]) == [1, 2, 3, 4, 5]  # each page once: none lost, none twice
     assert _pages(table)["photo"] == [None]
     assert table.num_rows == 6
+
+
+def test_pdfs_and_videos_on_the_s3_api_server_and_the_output_there(ray_cluster, tmp_path):
+    import pyarrow.dataset as pds
+    import s3fs
+
+    from engine import storage
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("dreamfleet-media")
+    storage.write_bytes("s3://dreamfleet-media/in/contract.pdf", text_pdf([A4] * 2))
+    storage.write_bytes("s3://dreamfleet-media/in/clip.mp4", write_video(tmp_path / "clip.mp4", seconds=2).read_bytes())
+    rows = [{"id": "contract", "image": "s3://dreamfleet-media/in/contract.pdf"},
+            {"id": "clip", "video": "s3://dreamfleet-media/in/clip.mp4"}]  # fmt: skip
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST), sink)
+    storage.write_bytes("s3://dreamfleet-media/manifest/part-0.parquet", sink.getvalue().to_pybytes())
+    out = "s3://dreamfleet-media/out/vqa.parquet"
+    assert main(["analyze", "s3://dreamfleet-media/manifest/", "--task", "vqa", "--question", "What is it?",
+                 "--out", out, "--no-progress"]) == 0  # fmt: skip
+    table = pds.dataset("dreamfleet-media/out/vqa.parquet", filesystem=fs, format="parquet").to_table()
+    assert _pages(table) == {"contract": [1, 2], "clip": [None]}
+    assert table.column("error").null_count == 3 and None not in table.column("answer").to_pylist()
