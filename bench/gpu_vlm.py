@@ -19,9 +19,15 @@ new tokens (a random model almost never emits its end token, so every row decode
    as flags are set on the same resident model: --experts (transformers' MoE kernels: eager loop, batched_mm,
    grouped_mm), --static-cache (a preallocated KV cache, which makes the decode step one fixed-shape graph), --compile
    MODE (torch.compile of the decode step through generate's compile_config; reduce-overhead adds CUDA graphs).
-For each: seconds per call, img/s, and the split into prefill (a 1-token call: processor, vision tower, prompt) and
-ms per decode step. VLM's constructor loads from a directory; a 62 GB random model is not written to disk, so the
-engine's VLM is built around the resident model (see `engine_vlm`).
+3. engine, other visuals (issue 14), with the same options: a batch of --video-batch videos (engine.video.Video
+   objects of --video-frames synthetic --video-size px frames, as sampled at 2 fps from a 30 fps source; the
+   video budget set to hold them all unscaled: 32 x 448 x 448 px, 16 x 196 = 3,136 visual tokens a video), caption
+   task; and one batch of all the pages of a --pdf-pages page PDF (tests.media_files.scanned_pdf, A4), rendered
+   with engine.documents.render_pages at --pdf-dpi 144 within the standard preset's pixel budget (1280 x 32 x 32
+   px: 962 x 1361, 1,260 visual tokens a page), OCR task. Reported as rows/s and pages/s (frames/s for videos).
+For each: seconds per call, img/s (rows/s), and the split into prefill (a 1-token call: processor, vision tower,
+prompt) and ms per decode step. VLM's constructor loads from a directory; a 62 GB random model is not written to
+disk, so the engine's VLM is built around the resident model (see `engine_vlm`).
 
 Goal (issue): >= 25 img/s at 448 px and 128 tokens; the H200 baseline 2.04 img/s at batch 32 (3.37 at batch 256).
 Bound: at batch >= 32 nearly all 128 experts are hit every step, so each step reads ~58 GB of expert weights:
@@ -34,13 +40,24 @@ engine adds nothing by itself (VLM.generate is generate plus prompt building): e
 from larger batches while the step stays launch-bound (~5-8 img/s at 128). A static cache with CUDA graphs
 (--static-cache --compile reduce-overhead) should bring the step to ~15-25 ms, about 15-30 img/s at batch 64-128:
 the goal is reachable only that way, and only at batches of 64 or more.
+Videos and pages (prediction written before any device run): at these batch sizes decoding still dominates (128
+steps at the batch's step time), and the step grows little with the longer prompts (25k visual tokens in the batch
+either way, a KV cache of ~3.3k tokens a row for videos, ~1.4k for pages). Prefill grows: the vision tower over
+~200k patches (8 videos) or ~100k (20 pages), ~165 / ~85 TFLOP, plus ~150 TFLOP of text prefill: ~1-2 s. So eager:
+~0.4-0.6 videos/s at batch 8 (images at batch 8: 0.49 img/s in NOTES), i.e. ~13-19 sampled frames/s, and ~1.0-1.5
+pages/s at batch 20, within ~20% of images/s at the same batch; with CUDA graphs, a share of the image speed-up
+that shrinks as the prefill's share of the call grows.
 
 Needs torch, transformers (5.x, with torchvision for the Qwen3-VL processor), pillow, and the engine's imports; no Ray.
 On the GPU machine, from the repo root (eager kernels, then CUDA graphs; each compile takes minutes):
     python bench/gpu_vlm.py --experts grouped_mm --engine-batches 32 64 128 --out vlm-eager.json
     python bench/gpu_vlm.py --experts grouped_mm --static-cache --compile reduce-overhead --stock-batches 32 \\
         --engine-batches 64 --out vlm-graphs.json
-Check at tiny shapes on CPU (2 text layers, 4 experts, 64 px, 8 tokens; --compile works there too, slowly):
+Videos and pages with little image work around them (--video-batch 0 or --pdf-pages 0 skips either new case):
+    python bench/gpu_vlm.py --experts grouped_mm --stock-batches 1 --engine-batches 8 --out vlm-media.json
+The pages case also needs pypdfium2 (engine.documents) and PyAV (tests.media_files, engine.video).
+Check at tiny shapes on CPU (2 text layers, 4 experts, 64 px, 8 tokens; 2 videos of 4 frames, a 2-page PDF within
+128 x 128 px a page; --compile works there too, slowly):
     .venv/bin/python bench/gpu_vlm.py --smoke [--static-cache] [--compile default]
 """
 
@@ -60,13 +77,16 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
+from engine.documents import render_pages  # noqa: E402
 from engine.tiny_vlm import SPECIAL_TOKENS, build_config, build_processor, build_tokenizer  # noqa: E402
+from engine.video import Video  # noqa: E402
 from engine.vlm import VLM, pixel_budget  # noqa: E402
 from engine.vlm_tasks import make_task  # noqa: E402
 
@@ -119,6 +139,30 @@ def document_images(count: int, size: int) -> list[Image.Image]:
             draw.text((8, 4 + 24 * row), line, fill="black")
         images.append(image)
     return images
+
+
+SOURCE_FPS, SAMPLED_FPS = 30.0, 2.0  # the synthetic videos' frames are as if sampled at 2 fps from 30 fps
+
+
+def synthetic_videos(count: int, frames: int, size: int) -> list[Video]:
+    """`count` videos of `frames` square frames, each frame a document image whose lines scroll a little."""
+    pages = document_images(frames + count, size)
+    step = round(SOURCE_FPS / SAMPLED_FPS)
+    return [
+        Video(np.stack([np.asarray(pages[v + f]) for f in range(frames)]), SOURCE_FPS,
+              [f * step for f in range(frames)])
+        for v in range(count)
+    ]
+
+
+def pdf_pages(pages: int, dpi: float, render_pixels: int) -> list[Image.Image]:
+    """Every page of a scanned A4 PDF, rendered as a pass renders it (engine.documents.render_pages)."""
+    from tests.media_files import scanned_pdf
+
+    data = scanned_pdf(pages)
+    rendered = render_pages(data, name="scanned.pdf", dpi=dpi, max_pages=pages, max_pixels=64_000_000,
+                            render_pixels=render_pixels)  # fmt: skip
+    return [page.image for page in rendered]
 
 
 def engine_vlm(model, processor_dir: Path, settings: Settings) -> VLM:
@@ -224,7 +268,7 @@ def run(args, device: torch.device) -> dict:
         "vlm_min_pixels": args.image_size**2, "vlm_max_pixels": args.image_size**2,
         "vlm_max_new_tokens": args.max_new_tokens, "vlm_dtype": "float32" if args.smoke else "bfloat16",
     })  # fmt: skip
-    instruction = make_task("caption", settings).instruction
+    instruction = make_task("caption", settings).prompt
     images = document_images(max(args.stock_batches + args.engine_batches), args.image_size)
     stock_experts = experts_implementation(model)
     make = stock_call(model, processor, images, instruction, settings)
@@ -236,7 +280,38 @@ def run(args, device: torch.device) -> dict:
     make = engine_call(vlm, images, instruction, settings)
     engine = [measure(make, b, args, device) for b in args.engine_batches]
     return {"parameters": parameters, "stock_experts": stock_experts, "options": options,
-            "engine_experts": experts_implementation(model), "stock": stock, "engine": engine}  # fmt: skip
+            "engine_experts": experts_implementation(model), "stock": stock, "engine": engine,
+            "video": measure_videos(vlm, settings, args, device),
+            "pages": measure_pages(vlm, settings, args, device)}  # fmt: skip
+
+
+def measure_videos(vlm: VLM, settings: Settings, args, device: torch.device) -> list[dict]:
+    """The engine on a batch of sampled videos, the video budget holding all their frames unscaled."""
+    if not args.video_batch:
+        return []
+    frame_px = args.video_size**2
+    video_settings = settings.with_overrides({"video_max_frames": args.video_frames,
+                                              "video_max_pixels": args.video_frames * frame_px})  # fmt: skip
+    videos = synthetic_videos(args.video_batch, args.video_frames, args.video_size)
+    make = engine_call(vlm, videos, make_task("caption", video_settings).prompt, video_settings)
+    row = measure(make, args.video_batch, args, device)
+    return [row | {"rows_per_s": row["img_per_s"], "frames_per_s": row["img_per_s"] * args.video_frames,
+                   "frames_per_video": args.video_frames, "frame_px": [args.video_size, args.video_size]}]  # fmt: skip
+
+
+def measure_pages(vlm: VLM, settings: Settings, args, device: torch.device) -> list[dict]:
+    """The engine on one batch of all the pages of a PDF, rendered at pdf_dpi within the pages' pixel budget."""
+    if not args.pdf_pages:
+        return []
+    page_settings = settings.with_overrides({
+        "vlm_min_pixels": min(Settings().vlm_min_pixels, args.page_max_pixels),
+        "vlm_max_pixels": args.page_max_pixels, "pdf_dpi": args.pdf_dpi,
+    })  # fmt: skip
+    pages = pdf_pages(args.pdf_pages, args.pdf_dpi, args.page_max_pixels)
+    make = engine_call(vlm, pages, make_task("ocr", page_settings).prompt, page_settings)
+    row = measure(make, len(pages), args, device)
+    return [row | {"rows_per_s": row["img_per_s"], "pages_per_s": row["img_per_s"], "pdf_pages": len(pages),
+                   "dpi": args.pdf_dpi, "page_px": [pages[0].width, pages[0].height]}]  # fmt: skip
 
 
 def describe(args, device: torch.device) -> dict:
@@ -269,6 +344,20 @@ def print_report(info: dict, results: dict) -> None:
               f"| {r['new_tokens_per_row']:.0f} | {peak} |")  # fmt: skip
     print(f"targets on one H200 (NOTES, issue): transformers {TARGETS['stock_h200_batch32']} img/s at batch 32, "
           f"goal >= {TARGETS['goal']}")  # fmt: skip
+    if not results["video"] and not results["pages"]:
+        return
+    print("\n| engine VLM.generate on | batch | s per call | rows/s | pages/s or sampled frames/s | prefill s "
+          "| decode ms/step | new tokens/row | peak GB |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    cases = [(f"videos, {r['frames_per_video']} frames of {r['frame_px'][0]}x{r['frame_px'][1]}", r,
+              f"{r['frames_per_s']:.2f} frames/s") for r in results["video"]]  # fmt: skip
+    cases += [(f"pages of one {r['pdf_pages']}-page PDF, {r['dpi']:g} dpi, {r['page_px'][0]}x{r['page_px'][1]}", r,
+               f"{r['pages_per_s']:.3f} pages/s") for r in results["pages"]]  # fmt: skip
+    for label, r, rate in cases:
+        peak = "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}"
+        print(f"| {label} | {r['batch']} | {r['s_per_call']:.2f} | {r['rows_per_s']:.3f} | {rate} "
+              f"| {r['prefill_s']:.2f} | {r['decode_ms_per_step']:.1f} | {r['new_tokens_per_row']:.0f} "
+              f"| {peak} |")  # fmt: skip
 
 
 def main() -> None:
@@ -285,6 +374,13 @@ def main() -> None:
     parser.add_argument("--compile", default="none",
                         choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                         help="engine side: torch.compile mode of the decode step")  # fmt: skip
+    parser.add_argument("--video-batch", type=int, default=8, help="videos in the engine's video batch; 0 skips it")
+    parser.add_argument("--video-frames", type=int, default=32, help="sampled frames per video")
+    parser.add_argument("--video-size", type=int, default=448, help="frame side, px")
+    parser.add_argument("--pdf-pages", type=int, default=20, help="pages of the PDF, all in one batch; 0 skips it")
+    parser.add_argument("--pdf-dpi", type=float, default=144)
+    parser.add_argument("--page-max-pixels", type=int, default=Settings().vlm_max_pixels,
+                        help="pixel budget per page (the standard preset's vlm_max_pixels)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 64 px, 8 tokens, CPU")
     args = parser.parse_args()
@@ -292,6 +388,8 @@ def main() -> None:
     if args.smoke:
         args.image_size, args.max_new_tokens = 64, 8
         args.stock_batches, args.engine_batches = [1, 2], [2, 4]
+        args.video_batch, args.video_frames, args.video_size = min(args.video_batch, 2), 4, 64  # 0 still skips
+        args.pdf_pages, args.page_max_pixels = min(args.pdf_pages, 2), 128 * 128
         torch.set_num_threads(1)  # CPU machines here are shared: more threads than free cores slow everything
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and not args.smoke:
