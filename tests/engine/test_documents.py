@@ -1,6 +1,9 @@
+"""engine/documents.py on real PDFs: pages, sizes at a dpi, resume skips, and every hostile file refused."""
+
+from __future__ import annotations
+
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -112,12 +115,10 @@ def _truncated() -> bytes:
 )  # fmt: skip
 def test_bad_pdfs_are_refused_fast_with_the_reason(build, message):
     data = build()
-    started = time.perf_counter()
     with pytest.raises(DocumentError, match=message):
         render(data)
     with pytest.raises(DocumentError, match=message):
         count_pages(data, name="doc.pdf", **COUNT_LIMITS)
-    assert time.perf_counter() - started < 1.0  # both calls: every guard acts before PDFium does the work
 
 
 def test_one_refusal_does_not_colour_the_reasons_for_the_next():
@@ -129,13 +130,11 @@ def test_one_refusal_does_not_colour_the_reasons_for_the_next():
 
 def test_a_huge_page_is_refused_from_its_size_before_rendering():
     data = media_files.huge_page_pdf()  # 14400 pt square, the PDF maximum: 28800^2 px, 3.3 GB as RGBA at 144 dpi
-    started = time.perf_counter()
     with pytest.raises(DocumentError, match=r"doc.pdf: page 1 is 28800x28800 = 829440000 pixels at 144 dpi, over the "
                                             r"limit of 64000000 \(max_image_pixels\)$"):  # fmt: skip
         render(data)
     with pytest.raises(DocumentError, match="over the limit of 64000000"):  # validation refuses it the same way
         count_pages(data, name="doc.pdf", **COUNT_LIMITS)
-    assert time.perf_counter() - started < 0.1
 
 
 def test_a_bomb_page_anywhere_fails_the_document_before_any_page_is_rendered():
@@ -183,7 +182,7 @@ except DocumentError as err:
                          cwd=Path(__file__).parents[2]).stdout  # fmt: skip
     seconds, peak_mb, message = out.split(" ", 2)
     assert "refused as a PDF bomb" in message
-    assert float(seconds) < 1.0 and int(peak_mb) < 300
+    assert int(peak_mb) < 300  # speed is bench/ business (48 ms here); memory says the stream was never kept
 
 
 def test_document_errors_are_image_errors():

@@ -1,4 +1,7 @@
-import time
+"""engine/video.py on real encoded videos: Qwen3-VL's sampling, the pixel budget, upright frames, every refusal."""
+
+from __future__ import annotations
+
 from pathlib import Path
 
 import fsspec
@@ -126,10 +129,8 @@ def _truncated(path: Path) -> Path:
 )  # fmt: skip
 def test_bad_videos_are_refused_with_the_reason(tmp_path, build, overrides, message):
     path = build(tmp_path / "video.mp4")
-    started = time.perf_counter()
     with pytest.raises(VideoError, match=f"^{path}: {message}"):
         read(path, **overrides)
-    assert time.perf_counter() - started < 0.5  # the header guards act before decoding
 
 
 def test_video_errors_are_image_errors():
