@@ -54,7 +54,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,6 +73,7 @@ from engine.settings import Settings, load_settings  # noqa: E402
 from engine.vlm_tasks import make_task  # noqa: E402
 from ray_jobs.analyze import VLMPredictor, decode_batches, output_schema  # noqa: E402
 from tests.media_files import A4, scanned_pdf, text_pdf, write_video  # noqa: E402
+from bench.timing import Timing, timed  # noqa: E402
 
 # The real model on one H200 (NOTES: Qwen3-VL-30B-A3B-shaped, 448 px, 128 new tokens) and the issue's goal.
 GPU_IMAGES_PER_S = {"H200, batch 32 (NOTES)": 2.04, "H200, batch 128 (NOTES)": 3.08, "goal": 25.0}
@@ -86,23 +86,6 @@ class Media:
 
     kind: str  # "scanned PDF", "text PDF", "h264 video, flat", ...
     table: pa.Table
-
-
-@dataclass
-class Timing:
-    wall_s: float
-    cpu_s: float
-
-
-class timed:
-    """Wall and CPU seconds of the block, into `.timing`."""
-
-    def __enter__(self) -> timed:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.timing = Timing(time.perf_counter() - self.wall, time.process_time() - self.cpu)
 
 
 @dataclass

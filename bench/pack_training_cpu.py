@@ -25,8 +25,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,6 +40,7 @@ from engine.settings import Settings, load_settings  # noqa: E402
 from engine.subject import Subject  # noqa: E402
 from engine.train import PackJob, train_pack, train_subject  # noqa: E402
 from engine.weights import attach_lora_pack, load_subject_weights  # noqa: E402
+from bench.timing import Timing, timed  # noqa: E402
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 PROMPTS = ("a photo of sks ball on the beach", "a painting of sks ball")
@@ -69,23 +68,6 @@ def make_subjects(work: Path, count: int) -> list[Subject]:
         Subject(f"s{i}", draw_ball(work / "images" / f"s{i}", i), PROMPT, CLASS_PROMPT, prompts=PROMPTS, seed=100 + i)
         for i in range(count)
     ]
-
-
-@dataclass
-class Timing:
-    wall_s: float
-    cpu_s: float
-
-
-class timed:
-    """Wall and CPU seconds of the block, into `.timing`."""
-
-    def __enter__(self) -> timed:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.timing = Timing(time.perf_counter() - self.wall, time.process_time() - self.cpu)
 
 
 def train_one_at_a_time(base: BaseModel, subjects, settings, class_uris, out: Path) -> tuple[Timing, list[str]]:
