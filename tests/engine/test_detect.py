@@ -11,26 +11,11 @@ from PIL import Image
 
 from engine.constrained import GrammarCompiler
 from engine.settings import load_settings
-from engine.vlm import VLM, VLMOutput
+from engine.vlm import VLMOutput
 from engine.vlm_tasks import RowRequest, TaskError, make_task
 from engine.vlm_tasks.detect import max_boxes, relative_to_pixels, split_categories
 
 BUDGET = load_settings("tiny").vlm_max_new_tokens  # 128 tokens
-
-
-@pytest.fixture(scope="module")
-def dense() -> VLM:
-    return VLM("tiny", load_settings("tiny"))
-
-
-@pytest.fixture(scope="module")
-def thinking() -> VLM:
-    return VLM("tiny-moe-thinking", load_settings("tiny"))
-
-
-@pytest.fixture(scope="module")
-def info(dense) -> xgr.TokenizerInfo:
-    return xgr.TokenizerInfo.from_huggingface(dense.processor.tokenizer, vocab_size=dense.vocab_size)
 
 
 def detector(budget: int = BUDGET, categories: str | None = None, **overrides):

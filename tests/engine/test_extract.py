@@ -54,17 +54,6 @@ SCHEMA_IDS = ["8-strings", "12-strings", "16-strings", "nested", "nested-512"]
 
 
 @pytest.fixture(scope="module")
-def dense() -> VLM:
-    return VLM("tiny", load_settings("tiny"))
-
-
-@pytest.fixture(scope="module")
-def info(dense) -> xgr.TokenizerInfo:
-    """The tiny VLM's tokens as the decoder sees them: their bytes, and the stop token."""
-    return xgr.TokenizerInfo.from_huggingface(dense.processor.tokenizer, vocab_size=dense.vocab_size)
-
-
-@pytest.fixture(scope="module")
 def compiler(info) -> xgr.GrammarCompiler:
     return xgr.GrammarCompiler(info)
 

@@ -34,16 +34,6 @@ def images() -> list[Image.Image]:
     return [Image.new("RGB", (64, 48), "red"), Image.new("RGB", (96, 96), "white"), Image.new("RGB", (40, 120), "blue")]
 
 
-@pytest.fixture(scope="module")
-def dense() -> VLM:
-    return VLM("tiny", load_settings("tiny"))
-
-
-@pytest.fixture(scope="module")
-def thinking() -> VLM:
-    return VLM("tiny-moe-thinking", load_settings("tiny"))
-
-
 def sized(images, **row) -> list[RowRequest]:
     """One request per image, of its size, each with the same `row` fields (question, categories)."""
     return [RowRequest(image.width, image.height, **row) for image in images]
