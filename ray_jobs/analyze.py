@@ -78,6 +78,11 @@ def fit_pixel_budget(image: Image.Image, min_pixels: int, max_pixels: int) -> Im
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
+def _values(batch: pa.Table, name: str) -> list:
+    """A column's values, or nulls where the input has no such column (e.g. no `question` in an OCR manifest)."""
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+
 def _decoded(shown: RowVisual, settings: Settings) -> dict[str, Any]:
     """The internal columns of one image, page or video at the pixel budget."""
     values: dict[str, Any] = {"__source_width": shown.width, "__source_height": shown.height, "page": shown.page}
@@ -105,10 +110,7 @@ def decode_batches(batch: pa.Table, settings: Settings) -> Iterator[pa.Table]:
     """Decode each row's image, PDF pages or video frames at the pixel budget, or record why it cannot be used.
     A PDF becomes a row per page: tables are yielded every `vlm_batch_size` output rows, so a long PDF never sits
     in memory whole. `__done_pages` (added by the checkpoint filter on a resumed pass) names pages already written."""
-    def column(name: str) -> list:
-        return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
-
-    uris, blobs, videos, done = (column(c) for c in (*VISUAL_COLUMNS, DONE_PAGES))
+    uris, blobs, videos, done = (_values(batch, c) for c in (*VISUAL_COLUMNS, DONE_PAGES))
     sources: list[int] = []
     rows: list[dict[str, Any]] = []
     for i in range(batch.num_rows):
@@ -196,11 +198,8 @@ class VLMPredictor:
 
     def _ask(self, batch: pa.Table, rows: list[dict]) -> dict[int, tuple[RowRequest, str]]:
         """Each decoded row's request and instruction; a row the task cannot ask gets its error instead."""
-        def column(name: str) -> list:
-            return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
-
-        questions, categories = column("question"), column("categories")
-        widths, heights, frames = column("__source_width"), column("__source_height"), column("__frames")
+        questions, categories = _values(batch, "question"), _values(batch, "categories")
+        widths, heights, frames = (_values(batch, c) for c in ("__source_width", "__source_height", "__frames"))
         asked = {}
         for i, row in enumerate(rows):
             if row["error"] is not None:
