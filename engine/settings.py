@@ -78,6 +78,11 @@ class Settings(BaseModel):
     # bench/gpu_pack_train.py has run (a pack that does not fit is halved by the fleet at its first OOM).
     pack_subjects: int = Field(8, ge=1, le=64)
     compile_unet: bool = False  # torch.compile the UNet of each worker (GPU: pays back its compile time on long runs)
+    # Processes (one GPU each) training one subject with DistributedDataParallel; train_batch_size is per process,
+    # so the global batch is train_batch_size x data_parallel x gradient_accumulation_steps. Such a subject trains alone.
+    data_parallel: int = Field(1, ge=1, le=64)
+    # Experiment trackers each subject's training is logged to (one tracked run per subject, grouped by RUN)
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = []
 
     # VLM passes (dreamfleet analyze, and the moderation pass of dreamfleet run)
     vlm_batch_size: int = Field(16, ge=1, le=4096)  # rows per generate() call in one actor
@@ -164,7 +169,9 @@ VLM_SETTINGS = frozenset(
         "video_max_pixels",
     }
 )  # fmt: skip
-RUN_ONLY_SETTINGS = frozenset({"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet"}) | VLM_SETTINGS
+RUN_ONLY_SETTINGS = frozenset(
+    {"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet", "trackers"}
+) | VLM_SETTINGS
 
 # The literature's rates for real models (DreamBooth paper, diffusers' scripts); for the tiny random models, the
 # rates at which 100 steps visibly move generations towards the subject (sweep in bench/RESULTS.md).

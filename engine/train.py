@@ -41,13 +41,13 @@ TRAINING_IDENTITY_KEYS = (
     "mode", "learning_rate", "train_text_encoder", "lora_rank", "lora_alpha", "lora_target_modules",
     "text_encoder_lora_target_modules", "train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
     "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "resolution", "center_crop", "with_prior_preservation", "prior_loss_weight", "max_train_steps",
+    "resolution", "center_crop", "with_prior_preservation", "prior_loss_weight", "max_train_steps", "data_parallel",
 )  # fmt: skip
 
 # Settings every subject of one pack must share: they shape the model's layers or how the pass runs.
 PACK_SHAPE_KEYS = (
     "mode", "lora_rank", "lora_target_modules", "text_encoder_lora_target_modules", "train_text_encoder",
-    "gradient_checkpointing", "mixed_precision",
+    "gradient_checkpointing", "mixed_precision", "data_parallel",
 )  # fmt: skip
 
 
@@ -183,6 +183,9 @@ class PackTrainer:
         self.gradient_checkpointing = settings.gradient_checkpointing
         self.autocast = settings.autocast(base.device.type)
         self.pack = attach_lora_pack(base, settings, self.capacity) if settings.mode == "lora" else None
+        # This process's rank among the `world_size` processes training one subject data-parallel (1: alone).
+        self.rank, self.world_size = 0, 1
+        self.unet: torch.nn.Module = base.unet  # what the step calls: the UNet, or its DistributedDataParallel wrapper
         self._prepare_modules()
 
     def _prepare_modules(self) -> None:
@@ -339,7 +342,7 @@ class PackTrainer:
         noisy = self.base.noise_scheduler.add_noise(latents, noise, timesteps)
         self._route("unet", [m.slot for m, s in zip(members, samples) for _ in range(s[0].shape[0])])
         with self.autocast:
-            prediction = self.base.unet(noisy, timesteps, embeddings, return_dict=False)[0]
+            prediction = self.unet(noisy, timesteps, embeddings, return_dict=False)[0]
         target = _target(self.base, latents, noise, timesteps)
 
         losses, offset = [], 0
