@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -107,6 +108,33 @@ def decode_video(
         raise VideoError(f"{name}: the video ends at {numbers[-1] / rate:.1f} s of the {duration:.1f} s its header "
                          "gives: it is truncated")  # fmt: skip
     return Video(frames=np.stack(frames), fps=rate, frame_indices=numbers)
+
+
+def read_first_frame(uri: str, *, max_frame_pixels: int, max_packets: int = 256) -> np.ndarray:
+    """A video's first frame, upright RGB at full size (for a thumbnail), with the header's frame size checked
+    before anything is decoded. A stream that yields no frame in `max_packets` packets is an error."""
+    try:
+        file = _open(uri)
+    except FileNotFoundError:
+        raise VideoError(f"{uri}: no such file") from None
+    except Exception as err:
+        raise VideoError(f"{uri}: cannot read ({type(err).__name__}: {err})") from None
+    try:
+        with file, av.open(file, metadata_errors="replace", buffer_size=READ_BUFFER_BYTES) as container:
+            stream = _video_stream(container, uri)
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > max_frame_pixels:
+                raise VideoError(f"{uri}: video frames are {width}x{height} = {width * height} pixels, "
+                                 f"over the limit of {max_frame_pixels} (max_image_pixels)")  # fmt: skip
+            stream.codec_context.options = {"max_pixels": str(max_frame_pixels)}
+            for packet in itertools.islice(container.demux(stream), max_packets):
+                for frame in packet.decode():
+                    return _converter(frame, 1, frame.width * frame.height)(frame)
+    except av.FFmpegError as err:
+        raise VideoError(f"{uri}: not a video FFmpeg can read ({_reason(err)})") from None
+    except OSError as err:
+        raise VideoError(f"{uri}: cannot read ({type(err).__name__}: {err})") from None
+    raise VideoError(f"{uri}: no frame in its first {max_packets} packets")
 
 
 def sample_indices(total_frames: int, source_fps: float, fps: float, max_frames: int) -> list[int]:

@@ -12,7 +12,6 @@ import datetime
 import functools
 import hashlib
 import io
-import itertools
 import json
 import math
 import re
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import av
 import jinja2
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,6 +34,7 @@ from engine import storage
 from engine.documents import count_pages, is_pdf, page_pixels, render_pages
 from engine.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
 from engine.settings import Settings
+from engine.video import read_first_frame
 from ray_jobs import exit_status
 from ray_jobs.generations import GENERATIONS
 from ray_jobs.manifest import ManifestError, read_subjects_manifest
@@ -61,9 +60,7 @@ NO_LABEL = "(no label)"
 PDF_DPI = Settings.model_fields["pdf_dpi"].default  # the pass's default; boxes on pages are in pixels at its dpi
 PDF_MAX_PAGES = Settings.model_fields["pdf_max_pages"].default
 PDFIUM = threading.Lock()  # PDFium is not thread-safe: one document open at a time in this process
-VIDEO_MAX_PACKETS = 256  # a stream that yields no frame in this many packets is not worth a thumbnail
 # Transposes that turn a decoded video frame upright, by the counter-clockwise degrees of its display matrix.
-UPRIGHT_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 LINKED_SCHEMES = frozenset({"file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -276,32 +273,9 @@ class ThumbnailStore:
         return pages[0].image, UprightSize(*pages[0].points, "pt")
 
     def _first_frame(self, canonical: str, label: str) -> tuple[Image.Image, UprightSize]:
-        """A video's first frame, upright; its header's frame size checked before a frame is decoded."""
-        try:
-            fs, path = storage.filesystem(canonical)
-            with fs.open(path, "rb") as file, av.open(file) as container:
-                if not container.streams.video:
-                    raise ImageError(f"{label}: no video stream")
-                stream = container.streams.video[0]
-                width, height = stream.codec_context.width, stream.codec_context.height
-                if width * height > self.max_pixels:
-                    raise ImageError(f"{label}: frames are {width}x{height} = {width * height} pixels, over the limit "
-                                     f"of {self.max_pixels} (max_image_pixels)")  # fmt: skip
-                for packet in itertools.islice(container.demux(stream), VIDEO_MAX_PACKETS):
-                    for frame in packet.decode():
-                        image = frame.to_image()
-                        turn = UPRIGHT_TURNS.get(round(frame.rotation) % 360)  # the display matrix, as players apply it
-                        image = image.transpose(turn) if turn is not None else image
-                        return image, UprightSize(image.width, image.height, "px")
-        except ImageError:
-            raise
-        except FileNotFoundError:
-            raise ImageError(f"{label}: no such file") from None
-        except av.FFmpegError as err:
-            raise ImageError(f"{label}: not a readable video ({err})") from None
-        except Exception as err:  # each fsspec backend raises its own types (credentials, permissions, network)
-            raise ImageError(f"{label}: cannot read ({type(err).__name__}: {err})") from None
-        raise ImageError(f"{label}: no frame in its first {VIDEO_MAX_PACKETS} packets")
+        """A video's first frame, upright (engine.video applies the display matrix, mirrors too)."""
+        image = Image.fromarray(read_first_frame(canonical, max_frame_pixels=self.max_pixels))
+        return image, UprightSize(image.width, image.height, "px")
 
 
 def _thumbnail_name(source: bytes, page: int | None) -> str:

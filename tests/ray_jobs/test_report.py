@@ -758,3 +758,14 @@ def test_pdf_pages_are_refused_like_the_pass_refuses_them(tmp_path):
     page_one = enough.for_uri(pdf, page=1, sized=True)
     enough.make_pending()
     assert page_one.problem is None and page_one.size == (600, 400)
+
+
+def test_a_mirrored_sideways_phone_video_gets_an_upright_thumbnail(tmp_path):
+    from tests.media_files import write_video
+
+    video = write_video(tmp_path / "phone.mp4", width=48, height=80, rotation=90, hflip=True, seconds=0.5)
+    rows = [{"id": "phone", "video": str(video), "answer": "A red corner."}]
+    page = Path(report.write_table_report(str(pass_output(tmp_path / "asked.parquet", rows, [("answer", pa.string())]))))
+    thumb = thumbnail(page, sample_row(page.read_text(), "phone")).convert("RGB")
+    assert thumb.size == (48, 80)  # upright: portrait, as the phone showed it
+    assert near(thumb.getpixel((6, 10)), (255, 0, 0)) and not near(thumb.getpixel((42, 10)), (255, 0, 0))
