@@ -90,17 +90,6 @@ def chat_template(thinking: bool) -> str:
     return _CHAT_TEMPLATE.replace("THINKING", "true" if thinking else "false")
 
 
-def pixel_budget_kwargs(min_pixels: int, max_pixels: int) -> dict:
-    """Processor-call kwargs bounding each image's resized area: `processor(text=..., images=..., **these)`.
-
-    transformers 5.24's Qwen2VLImageProcessor takes the budget as `size={"shortest_edge": min_pixels,
-    "longest_edge": max_pixels}` (areas in pixels, despite the key names). `min_pixels=`/`max_pixels=` at call time
-    still work but raise a FutureWarning announcing their removal; at load time,
-    `AutoProcessor.from_pretrained(path, min_pixels=..., max_pixels=...)` is still accepted without one.
-    """
-    return {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
-
-
 def _corpus() -> list[str]:
     """A fixed English corpus of what the VLM passes read and write: captions, OCR text, moderation verdicts, JSON."""
     sentences = [

@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from engine.tiny_vlm import TINY_VLM_VERSION, VARIANTS, build_tiny_vlm, ensure_tiny_vlm, pixel_budget_kwargs
+from engine.tiny_vlm import TINY_VLM_VERSION, VARIANTS, build_tiny_vlm, ensure_tiny_vlm
 
 INVOICE_SCHEMA = {
     "type": "object",
@@ -119,9 +119,13 @@ def test_moe_variant_routes_among_experts():
 
 
 def test_pixel_budget_bounds_the_image_grid():
+    from engine.settings import Settings
+    from engine.vlm import pixel_budget
+
     processor, _ = load("dense")
     text = processor.apply_chat_template(user_turn("Read it."), add_generation_prompt=True)
-    small = processor(text=[text], images=[two_images()[1]], return_tensors="pt", **pixel_budget_kwargs(1024, 8192))
+    budget = pixel_budget(Settings(vlm_min_pixels=1024, vlm_max_pixels=8192))  # the kwargs the VLM pass calls with
+    small = processor(text=[text], images=[two_images()[1]], return_tensors="pt", **budget)
     assert small["image_grid_thw"].tolist() == [[1, 4, 6]]  # 24 patches ≤ 8192 px / 16²; 6 image tokens
 
 
