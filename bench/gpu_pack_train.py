@@ -1,11 +1,16 @@
-"""Packed LoRA training on a GPU at SD1.5's real shapes: seconds per packed step and peak memory for K subjects per
-UNet batch, against the stock one-subject loop, projected to subjects per GPU-hour.
+"""Packed LoRA training on a GPU at SD1.5's (or, with `--model sdxl`, SDXL's) real shapes: seconds per packed step
+and peak memory for K subjects per UNet batch, against the stock one-subject loop, projected to subjects per GPU-hour.
 
 The engine alone, no Ray (the GPU machine has only torch, diffusers, transformers, peft and safetensors besides the
 engine's own imports). The model is bench/gpu_train_step.py's SD1.5-shaped pipeline with random weights (UNet
 320/640/1280/1280, cross-attention 768, head dim 8, 2 layers per block; VAE 128/256/512/512, 4 latent channels;
 CLIP text encoder 768 × 12 layers × 12 heads, 3072 MLP), saved with save_pretrained and loaded with
 engine.models.load_base_model. LoRA r4, 512 px, bf16 mixed precision, each subject 1 instance + 1 class per step.
+
+`--model sdxl`: SDXL base 1.0's real shapes with random weights, never downloaded (`build_sdxl_random`: its UNet
+config, 320/640/1280, transformer depths 1/2/10, cross-attention 2048, text_time conditioning; its VAE with scale
+0.13025; CLIP-L 768 × 12 and OpenCLIP-bigG-shaped 1280 × 32 text encoders, with the tiny tokenizer's vocabulary), at
+1024 px, packs K = 1, 2, 4, 8, generation batches of 8. The stock loop (step 5) is SD1.x's script and is skipped.
 
 Measured, in this order (each measurement is skipped once `--budget-s` has run out, so the table always prints):
 1. frozen base weights in bf16 (`load_base_model(path, "cuda", torch.bfloat16)`), K = 1, 2, 4, 8, 16 through
@@ -22,8 +27,9 @@ Projection: subjects per GPU-hour = 3600 / (admission s per subject + 800 × s p
 
 On the GPU machine, from the repo root (about 3–5 minutes on an H200):
     python bench/gpu_pack_train.py [--compile]           # JSON also to $OUT/gpu_pack_train.json when OUT is set
-Check on CPU with the tiny model (its timings mean nothing; < 2 minutes):
-    .venv/bin/python bench/gpu_pack_train.py --smoke
+    python bench/gpu_pack_train.py --model sdxl          # $OUT/gpu_pack_train_sdxl.json
+Check on CPU with the tiny models (their timings mean nothing; < 2 minutes each):
+    .venv/bin/python bench/gpu_pack_train.py --smoke [--model sdxl]
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.models import BaseModel, load_base_model  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
 from engine.subject import Subject  # noqa: E402
-from engine.tiny_models import build_tiny_sd  # noqa: E402
+from engine.tiny_models import build_clip_tokenizer, build_tiny_sd, build_tiny_sdxl  # noqa: E402
 from engine.train import PackTrainer  # noqa: E402
 from engine.weights import attach_lora_pack  # noqa: E402
 
@@ -153,6 +159,8 @@ def sweep(base: BaseModel, packs, subjects, settings, class_uris, work: Path, ar
 
 def measure_stock(model_dir: Path, settings: Settings, subject: Subject, class_uris, device, args) -> dict:
     """The stock per-subject step, on its own copy of the model (the engine's base is freed before)."""
+    if args.model == "sdxl":
+        return {"skipped": "the stock loop is SD1.x's"}
     if out_of_time(args):
         return {"skipped": "time budget"}
     free_memory(device)
@@ -209,12 +217,66 @@ def measure_generation(base: BaseModel, k: int, settings: Settings, instance, wo
 # -- the run -------------------------------------------------------------------------------------------------------
 
 
+def build_sdxl_random(path: Path, device: torch.device) -> None:
+    """Write an SDXL-base-1.0-shaped pipeline with random weights at `path` (initialised on `device`, saved in bf16:
+    half the disk and load time of fp32, and what the frozen weights train in)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_clip_tokenizer()
+
+    def clip(hidden: int, layers: int, heads: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, projection_dim=hidden,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    with device:
+        unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0's unet/config.json
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(clip(768, 12, 12, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(clip(1280, 32, 20, "gelu"))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+    )  # fmt: skip
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=build_clip_tokenizer(), scheduler=scheduler, add_watermarker=False,
+    )  # fmt: skip
+    pipe.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+
+
 def build_model(args, work: Path, device: torch.device) -> Path:
     model_dir = work / "model"
     if args.smoke:
-        build_tiny_sd(model_dir)
+        (build_tiny_sdxl if args.model == "sdxl" else build_tiny_sd)(model_dir)
     else:
-        build_sd15_random(model_dir, device)
+        (build_sdxl_random if args.model == "sdxl" else build_sd15_random)(model_dir, device)
     return model_dir
 
 
@@ -321,26 +383,34 @@ def describe(args, device: torch.device) -> dict:
     return {
         "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "device": name,
         "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "model": "tiny" if args.smoke else "SD1.5-shaped, random weights", "resolution": args.resolution,
+        "model": f"{'tiny' if args.smoke else 'real-shaped, random weights'}: {args.model}",
+        "resolution": args.resolution,
         "lora_rank": 4, "steps": args.steps, "warmup": args.warmup, "gen_steps": args.gen_steps,
     }  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--packs", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--fp32-packs", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--model", choices=["sd15", "sdxl"], default="sd15", help="which real shapes")
+    parser.add_argument("--packs", type=int, nargs="+", default=None, help="default 1 2 4 8 16 (SDXL: 1 2 4 8)")
+    parser.add_argument("--fp32-packs", type=int, nargs="+", default=None, help="default 1 8 (SDXL: 1 4)")
     parser.add_argument("--gen-packs", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per pack, after the warm-up")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--resolution", type=int, default=None, help="default 512 (SDXL: 1024)")
     parser.add_argument("--gen-steps", type=int, default=30, help="DDIM steps per image")
-    parser.add_argument("--gen-batch", type=int, default=16, help="generation_batch_size (CFG doubles it)")
+    parser.add_argument("--gen-batch", type=int, default=None, help="generation_batch_size (CFG doubles it); "
+                        "default 16 (SDXL: 8, as its VAE decodes 4x the pixels per image)")  # fmt: skip
     parser.add_argument("--gen-images", type=int, default=32, help="timed images per generation pack")
     parser.add_argument("--compile", action="store_true", help="also K=8 with base.compile_unet()")
     parser.add_argument("--budget-s", type=float, default=420, help="skip what is left after this many seconds")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, tiny sizes: checks that it runs")
     args = parser.parse_args()
+    sdxl = args.model == "sdxl"
+    args.packs = args.packs or ([1, 2, 4, 8] if sdxl else [1, 2, 4, 8, 16])
+    args.fp32_packs = args.fp32_packs or ([1, 4] if sdxl else [1, 8])
+    args.resolution = args.resolution or (1024 if sdxl else 512)
+    args.gen_batch = args.gen_batch or (8 if sdxl else 16)
     if args.smoke:
         args.resolution, args.steps, args.warmup = 32, 2, 1
         args.gen_steps, args.gen_batch, args.gen_images = 3, 8, 8
@@ -361,7 +431,8 @@ def main() -> None:
     rows = training_rows(results)
     print_tables(info, results, rows)
     if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "gpu_pack_train.json"
+        name = "gpu_pack_train_sdxl.json" if args.model == "sdxl" else "gpu_pack_train.json"
+        path = Path(os.environ["OUT"]) / name
         path.write_text(json.dumps({**info, "results": results, "rows": rows}, indent=2, default=str) + "\n")
         print(f"\nwrote {path}")
 

@@ -1,8 +1,9 @@
-"""Classifier-free-guided generation on a resident base model, one seed per image, several subjects per batch.
+"""Classifier-free-guided generation on a resident base model (SD 1.x/2.x or SDXL, through its stock pipeline), one
+seed per image, several subjects per batch.
 
 Each image's starting noise comes from its own generator, so an image is the same whatever batch it lands in.
 With a LoRA pack on the model (engine/packed_lora.py), each image of a batch (both of its CFG halves, and its
-prompt through a trained text encoder) goes through its own subject's slot: `render_pack` renders many subjects
+prompt through trained text encoders) goes through its own subject's slot: `render_pack` renders many subjects
 in shared UNet batches, and each image equals its unpacked rendering within rounding.
 """
 
@@ -36,19 +37,21 @@ def make_scheduler(name: str, config: dict):
 
 
 def make_pipeline(base: BaseModel, scheduler: str):
-    """A StableDiffusionPipeline over the base model's modules (shared, not copied): a LoRA on them shows up here."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        unet=base.unet,
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
+    """The base model's stock pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline) over its modules,
+    shared, not copied: a LoRA on them shows up here."""
+    modules = dict(
+        unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
         scheduler=make_scheduler(scheduler, base.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    )  # fmt: skip
+    if base.is_sdxl:
+        modules.update(
+            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+            # as from_pretrained sets it: an empty negative prompt is a zero embedding, not the encoded ""
+            force_zeros_for_empty_prompt=base.index.get("force_zeros_for_empty_prompt", True),
+        )  # fmt: skip
+    else:
+        modules.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = base.pipeline_class(**modules)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -101,14 +104,14 @@ def generate(
             ]
         ).to(base.device)
         negative = [settings.negative_prompt] * len(batch_prompts) if settings.negative_prompt else None
-        with settings.autocast(base.device.type), _routed(base, text_encoder=batch_slots):  # bf16 on GPU by default
-            prompt_embeds, negative_embeds = pipe.encode_prompt(batch_prompts, base.device, 1, guided, negative)
+        text_slots = {name: batch_slots for name in base.text_encoder_names}  # every text encoder, routed alike
+        with settings.autocast(base.device.type), _routed(base, **text_slots):  # bf16 on GPU by default
+            embeddings = _encode_prompts(pipe, batch_prompts, base.device, guided, negative)
         # The pipeline runs the UNet on [negative half; prompt half] when guided: each image's slot twice.
         unet_slots = batch_slots and (batch_slots * 2 if guided else batch_slots)
         with settings.autocast(base.device.type), _routed(base, unet=unet_slots):
             out = pipe(
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_embeds,
+                **embeddings,
                 height=settings.resolution,
                 width=settings.resolution,
                 num_inference_steps=settings.num_inference_steps,
@@ -119,6 +122,17 @@ def generate(
             )
         images.extend(out.images)
     return images
+
+
+def _encode_prompts(pipe, prompts: list[str], device: torch.device, guided: bool, negative: list[str] | None) -> dict:
+    """The pipeline's own prompt encoding, as the keyword arguments its __call__ takes: SD's prompt and negative
+    embeddings, and SDXL's pooled ones besides (its encode_prompt returns all four, in this order)."""
+    encoded = pipe.encode_prompt(
+        prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+        negative_prompt=negative,
+    )  # fmt: skip
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    return dict(zip(names, encoded))
 
 
 def _routed(base: BaseModel, **slots: list[int] | None):

@@ -1,4 +1,5 @@
-"""The base Stable Diffusion model: resolving `tiny` / a local directory / a hub id, loading it, and sharing it.
+"""The base Stable Diffusion model (1.x/2.x or XL): resolving `tiny` / `tiny-sdxl` / a local directory / a hub id,
+loading it, and sharing it.
 
 A `BaseModel` is loaded once per process and reused for every subject: training attaches a LoRA or unfreezes
 weights, and `reset()` returns it to the base weights in memory, never by reloading from storage.
@@ -7,6 +8,7 @@ weights, and `reset()` returns it to the base weights in memory, never by reload
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -15,10 +17,10 @@ import torch
 
 from engine.library_logging import quiet_libraries
 from engine.packed_lora import LoraPack
-from engine.tiny_models import default_cache_dir, ensure_tiny_sd
+from engine.tiny_models import default_cache_dir, ensure_tiny_sd, ensure_tiny_sdxl
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-COMPONENTS = ("unet", "vae", "text_encoder")
+TINY_MODELS = {"tiny": ensure_tiny_sd, "tiny-sdxl": ensure_tiny_sdxl}
 
 
 class ModelError(ValueError):
@@ -26,9 +28,10 @@ class ModelError(ValueError):
 
 
 def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
-    """The local directory holding `name`: `tiny` is built into the cache, a hub id is downloaded (safetensors only)."""
-    if name == "tiny":
-        return ensure_tiny_sd(cache_dir)
+    """The local directory holding `name`: `tiny` and `tiny-sdxl` are built into the cache, a hub id is downloaded
+    (safetensors only)."""
+    if name in TINY_MODELS:
+        return TINY_MODELS[name](cache_dir)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -43,8 +46,9 @@ def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
         local = snapshot_download(
             name,
             cache_dir=str(cache_dir or default_cache_dir() / "hub"),
-            # Pickled weights are never fetched, so they can never be loaded.
-            allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"],
+            # Pickled weights are never fetched, so they can never be loaded. Only the components' folders: SDXL's
+            # repository also holds single-file checkpoints at its root (~14 GB) that diffusers' layout never reads.
+            allow_patterns=["*.json", "*.txt", "*.model", "*/*.safetensors"],
             ignore_patterns=["*.fp16.*", "*.non_ema.*", "*.ema.*"],
         )
     except Exception as err:
@@ -54,9 +58,23 @@ def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
     return path
 
 
+def pipeline_index(path: Path) -> dict:
+    """The pipeline's model_index.json: its `_class_name` says which kind of Stable Diffusion it is."""
+    try:
+        return json.loads((Path(path) / "model_index.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot read model_index.json ({err})") from None
+
+
+def is_sdxl_index(index: dict) -> bool:
+    """StableDiffusionXLPipeline and its img2img/inpainting siblings share SDXL's components."""
+    return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+
+
 def check_safetensors_only(path: Path) -> None:
     """Refuse a component that only ships pickled weights: loading a pickle can run arbitrary code."""
-    for component in COMPONENTS:
+    sdxl = is_sdxl_index(pipeline_index(path))
+    for component in ("unet", "vae", "text_encoder", *(["text_encoder_2"] if sdxl else [])):
         folder = path / component
         if not folder.is_dir():
             raise ModelError(f"{path}: missing component folder '{component}'")
@@ -83,7 +101,11 @@ def fingerprint(path: Path) -> str:
 
 @dataclass
 class BaseModel:
-    """The components of a Stable Diffusion 1.x/2.x model, loaded once and shared by every subject of a process."""
+    """The components of a Stable Diffusion 1.x/2.x or XL model, loaded once and shared by every subject of a process.
+
+    SDXL (model_index.json's `_class_name`, read at loading) has a second tokenizer and text encoder (`tokenizer_2`,
+    `text_encoder_2`; None for SD 1.x/2.x); code that treats every text encoder alike loops over `text_encoder_names`.
+    """
 
     path: Path
     fingerprint: str
@@ -93,11 +115,34 @@ class BaseModel:
     unet: torch.nn.Module
     noise_scheduler: object
     device: torch.device
-    # The frozen UNet and text encoder are stored in the training precision on a GPU (bf16 rather than fp32 cast
+    index: dict = field(default_factory=dict)  # model_index.json: the pipeline class and its options
+    tokenizer_2: object | None = None
+    text_encoder_2: torch.nn.Module | None = None
+    # The frozen UNet and text encoders are stored in the training precision on a GPU (bf16 rather than fp32 cast
     # under autocast on every step); the VAE stays fp32. LoRA weights and fully fine-tuned weights train in fp32.
     weights_dtype: torch.dtype = torch.float32
     lora: LoraPack | None = None  # the LoRA slots attached now, if any (see engine/packed_lora.py)
     _base_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoder_names(self) -> tuple[str, ...]:
+        """The text-encoder components, in the order SDXL concatenates their hidden states."""
+        return ("text_encoder", "text_encoder_2") if self.is_sdxl else ("text_encoder",)
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer, self.tokenizer_2] if self.is_sdxl else [self.tokenizer]
+
+    @property
+    def pipeline_class(self) -> type:
+        """The stock diffusers pipeline of this kind of model, for generation and for saving LoRA weights."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
 
     def snapshot(self, component: str) -> None:
         """Keep a CPU copy of a component's base weights, so that full fine-tuning can be undone in memory."""
@@ -115,7 +160,7 @@ class BaseModel:
         if self.lora is not None:
             self.lora.detach()
             self.lora = None
-        for component in ("unet", "text_encoder"):
+        for component in ("unet", *self.text_encoder_names):
             module = getattr(self, component)
             if component in self._base_state:
                 module.load_state_dict(self._base_state[component])
@@ -135,20 +180,27 @@ def load_base_model(
     path: Path, device: str | torch.device = "cpu", weights_dtype: torch.dtype = torch.float32
 ) -> BaseModel:
     """Load every component from `path` through from_pretrained, safetensors only, frozen; the UNet and text
-    encoder in `weights_dtype` (see `BaseModel.weights_dtype`), the VAE in fp32."""
+    encoder(s) in `weights_dtype` (see `BaseModel.weights_dtype`), the VAE in fp32."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     quiet_libraries()
     path = Path(path)
     check_safetensors_only(path)
+    index = pipeline_index(path)
     device = torch.device(device)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    text_encoder_2 = tokenizer_2 = None
+    if is_sdxl_index(index):  # the second encoder's projection gives SDXL's pooled prompt embedding
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", use_safetensors=True
+        )
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    for module in (unet, vae, text_encoder):
+    for module in [m for m in (unet, vae, text_encoder, text_encoder_2) if m is not None]:
         module.requires_grad_(False)
         module.eval()
         module.to(device, dtype=weights_dtype if module is not vae else torch.float32)
@@ -161,6 +213,9 @@ def load_base_model(
         unet=unet,
         noise_scheduler=noise_scheduler,
         device=device,
+        index=index,
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2,
         weights_dtype=weights_dtype,
     )
 

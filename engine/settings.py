@@ -223,7 +223,8 @@ def _validate(values: dict[str, Any], *, source: str) -> Settings:
 
 
 def preset_for(base_model: str) -> dict[str, Any]:
-    return dict(TINY_PRESET) if base_model == "tiny" else {}
+    """The tiny models (`tiny`, `tiny-sdxl`) share the tiny preset; every other base model the standard one."""
+    return dict(TINY_PRESET) if base_model in ("tiny", "tiny-sdxl") else {}
 
 
 def load_settings(

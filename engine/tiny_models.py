@@ -18,6 +18,7 @@ from engine.library_logging import quiet_libraries
 
 # Bump when the architecture or construction changes, so stale caches are rebuilt rather than reused.
 TINY_SD_VERSION = 1
+TINY_SDXL_VERSION = 1
 
 
 def default_cache_dir() -> Path:
@@ -48,10 +49,51 @@ def build_clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, pad_token="<|endoftext|>")
 
 
+def _tiny_vae(**overrides):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        **overrides,
+    )
+
+
+def _tiny_clip_config(tokenizer, hidden_size: int = 32, **overrides):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+
+
+def _sd_scheduler():
+    """Stable Diffusion's noise schedule (SD 1.x and SDXL alike), as its DDIM scheduler config writes it."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )  # fmt: skip
+
+
 def build_tiny_sd(path: Path, seed: int = 0) -> None:
     """Write a complete tiny Stable Diffusion 1.x pipeline directory at `path`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     quiet_libraries()
     tokenizer = build_clip_tokenizer()
@@ -67,40 +109,66 @@ def build_tiny_sd(path: Path, seed: int = 0) -> None:
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    )
+        vae = _tiny_vae()
+        text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=_sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+
+
+def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
+    """Write a complete tiny Stable Diffusion XL pipeline directory at `path`: SDXL's layout and conditioning (two
+    text encoders, pooled embeddings, size/crop time ids), at tiny SD's size and speed."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    quiet_libraries()
+    tokenizer = build_clip_tokenizer()
+    # Unequal widths, as SDXL's 768 and 1280: mixing the two encoders up fails on a shape, not silently.
+    hidden, hidden_2, projection = 32, 48, 40
+    time_embed_dim = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            # SDXL's pattern: no attention at the highest resolution, deeper transformers further down
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(4, 8),  # diffusers reads this as heads per block, as SDXL's config does
+            use_linear_projection=True,
+            cross_attention_dim=hidden + hidden_2,  # both encoders' hidden states, side by side
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            # six time ids (original size, crop top-left, target size), each embedded, plus the pooled prompt
+            projection_class_embeddings_input_dim=6 * time_embed_dim + projection,
+            norm_num_groups=8,
+        )
+        vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's VAE scale
+        text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, hidden, hidden_act="quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _tiny_clip_config(tokenizer, hidden_2, hidden_act="gelu", projection_dim=projection)
+        )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_clip_tokenizer(),
+        # SDXL ships an Euler scheduler over SD's noise schedule (its config keeps DDIM's keys too)
+        scheduler=EulerDiscreteScheduler.from_config(_sd_scheduler().config),
+        add_watermarker=False,
     )
     pipe.save_pretrained(path, safe_serialization=True)
 
@@ -128,3 +196,10 @@ def ensure_tiny_sd(cache_dir: Path | None = None, seed: int = 0) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return build_once(root / f"tiny-sd-v{TINY_SD_VERSION}-seed{seed}", "model_index.json",
                       lambda staging: build_tiny_sd(staging, seed=seed))  # fmt: skip
+
+
+def ensure_tiny_sdxl(cache_dir: Path | None = None, seed: int = 0) -> Path:
+    """The tiny SDXL directory in the cache, built on first use."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return build_once(root / f"tiny-sdxl-v{TINY_SDXL_VERSION}-seed{seed}", "model_index.json",
+                      lambda staging: build_tiny_sdxl(staging, seed=seed))  # fmt: skip

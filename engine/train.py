@@ -11,30 +11,40 @@ Subjects join (`admit`) and leave (finished, or failed alone: a bad image, a NaN
 slot is refilled at once. Full fine-tunes train alone. Every `checkpointing_steps` of its own a subject's whole
 state is saved; at its last step its weights are exported in diffusers' layout. `close()` leaves the base model as
 it was found (see `BaseModel.reset`).
+
+A subject with `data_parallel` N > 1 trains alone on N processes that joined one process group (engine/data_parallel):
+each rank draws the subject's whole global micro-batch from the subject's RNG, as one process with N times the batch
+would, and keeps its own rows; DistributedDataParallel averages the UNet's gradients (trained text encoders' are
+averaged by hand); the logged losses are the global means. Rank 0 alone writes checkpoints, the log and the weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from engine import storage
+from engine import data_parallel, storage
 from engine.checkpoints import CheckpointError, TrainingState, load_latest_checkpoint, save_checkpoint
-from engine.instance_data import TrainingExamples, prepare_examples
+from engine.instance_data import (
+    PromptEmbeddings,
+    TrainingExamples,
+    encode_prompts,
+    prepare_examples,
+    unet_added_conditions,
+)
 from engine.models import BaseModel
 from engine.settings import Settings
 from engine.subject import Subject
-from engine.weights import attach_lora_pack, export_weights
+from engine.weights import attach_lora_pack, export_weights, trained_components
 
 # Settings that change the optimisation itself; a checkpoint made with other values cannot be resumed.
 TRAINING_IDENTITY_KEYS = (
@@ -47,7 +57,7 @@ TRAINING_IDENTITY_KEYS = (
 # Settings every subject of one pack must share: they shape the model's layers or how the pass runs.
 PACK_SHAPE_KEYS = (
     "mode", "lora_rank", "lora_target_modules", "text_encoder_lora_target_modules", "train_text_encoder",
-    "gradient_checkpointing", "mixed_precision", "data_parallel",
+    "gradient_checkpointing", "mixed_precision", "data_parallel", "resolution",
 )  # fmt: skip
 
 
@@ -171,31 +181,38 @@ class Ended:
 
 
 class PackTrainer:
-    """Up to `capacity` subjects of one pack shape, training together on `base` (full fine-tunes: one at a time)."""
+    """Up to `capacity` subjects of one pack shape, training together on `base` (full fine-tunes and data-parallel
+    subjects: one at a time)."""
 
     def __init__(self, base: BaseModel, settings: Settings, capacity: int):
+        # This process's rank among the `world_size` processes training one subject data-parallel (1: alone), read
+        # from the process group it joined beforehand (engine/data_parallel.join).
+        self.rank, self.world_size = data_parallel.rank_and_world() if settings.data_parallel > 1 else (0, 1)
+        if self.world_size != settings.data_parallel:
+            raise ValueError(f"data_parallel={settings.data_parallel}, but this process is in a process group of "
+                             f"{self.world_size}; join one of {settings.data_parallel} first (engine/data_parallel)")
         base.reset()
         self.base = base
         self.shape = pack_shape(settings)
-        self.capacity = capacity if settings.mode == "lora" else 1
+        self.capacity = capacity if settings.mode == "lora" and self.world_size == 1 else 1
         self.members: dict[int, SubjectTraining] = {}
         self.train_text_encoder = settings.train_text_encoder
         self.gradient_checkpointing = settings.gradient_checkpointing
         self.autocast = settings.autocast(base.device.type)
         self.pack = attach_lora_pack(base, settings, self.capacity) if settings.mode == "lora" else None
-        # This process's rank among the `world_size` processes training one subject data-parallel (1: alone).
-        self.rank, self.world_size = 0, 1
         self.unet: torch.nn.Module = base.unet  # what the step calls: the UNet, or its DistributedDataParallel wrapper
+        self.averaged_by_hand: list[torch.nn.Parameter] = []  # data-parallel: trained weights outside the DDP wrapper
         self._prepare_modules()
 
     def _prepare_modules(self) -> None:
-        trained = [self.base.unet] + ([self.base.text_encoder] if self.train_text_encoder else [])
-        for module in trained:
+        names = self.base.text_encoder_names if self.train_text_encoder else ()
+        text_encoders = [getattr(self.base, name) for name in names]
+        for module in [self.base.unet, *text_encoders]:
             module.train()
         if self.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
-            if self.train_text_encoder:
-                self.base.text_encoder.activation_checkpointing_enable()
+            for module in text_encoders:
+                module.activation_checkpointing_enable()
 
     @property
     def free_slots(self) -> int:
@@ -207,6 +224,7 @@ class PackTrainer:
     def close(self) -> None:
         """Take every adapter off and restore the base model; the trainer is not used again."""
         self.members.clear()
+        self.unet, self.averaged_by_hand = self.base.unet, []  # the DDP wrapper and its gradient hooks go
         self.base.reset()
 
     # -- joining and leaving -----------------------------------------------------------------------------------
@@ -220,7 +238,28 @@ class PackTrainer:
         on_step: Callable[[StepRecord], None] | None = None,
     ) -> SubjectTraining:
         """Give the subject a free slot, fresh or resumed from its newest checkpoint. A subject whose own input is bad
-        (an image, a checkpoint of other settings) raises here and leaves the pack as it was."""
+        (an image, a checkpoint of other settings) raises here and leaves the pack as it was. A data-parallel subject
+        is admitted by every rank of the group at once (each reads the checkpoint), or by none."""
+        try:
+            member = self._take_slot(subject, settings, subject_dir, class_image_uris, on_step)
+        except BaseException:
+            if self.world_size > 1:
+                with contextlib.suppress(data_parallel.PeerFailedError):
+                    data_parallel.spread([0, -1])  # this rank's "no" to _start_data_parallel's question on the others
+            raise
+        if self.world_size > 1:
+            self._start_data_parallel(member)
+        self.members[member.slot] = member
+        return member
+
+    def _take_slot(
+        self,
+        subject: Subject,
+        settings: Settings,
+        subject_dir: str,
+        class_image_uris: list[str] | None,
+        on_step: Callable[[StepRecord], None] | None,
+    ) -> SubjectTraining:
         from diffusers.optimization import get_scheduler
 
         if not self.fits(settings):
@@ -269,19 +308,38 @@ class PackTrainer:
         except BaseException:
             self._release(slot)
             raise
-        self.members[slot] = member
         return member
+
+    def _start_data_parallel(self, member: SubjectTraining) -> None:
+        """Once every rank has admitted the subject at the same step, wrap the UNet for DDP (which starts every rank
+        from rank 0's weights); if any rank could not, none keeps it."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        try:
+            low, high = data_parallel.spread([1, member.step])
+            if low[0] == 0:
+                raise data_parallel.PeerFailedError("another rank of the group could not admit the subject")
+            if low[1] != high[1]:
+                raise data_parallel.PeerFailedError(
+                    f"the ranks found different newest checkpoints (steps {low[1]:.0f} to {high[1]:.0f})"
+                )
+            # The slot's parameters require grad by now (LoRA slot, or every weight of a full fine-tune): DDP
+            # reduces exactly those. Gradients as views of DDP's buckets: no second copy of a full fine-tune's.
+            self.unet = DistributedDataParallel(self.base.unet, gradient_as_bucket_view=True)
+        except BaseException:
+            self._release(member.slot)
+            raise
+        in_unet = {id(p) for p in self.base.unet.parameters()}
+        self.averaged_by_hand = [p for p in member.params.values() if id(p) not in in_unet]
 
     def _attach_slot(self, slot: int, settings: Settings, seed: int) -> dict[str, torch.nn.Parameter]:
         if self.pack is not None:
             # Its own init RNG: a subject's LoRA starts the same whichever slot and pack it lands in.
             self.pack.init_slot(slot, settings.effective_lora_alpha, torch.Generator().manual_seed(seed))
             return self.pack.parameters(slot)
-        components = [("unet", self.base.unet)] + (
-            [("text_encoder", self.base.text_encoder)] if settings.train_text_encoder else []
-        )
         trainable = {}
-        for prefix, module in components:
+        for prefix in trained_components(self.base, settings):
+            module = getattr(self.base, prefix)
             self.base.snapshot(prefix)
             module.float()  # fully fine-tuned weights train in fp32, whatever the frozen storage dtype
             module.requires_grad_(True)
@@ -290,6 +348,8 @@ class PackTrainer:
 
     def _release(self, slot: int) -> None:
         self.members.pop(slot, None)
+        if self.world_size > 1:  # a data-parallel subject trains alone: the DDP wrapper and its gradient hooks go
+            self.unet, self.averaged_by_hand = self.base.unet, []
         if self.pack is not None:
             self.pack.clear_slot(slot)
         else:  # a full fine-tune: back to the base weights for whoever comes next
@@ -298,8 +358,9 @@ class PackTrainer:
 
     def _finish(self, member: SubjectTraining) -> Ended:
         weights_uri = storage.join(member.subject_dir, "weights")
-        export_weights(self.base, member.settings, weights_uri, slot=member.slot)
-        write_train_log(member.subject_dir, member.log)
+        if self.rank == 0:  # data-parallel: every rank holds the same weights and log; rank 0 writes them
+            export_weights(self.base, member.settings, weights_uri, slot=member.slot)
+            write_train_log(member.subject_dir, member.log)
         result = TrainResult(steps=member.settings.max_train_steps, log=member.log, resumed_from=member.resumed_from,
                              weights_uri=weights_uri)  # fmt: skip
         return Ended(member.subject, result=result)
@@ -312,7 +373,8 @@ class PackTrainer:
         if not members:
             return []
         try:  # the routes stay set through the backward pass: gradient checkpointing reruns the forward there
-            ended = self._forward_backward(members)
+            with self._gradient_sync(members):
+                ended = self._forward_backward(members)
         finally:
             if self.pack is not None:
                 self.pack.clear_routes()
@@ -328,9 +390,17 @@ class PackTrainer:
             if finished is not None:
                 ended.append(finished)
         for m, record in stepped:  # after the whole pack has stepped: a callback that raises stops the pack whole
-            if m.on_step is not None:
+            if m.on_step is not None and self.rank == 0:
                 m.on_step(record)
         return ended
+
+    def _gradient_sync(self, members: list[SubjectTraining]) -> contextlib.AbstractContextManager:
+        """Data-parallel: DDP averages the gradients in the backward of a step's last micro-batch; the micro-batches
+        before it only accumulate them on each rank (DDP's `no_sync`, which must hold the forward too)."""
+        m = members[0]
+        if self.world_size > 1 and m.micro + 1 < m.settings.gradient_accumulation_steps:
+            return self.unet.no_sync()
+        return contextlib.nullcontext()
 
     def _forward_backward(self, members: list[SubjectTraining]) -> list[Ended]:
         """The pack's micro-batch forward and backward; returns the subjects whose loss was not finite."""
@@ -338,11 +408,13 @@ class PackTrainer:
         latents = torch.cat([s[0] for s in samples])
         noise = torch.cat([s[1] for s in samples])
         timesteps = torch.cat([s[2] for s in samples])
-        embeddings = torch.cat(self._embeddings(members))
+        embeddings, added_conditions = self._conditioning(members)
         noisy = self.base.noise_scheduler.add_noise(latents, noise, timesteps)
         self._route("unet", [m.slot for m, s in zip(members, samples) for _ in range(s[0].shape[0])])
         with self.autocast:
-            prediction = self.unet(noisy, timesteps, embeddings, return_dict=False)[0]
+            prediction = self.unet(
+                noisy, timesteps, embeddings, added_cond_kwargs=added_conditions, return_dict=False
+            )[0]
         target = _target(self.base, latents, noise, timesteps)
 
         losses, offset = [], 0
@@ -350,7 +422,10 @@ class PackTrainer:
             n = sample_latents.shape[0]
             losses.append(self._loss(m, prediction[offset : offset + n].float(), target[offset : offset + n].float()))
             offset += n
-        values = torch.stack([torch.stack(parts) for parts in losses]).detach().cpu().tolist()  # one sync for all
+        values = torch.stack([torch.stack(parts) for parts in losses]).detach()
+        if self.world_size > 1:  # the global means: every rank logs, and finds non-finite, the same values
+            values = data_parallel.mean(values)
+        values = values.cpu().tolist()  # one sync for all
         ended: list[Ended] = []
         kept = []
         for m, parts, (loss, _, _) in zip(members, values, losses):
@@ -370,8 +445,12 @@ class PackTrainer:
         return ended
 
     def _sample(self, m: SubjectTraining) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The subject's micro-batch: instance (then class) latents, noise and timesteps, all from its own RNG."""
-        bs, g, examples = m.settings.train_batch_size, m.generator, m.examples
+        """The subject's micro-batch: instance (then class) latents, noise and timesteps, all from its own RNG.
+
+        Data-parallel, every rank draws the whole global micro-batch (train_batch_size x world_size), exactly as one
+        process with that batch would, and keeps its own rows of the instance and of the class half: N ranks with
+        batch B train as one process with batch N x B, and every rank's RNG stays where a checkpoint expects it."""
+        bs, g, examples = m.settings.train_batch_size * self.world_size, m.generator, m.examples
         latents = examples.instance.sample(torch.randint(len(examples.instance), (bs,), generator=g), g)
         if examples.class_ is not None:
             class_latents = examples.class_.sample(torch.randint(len(examples.class_), (bs,), generator=g), g)
@@ -380,25 +459,37 @@ class PackTrainer:
         timesteps = torch.randint(
             0, self.base.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g
         ).to(self.base.device)
-        return latents, noise, timesteps
+        return tuple(self._own_rows(t, halves=latents.shape[0] // bs) for t in (latents, noise, timesteps))
 
-    def _embeddings(self, members: list[SubjectTraining]) -> list[torch.Tensor]:
-        """Each subject's prompt embeddings, one row per sample: cached, or (text encoder training) one routed pass."""
+    def _own_rows(self, batch: torch.Tensor, halves: int) -> torch.Tensor:
+        """This rank's rows of a global batch made of `halves` equal parts (instance, then class)."""
+        if self.world_size == 1:
+            return batch
+        local = batch.shape[0] // (halves * self.world_size)
+        rows = slice(self.rank * local, (self.rank + 1) * local)
+        return torch.cat([part[rows] for part in batch.chunk(halves)])
+
+    def _conditioning(self, members: list[SubjectTraining]) -> tuple[torch.Tensor, dict | None]:
+        """Each subject's prompt embeddings, one row per sample: cached, or (text encoders training) one routed pass.
+
+        Returns the UNet's encoder hidden states and its `added_cond_kwargs`: SDXL's pooled embeddings and time ids
+        (None for SD 1.x/2.x, whose UNet takes none)."""
         prompts = [p for m in members for p in [(m, "instance")] + ([(m, "class")] if m.examples.class_ is not None else [])]
         if not self.train_text_encoder:
             rows = [m.examples.cached_embeddings[which] for m, which in prompts]
         else:
-            ids = torch.cat([m.examples.instance_ids if w == "instance" else m.examples.class_ids for m, w in prompts])
-            self._route("text_encoder", [m.slot for m, _ in prompts])
+            ids = [m.examples.instance_ids if w == "instance" else m.examples.class_ids for m, w in prompts]
+            for name in self.base.text_encoder_names:  # each prompt through its subject's slot in every encoder
+                self._route(name, [m.slot for m, _ in prompts])
             with self.autocast:
-                encoded = self.base.text_encoder(ids)[0]
-            rows = list(encoded.split(1))
+                rows = encode_prompts(self.base, tuple(torch.cat(per_encoder) for per_encoder in zip(*ids))).split()
         out, i = [], 0
         for m in members:
             parts = 2 if m.examples.class_ is not None else 1
-            out.append(torch.cat([row.expand(m.settings.train_batch_size, -1, -1) for row in rows[i : i + parts]]))
+            out.append(PromptEmbeddings.cat([row.expand(m.settings.train_batch_size) for row in rows[i : i + parts]]))
             i += parts
-        return out
+        added = unet_added_conditions(out, [m.settings.resolution for m in members])
+        return torch.cat([e.hidden for e in out]), added
 
     def _route(self, component: str, slots: list[int]) -> None:
         if self.pack is not None:
@@ -417,6 +508,8 @@ class PackTrainer:
         return [instance_loss + m.settings.prior_loss_weight * prior_loss, instance_loss.detach(), prior_loss.detach()]
 
     def _optimizer_step(self, m: SubjectTraining) -> tuple[StepRecord, Ended | None]:
+        if self.averaged_by_hand:  # data-parallel: DDP averaged the UNet's gradients in the backward, not these
+            data_parallel.average_gradients(self.averaged_by_hand)
         m.scaler.unscale_(m.optimizer)
         torch.nn.utils.clip_grad_norm_(list(m.params.values()), m.settings.max_grad_norm)
         m.scaler.step(m.optimizer)
@@ -429,7 +522,7 @@ class PackTrainer:
         m.log.append(record.__dict__)
         m.micro, m.totals, m.step_began = 0, [0.0, 0.0, 0.0], now
         last = m.step == m.settings.max_train_steps
-        if m.step % m.settings.checkpointing_steps == 0 or last:
+        if self.rank == 0 and (m.step % m.settings.checkpointing_steps == 0 or last):  # ranks hold equal states
             m.checkpoint()
         ended = None
         if last:
@@ -477,7 +570,10 @@ def train_subject(
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> TrainResult:
     """Train one subject on `base` (a pack of one), checkpointing under `subject_dir`, resuming from its newest
-    checkpoint. Raises the subject's error if it fails."""
+    checkpoint. Raises the subject's error if it fails.
+
+    With `data_parallel` N > 1, call it in each of N processes that joined one group (engine/data_parallel.join), all
+    with the same arguments: each returns the same result; rank 0 alone writes, and alone calls `on_step`."""
     trainer = PackTrainer(base, settings, capacity=1)
     try:
         trainer.admit(subject, settings, subject_dir, class_image_uris, on_step)
@@ -491,16 +587,6 @@ def train_subject(
 
 
 def write_train_log(subject_dir: str, log: list[dict[str, Any]]) -> None:
-    """The per-step log as JSON lines (and TensorBoard events when tensorboard is installed), rewritten whole."""
+    """The per-step log as JSON lines, rewritten whole (the report reads it; TensorBoard events are a tracker's,
+    see engine/tracking.py)."""
     storage.write_bytes(storage.join(subject_dir, "train_log.jsonl"), "".join(json.dumps(r) + "\n" for r in log).encode())
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        with SummaryWriter(tmp) as writer:
-            for r in log:
-                for key in ("loss", "instance_loss", "prior_loss", "lr", "seconds"):
-                    writer.add_scalar(f"train/{key}", r[key], r["step"])
-        storage.remove(storage.join(subject_dir, "tensorboard"))
-        storage.upload_dir(Path(tmp), storage.join(subject_dir, "tensorboard"))

@@ -1,8 +1,10 @@
 """A subject's own weights on the shared base model: LoRA configuration, export, and loading back for generation.
 
 Export uses the layouts stock diffusers loads:
-LoRA: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(dir)`.
-Full: `unet/` (and `text_encoder/`) save_pretrained folders for `UNet2DConditionModel.from_pretrained(dir, subfolder="unet")`.
+LoRA: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(dir)` (StableDiffusionPipeline, or
+StableDiffusionXLPipeline for an SDXL base: unet, text_encoder and text_encoder_2 layers).
+Full: `unet/` (and `text_encoder/`, SDXL's `text_encoder_2/`) save_pretrained folders for
+`UNet2DConditionModel.from_pretrained(dir, subfolder="unet")`.
 LoRA weights live in the slots of a `LoraPack` (engine/packed_lora.py), so one resident model carries several
 subjects at once; `BaseModel.reset()` takes them off again.
 """
@@ -26,26 +28,29 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 def lora_config(settings: Settings, component: str):
     from peft import LoraConfig
 
-    targets = settings.lora_target_modules if component == "unet" else settings.text_encoder_lora_target_modules
     return LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.effective_lora_alpha,
         lora_dropout=0.0,  # dropout would make a packed sample's update depend on more than its own subject's RNG
         init_lora_weights="gaussian",
-        target_modules=list(targets),
+        target_modules=list(_lora_targets(settings, component)),
     )
 
 
-def lora_components(settings: Settings) -> list[str]:
-    return ["unet", "text_encoder"] if settings.train_text_encoder else ["unet"]
+def trained_components(base: BaseModel, settings: Settings) -> list[str]:
+    """The components a subject's own weights live in: the UNet, and every text encoder when they train."""
+    return ["unet", *(base.text_encoder_names if settings.train_text_encoder else ())]
+
+
+def _lora_targets(settings: Settings, component: str) -> list[str]:
+    return settings.lora_target_modules if component == "unet" else settings.text_encoder_lora_target_modules
 
 
 def attach_lora_pack(base: BaseModel, settings: Settings, capacity: int) -> LoraPack:
     """`capacity` empty LoRA slots of the settings' layout on the (reset) base model."""
     if base.lora is not None:
         raise RuntimeError("a LoRA pack is already attached; reset the base model first")
-    targets = {"unet": settings.lora_target_modules, "text_encoder": settings.text_encoder_lora_target_modules}
-    components = {c: (getattr(base, c), targets[c]) for c in lora_components(settings)}
+    components = {c: (getattr(base, c), _lora_targets(settings, c)) for c in trained_components(base, settings)}
     try:
         base.lora = LoraPack.attach(components, settings.lora_rank, capacity)
     except LoraLayoutError as err:
@@ -54,19 +59,19 @@ def attach_lora_pack(base: BaseModel, settings: Settings, capacity: int) -> Lora
     return base.lora
 
 
-def read_lora_weights(settings: Settings, weights_uri: str) -> dict[str, dict[str, torch.Tensor]]:
+def read_lora_weights(base: BaseModel, settings: Settings, weights_uri: str) -> dict[str, dict[str, torch.Tensor]]:
     """A subject's exported LoRA file, per component, in peft's single-adapter layout; safetensors only."""
     from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
-    to_peft = {"unet": convert_unet_state_dict_to_peft, "text_encoder": convert_state_dict_to_peft}
     exported = load_safetensors(storage.read_bytes(storage.join(weights_uri, LORA_FILE)))
     state = {}
-    for component in lora_components(settings):
-        prefix = f"{component}."
+    for component in trained_components(base, settings):
+        prefix = f"{component}."  # "text_encoder." is no prefix of "text_encoder_2."'s keys
         own = {k[len(prefix):]: v for k, v in exported.items() if k.startswith(prefix)}
         if not own:
             raise ValueError(f"{weights_uri}: no {component} LoRA weights, but the settings say it was trained")
-        state[component] = to_peft[component](own)
+        to_peft = convert_unet_state_dict_to_peft if component == "unet" else convert_state_dict_to_peft
+        state[component] = to_peft(own)
     return state
 
 
@@ -75,7 +80,7 @@ def load_subject_weights(base: BaseModel, settings: Settings, weights_uri: str, 
     LoRA weights into `slot` of the attached pack (a pack of one is attached if there is none)."""
     if settings.mode == "full":
         base.reset()
-        for component in ["unet", *(["text_encoder"] if settings.train_text_encoder else [])]:
+        for component in trained_components(base, settings):
             folder = storage.join(weights_uri, component)
             files = [n for n in storage.listdir(folder) if n.endswith(".safetensors")]
             if len(files) != 1:
@@ -85,35 +90,30 @@ def load_subject_weights(base: BaseModel, settings: Settings, weights_uri: str, 
         return
     pack = base.lora if base.lora is not None else attach_lora_pack(base, settings, capacity=1)
     try:
-        pack.load_slot(slot, settings.effective_lora_alpha, read_lora_weights(settings, weights_uri))
+        pack.load_slot(slot, settings.effective_lora_alpha, read_lora_weights(base, settings, weights_uri))
     except LoraLayoutError as err:
         raise ValueError(f"{weights_uri}: {err}") from None
 
 
 def export_weights(base: BaseModel, settings: Settings, dest: str, slot: int = 0) -> None:
-    """Write a subject's trained weights (LoRA: pack slot `slot`; full: the UNet itself) to `dest`, any fsspec URI."""
+    """Write a subject's trained weights (LoRA: pack slot `slot`; full: the trained modules themselves) to `dest`,
+    any fsspec URI."""
     with tempfile.TemporaryDirectory(prefix="dreamfleet-weights-") as tmp:
         if settings.mode == "lora":
-            _save_lora(base.lora.exported(slot), settings, Path(tmp))
+            _save_lora(base, base.lora.exported(slot), settings, Path(tmp))
         else:
-            base.unet.save_pretrained(Path(tmp) / "unet", safe_serialization=True)
-            if settings.train_text_encoder:
-                base.text_encoder.save_pretrained(Path(tmp) / "text_encoder", safe_serialization=True)
+            for component in trained_components(base, settings):
+                getattr(base, component).save_pretrained(Path(tmp) / component, safe_serialization=True)
         storage.upload_dir(Path(tmp), dest)
 
 
-def _save_lora(state: dict[str, dict[str, torch.Tensor]], settings: Settings, folder: Path) -> None:
-    from diffusers import StableDiffusionPipeline
+def _save_lora(base: BaseModel, state: dict[str, dict[str, torch.Tensor]], settings: Settings, folder: Path) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    layers = {c: convert_state_dict_to_diffusers(state[c]) for c in lora_components(settings)}
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=layers["unet"],
-        text_encoder_lora_layers=layers.get("text_encoder"),
-        safe_serialization=True,
-        # rank and alpha travel with the weights, so stock diffusers scales the LoRA as it was trained
-        unet_lora_adapter_metadata=lora_config(settings, "unet").to_dict(),
-        text_encoder_lora_adapter_metadata=lora_config(settings, "text_encoder").to_dict()
-        if settings.train_text_encoder else None,
-    )
+    # The stock pipeline's own writer, so its loader reads the file: `<component>_lora_layers` for each component,
+    # and the rank and alpha in `<component>_lora_adapter_metadata`, so stock diffusers scales it as it was trained.
+    kwargs = {}
+    for component in trained_components(base, settings):
+        kwargs[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(state[component])
+        kwargs[f"{component}_lora_adapter_metadata"] = lora_config(settings, component).to_dict()
+    base.pipeline_class.save_lora_weights(folder, safe_serialization=True, **kwargs)
