@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from engine import storage
 from engine.models import fingerprint, resolve_base_model
 from engine.settings import Settings
+from engine.tracking import TrackingGroup, finish_group, start_group
 from ray_jobs import exit_status
 from ray_jobs.generations import assemble_generations
 from ray_jobs.manifest import SubjectsManifest, read_subjects_manifest
@@ -108,6 +109,7 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
         num_workers, gpus_per_job = worker_slots(
             request.gpus_per_job, request.cpus_per_job, request.workers, local=request.address is None
         )
+        tracking = start_tracking(run.uri, request.settings.trackers)
         options = FleetOptions(
             base_model=request.base_model,
             num_workers=num_workers,
@@ -115,11 +117,16 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
             cpus_per_job=request.cpus_per_job,
             pack_subjects=request.settings.pack_subjects,
             mixed_precision=request.settings.mixed_precision,
+            tracking=tracking,
         )
         on_event = request.metrics.on_fleet_event if request.metrics is not None else None
-        FleetScheduler(
-            run, plan, options, request.settings.max_attempts, on_event=on_event, show_progress=request.show_progress
-        ).run()
+        try:
+            FleetScheduler(
+                run, plan, options, request.settings.max_attempts, on_event=on_event, show_progress=request.show_progress
+            ).run()
+        finally:
+            if tracking is not None and (error := finish_group(tracking)):
+                print(f"warning: experiment tracking: {error}", file=sys.stderr)
     statuses = {**plan.statuses, **run.read_statuses()}  # planned subjects may have no status file yet
     if "generate" in stages:
         assemble_generations(run, manifest.passthrough)
@@ -135,6 +142,17 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
     run.check_and_clean()
     succeeded = complete and not manifest.errors and moderated == exit_status.OK
     return (exit_status.OK if succeeded else exit_status.SOME_FAILED), run
+
+
+def start_tracking(run_uri: str, trackers: list[str]) -> TrackingGroup | None:
+    """The RUN's group in each of `trackers`, before any worker starts; a tool that cannot start is off for the
+    RUN (said here, and in every subject's history), and the run goes on."""
+    if not trackers:
+        return None
+    group = start_group(run_uri, trackers)
+    for tool, error in group.failed.items():
+        print(f"warning: experiment tracking: {tool} is off for this run: {error}", file=sys.stderr)
+    return group
 
 
 def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:

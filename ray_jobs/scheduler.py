@@ -13,24 +13,29 @@
   micro-batch. A dead worker is replaced and each of its subjects re-queued, resuming from its own newest
   checkpoint. A death after the subject made progress (a new checkpoint, new images) does not use up one of its
   attempts.
+- A data-parallel subject (`data_parallel` N > 1) trains on N workers with empty packs at once, one rank each: idle
+  workers are held back for it until N are free, rather than starving it. Its ranks' outcomes make one attempt:
+  any dead rank makes it a worker death (the dead replaced, the others back to idle); else rank 0's outcome counts.
 - Every state change is written to RUN at once: the driver can be killed at any point and rerun.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from engine import storage
 from engine.checkpoints import complete_steps
 from engine.generation import render_shape
 from engine.settings import Settings
+from engine.tracking import TrackingGroup
 from engine.train import pack_shape
 from ray_jobs.plan import ClassSetJob, FleetPlan, SubjectJob
 from ray_jobs.progress import FleetProgress
@@ -41,11 +46,26 @@ RUNNING_STATE = {"train": "training", "generate": "generating"}
 FINISHED_STATE = {"train": "trained", "generate": "done"}
 BEFORE_STATE = {"train": "pending", "generate": "trained"}
 HISTORY_FIELDS = ("ok", "error", "resumed_from", "steps_run", "images", "images_generated", "seconds", "final_loss",
-                  "pack", "pack_mates")  # fmt: skip
+                  "pack", "pack_mates", "tracker_errors", "workers")  # fmt: skip
+RENDEZVOUS_SECONDS = 60.0  # an idle worker answers at once; one that does not is treated as dead
+# After a rank of a data-parallel attempt died, how long the others get to find out and leave the group: gloo tells
+# them at once, but nccl (or a vanished node) only when a collective times out, so then they are ended and replaced.
+GROUP_GRACE_SECONDS = 60.0
 
 
 class FleetError(RuntimeError):
     """The fleet cannot make progress at all (e.g. no worker can even start)."""
+
+
+@dataclass
+class GroupAttempt:
+    """One attempt of a data-parallel subject: the worker of each rank, and each rank's outcome as it returns
+    (None: that worker died)."""
+
+    job: SubjectJob
+    ranks: list
+    outcomes: dict[int, dict[str, Any] | None]
+    rank_lost_at: float | None = None  # time.monotonic() when the first rank's worker died
 
 
 @dataclass
@@ -58,6 +78,7 @@ class FleetOptions:
     pack_subjects: int = 1
     mixed_precision: str | None = None  # the run's setting: frozen weights are stored in it on a GPU
     worker_class: type = SubjectWorker  # a stand-in with the same methods serves the scheduling benchmark
+    tracking: TrackingGroup | None = None  # the RUN's experiment trackers, started by the driver (engine/tracking.py)
 
 
 def worker_slots(gpus_per_job: float, cpus_per_job: float, requested: int | None, local: bool) -> tuple[int, float]:
@@ -90,6 +111,28 @@ def oom_adjusted(settings: Settings) -> Settings:
             }
         )
     return settings
+
+
+def group_outcome(outcomes: dict[int, dict[str, Any] | None], workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one outcome of a data-parallel attempt from its ranks' (rank -> outcome in the order they returned; None:
+    that rank's worker died).
+
+    A dead rank makes it a worker death (named by the first to die). Otherwise rank 0's outcome counts, unless it
+    failed because another rank did (a lost peer): then that rank's own failure, an out-of-memory first (so the retry
+    needs less memory).
+    """
+    peak = max((o or {}).get("peak_gpu_memory_bytes", 0) for o in outcomes.values())
+    extra = {"workers": workers, "peak_gpu_memory_bytes": peak}
+    dead = [rank for rank, o in outcomes.items() if o is None]
+    if dead:
+        error = f"worker process died: rank {dead[0]} of {len(outcomes)}"
+        return {"ok": False, "error": error, "retryable": True, "worker_died": True, **extra}
+    failed = [outcomes[rank] for rank in sorted(outcomes) if not outcomes[rank]["ok"]]
+    if outcomes[0]["ok"]:
+        return {**outcomes[0], **extra}
+    own = [o for o in failed if not o.get("peer_failed")]
+    cause = next((o for o in own if o.get("oom")), None) or (own or failed)[0]
+    return {**cause, **extra}
 
 
 def _trains_like(job: SubjectJob) -> Callable[[SubjectJob], bool]:
@@ -131,10 +174,17 @@ class FleetScheduler:
     # -- workers -------------------------------------------------------------------------------------------------
 
     def _start_worker(self):
+        tracking = self.options.tracking
+        # The trackers' configuration (MLFLOW_*, WANDB_*) as the driver has it: a worker's own environment is its
+        # node's, or that of a local cluster started before the driver's was set.
+        runtime_env = {"env_vars": tracking.env} if tracking is not None and tracking.env else None
         cls = ray.remote(self.options.worker_class).options(
-            num_gpus=self.options.gpus_per_job, num_cpus=self.options.cpus_per_job, max_restarts=0
-        )
-        actor = cls.remote(self.options.base_model, self.options.cache_dir, mixed_precision=self.options.mixed_precision)
+            num_gpus=self.options.gpus_per_job, num_cpus=self.options.cpus_per_job, max_restarts=0,
+            runtime_env=runtime_env,
+        )  # fmt: skip
+        extra = {"tracking": tracking} if tracking is not None else {}
+        actor = cls.remote(self.options.base_model, self.options.cache_dir, mixed_precision=self.options.mixed_precision,
+                           **extra)  # fmt: skip
         # A worker joins the idle pool only when its identity call returns, i.e. once its model is loaded: the
         # driver never blocks on a starting worker, so the others keep working while it loads.
         self.starting[actor.identity.remote()] = actor
@@ -166,14 +216,22 @@ class FleetScheduler:
         from engine.class_images import ClassImageCache
 
         cache = ClassImageCache(self.run_dir.class_images)
-        for job in self.plan.class_sets:
+        subjects = []
+        for job in self.plan.subjects:
+            reason = self._unrunnable(job)
+            if reason is None:
+                subjects.append(job)
+            else:
+                self._fail(job, reason)
+        needed = {job.class_set for job in subjects}
+        for job in [c for c in self.plan.class_sets if c.key in needed]:
             uris = cache.lookup(job.key)
             if uris is not None:
                 self.ready_sets[job.key] = uris
                 self.on_event("class_set_cached", {"images": len(uris)})
             else:
                 self.queue.append(job)
-        for job in self.plan.subjects:
+        for job in subjects:
             if job.class_set is not None and job.class_set not in self.ready_sets:
                 self.waiting.setdefault(job.class_set, []).append(job)
             else:
@@ -181,6 +239,17 @@ class FleetScheduler:
             # A subject that failed before, or was interrupted mid-stage, is back before that stage; history stays.
             job.status.state = BEFORE_STATE[job.stage]
             self.run_dir.write_status(job.status)
+
+    def _unrunnable(self, job: SubjectJob) -> str | None:
+        """Why this fleet can never train the subject (its data_parallel), or None."""
+        n, workers, gpus = job.settings.data_parallel, self.options.num_workers, self.options.gpus_per_job
+        if job.stage != "train" or n == 1:
+            return None
+        if n > workers:
+            return f"data_parallel={n} needs {n} workers; this fleet has {workers}"
+        if 0 < gpus < 1:  # two ranks on one GPU: NCCL refuses them, and they would only share its memory
+            return f"data_parallel={n} needs a whole GPU per worker (--gpus-per-job 1 or more), not {gpus}"
+        return None
 
     def _take(self, wanted: Callable[[SubjectJob], bool], limit: int) -> list[SubjectJob]:
         """Up to `limit` queued subject jobs that `wanted` accepts, in queue order, taken off the queue."""
@@ -192,6 +261,8 @@ class FleetScheduler:
     def _dispatch(self) -> None:
         """Give every idle worker its next call: refill its pack, or start one, or a class set, or a generation."""
         for actor in list(self.idle):
+            if actor not in self.idle:  # taken as a rank of a data-parallel subject in this pass
+                continue
             pack = self.packs[actor]
             if pack:  # its pack goes on, with compatible ready subjects in its free slots
                 fits = _trains_like(next(iter(pack.values())))
@@ -200,6 +271,9 @@ class FleetScheduler:
                 continue
             elif isinstance(self.queue[0], ClassSetJob):
                 self._submit_class_set(actor, self.queue.popleft())
+            elif self.queue[0].stage == "train" and self.queue[0].settings.data_parallel > 1:
+                self._submit_group(self.queue[0])  # until enough are free, every empty idle worker waits for it
+                continue
             elif self.queue[0].stage == "train":
                 fits, lora = _trains_like(self.queue[0]), self.queue[0].settings.mode == "lora"
                 ready = sum(isinstance(j, SubjectJob) and fits(j) for j in self.queue)
@@ -217,11 +291,13 @@ class FleetScheduler:
         ref = actor.make_class_set.remote(self.run_dir.class_images, job.class_prompt, job.settings)
         self.in_flight[ref] = (actor, "class_set", job)
 
-    def _begin_attempt(self, actor, job: SubjectJob) -> None:
+    def _begin_attempt(self, actor, job: SubjectJob, ranks: list | None = None) -> None:
         job.tries += 1
         job.status.state = RUNNING_STATE[job.stage]
         job.status.attempts += 1
         job.status.worker = self.identities[actor]
+        if ranks is not None:  # data-parallel: rank 0's worker, and every rank's
+            job.status.worker = {**job.status.worker, "ranks": [self.identities[a] for a in ranks]}
         self.run_dir.write_status(job.status)
         job.progress_at_submit = self._progress(job)
         if job.stage == "train":
@@ -234,6 +310,31 @@ class FleetScheduler:
         assignments = [(j.subject, j.settings, self.ready_sets.get(j.class_set)) for j in admit]
         ref = actor.train.remote(self.run_dir.uri, assignments, self.capacity[actor])
         self.in_flight[ref] = (actor, "train", admit)
+
+    def _submit_group(self, job: SubjectJob) -> None:
+        """Start a data-parallel subject on `data_parallel` idle workers with empty packs, if that many are idle:
+        rank 0 names the rendezvous, then every rank joins it and trains."""
+        free = [a for a in self.idle if not self.packs[a]]
+        if len(free) < job.settings.data_parallel:
+            return
+        ranks = free[: job.settings.data_parallel]
+        self.queue.remove(job)
+        for actor in ranks:
+            self.idle.remove(actor)
+        try:  # an idle worker answers in milliseconds; the driver waits for it so each rank's own death stays its own
+            rendezvous = ray.get(ranks[0].rendezvous.remote(), timeout=RENDEZVOUS_SECONDS)
+        except (RayActorError, GetTimeoutError):
+            self._replace(ranks[0])
+            self.idle.extend(ranks[1:])
+            self.queue.appendleft(job)
+            return
+        self._begin_attempt(ranks[0], job, ranks)
+        attempt = GroupAttempt(job, ranks, {})
+        assignment = (job.subject, job.settings, self.ready_sets.get(job.class_set))
+        for rank, actor in enumerate(ranks):
+            self.packs[actor][job.subject.subject_id] = job  # every rank's worker is busy with it
+            ref = actor.train_data_parallel.remote(self.run_dir.uri, assignment, rank, rendezvous)
+            self.in_flight[ref] = (actor, "train_group", (attempt, rank))
 
     def _submit_generate(self, actor, jobs: list[SubjectJob]) -> None:
         for job in jobs:
@@ -252,6 +353,9 @@ class FleetScheduler:
 
     def _returned(self, ref: ray.ObjectRef) -> None:
         actor, kind, payload = self.in_flight.pop(ref)
+        if kind == "train_group":
+            self._rank_returned(ref, *payload)
+            return
         try:
             result = ray.get(ref)
         except RayActorError as err:
@@ -278,6 +382,33 @@ class FleetScheduler:
         else:
             for job, outcome in zip(payload, result):
                 self._subject_done(job, outcome)
+
+    def _rank_returned(self, ref: ray.ObjectRef, attempt: GroupAttempt, rank: int) -> None:
+        """One rank of a data-parallel attempt returned (or its worker died); the attempt ends with its last rank."""
+        try:
+            attempt.outcomes[rank] = ray.get(ref)
+        except RayActorError:
+            attempt.outcomes[rank] = None
+            attempt.rank_lost_at = attempt.rank_lost_at or time.monotonic()
+        if len(attempt.outcomes) < len(attempt.ranks):
+            return  # the others still train, or are finding out that a peer is gone (collectives fail, then leave)
+        workers = [self.identities[a] for a in attempt.ranks]
+        for rank, actor in enumerate(attempt.ranks):
+            self.packs[actor].pop(attempt.job.subject.subject_id, None)
+            if attempt.outcomes[rank] is None:
+                self._replace(actor)
+            else:  # it left the process group: idle, its model loaded, ready for anything
+                self.idle.append(actor)
+        if None not in attempt.outcomes.values():
+            self.worker_deaths = 0
+        self._subject_done(attempt.job, group_outcome(attempt.outcomes, workers))
+
+    def _end_stuck_ranks(self) -> None:
+        """Kill the ranks still in flight GROUP_GRACE_SECONDS after a peer of theirs died (they return as dead)."""
+        for actor, kind, payload in list(self.in_flight.values()):
+            lost_at = payload[0].rank_lost_at if kind == "train_group" else None
+            if lost_at is not None and time.monotonic() - lost_at > GROUP_GRACE_SECONDS:
+                ray.kill(actor, no_restart=True)
 
     def _class_set_done(self, job: ClassSetJob, outcome: dict[str, Any]) -> None:
         if outcome["ok"]:
@@ -332,19 +463,23 @@ class FleetScheduler:
     # -- the loop ------------------------------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        training = sum(len(pack) for pack in self.packs.values())
+        slots_used = sum(len(pack) for pack in self.packs.values())  # a data-parallel subject: one slot per rank
+        training = len({sid for pack in self.packs.values() for sid in pack})
         generating = sum(len(p) for _, kind, p in self.in_flight.values() if kind == "generate")
         self.progress.set_running(training + generating)
         waiting = len(self.queue) + sum(len(jobs) for jobs in self.waiting.values())
         self.on_event("tick", {"queued": waiting, "running": training + generating, "workers": len(self.identities),
-                               "pack_slots_used": training, "pack_slots_total": sum(self.capacity.values()),
+                               "pack_slots_used": slots_used, "pack_slots_total": sum(self.capacity.values()),
                                "counts": summarize(self.plan.statuses)})  # fmt: skip
 
     def run(self) -> dict[str, int]:
         """Run the plan to completion; returns counts of subjects by state."""
         self._enqueue_plan()
         work = len(self.queue) + sum(len(v) for v in self.waiting.values())
-        for _ in range(min(self.options.num_workers, work)):
+        jobs = [*self.queue, *(job for waiting in self.waiting.values() for job in waiting)]
+        widest = [j.settings.data_parallel for j in jobs if isinstance(j, SubjectJob) and j.stage == "train"]
+        ranks = max(widest, default=1)  # a data-parallel subject needs that many workers, even alone
+        for _ in range(min(self.options.num_workers, max(work, ranks))):
             self._start_worker()
         with self.progress:
             while self.queue or self.in_flight or any(self.packs.values()):
@@ -355,6 +490,7 @@ class FleetScheduler:
                         self._started(ref)
                     else:
                         self._returned(ref)
+                self._end_stuck_ranks()
                 self._tick()
         for actor in [*self.idle, *self.starting.values()]:
             ray.kill(actor, no_restart=True)

@@ -4,6 +4,10 @@ training a pack of them at once (engine/train.PackTrainer) and rendering several
 The pack lives in the worker between calls: each `train` call admits subjects into free slots and returns as soon
 as one ends, so the scheduler refills its slot at once. Methods return plain outcome dicts instead of raising, so
 the scheduler can tell a subject's own failure (bad image, NaN loss, OOM) from the death of the worker process.
+
+A data-parallel subject trains on several of these workers at once, one rank each (`train_data_parallel`): an actor
+group of the fleet's own workers rather than Ray Train, whose TorchTrainer would start N new actors per subject,
+each loading the base model again, for GPUs the fleet's workers already hold, and keep checkpoints of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 import torch
 
-from engine import storage
+from engine import data_parallel, storage
 from engine.checkpoints import CheckpointError
 from engine.class_images import ClassImageCache
 from engine.generation import RenderJob, render_pack
@@ -24,7 +28,8 @@ from engine.images import ImageError
 from engine.models import default_device, frozen_weights_dtype, load_base_model, resolve_base_model
 from engine.settings import Settings, SettingsError
 from engine.subject import Subject
-from engine.train import PackTrainer
+from engine.tracking import SubjectTracker, TrackingGroup
+from engine.train import PackTrainer, StepRecord
 from engine.weights import attach_lora_pack, load_subject_weights
 from ray_jobs.generations import write_subject_generations
 from ray_jobs.run_dir import subject_dir
@@ -48,6 +53,7 @@ def _failure(err: BaseException, **extra: Any) -> dict[str, Any]:
         "error": f"{type(err).__name__}: {err}",
         "retryable": not isinstance(err, PERMANENT_ERRORS),
         "oom": isinstance(err, torch.cuda.OutOfMemoryError),
+        "peer_failed": isinstance(err, data_parallel.PeerFailedError),  # another rank's failure, not this one's
         "traceback": "".join(traceback.format_exception(err, limit=8)),
         "peak_gpu_memory_bytes": _peak_gpu_memory(),
         **extra,
@@ -72,7 +78,7 @@ class Residency:
 
 class SubjectWorker:
     def __init__(self, base_model: str, cache_dir: str | None = None, cpu_threads: int = 1,
-                 mixed_precision: str | None = None):  # fmt: skip
+                 mixed_precision: str | None = None, tracking: TrackingGroup | None = None):  # fmt: skip
         device = default_device()
         if device.type == "cpu":
             # Several workers share the machine's cores; one thread each avoids oversubscribing them.
@@ -82,6 +88,8 @@ class SubjectWorker:
         self.trainer: PackTrainer | None = None
         self.packs = 0  # packs started by this worker, for the pack ids in subjects' histories
         self.residents: dict[str, Residency] = {}
+        self.tracking = tracking  # the RUN's experiment trackers (engine/tracking.py); None: none
+        self.trackers: dict[str, SubjectTracker] = {}  # of the residents this process tracks
 
     def identity(self) -> dict[str, Any]:
         """Where this worker runs: its process and the GPU ids Ray assigned it (shared ids mean shared GPUs)."""
@@ -157,15 +165,19 @@ class SubjectWorker:
         try:
             member = self.trainer.admit(
                 subject, settings, subject_dir(run, sid), class_uris,
-                on_step=lambda record: self._stepped(sid, record.seconds),
+                on_step=lambda record: self._stepped(sid, record),
             )  # fmt: skip
         except Exception as err:
             return [self._ended(sid, _failure(err))]
         residency.resumed_from = member.resumed_from
+        if self.tracking is not None and self.trainer.rank == 0:  # data-parallel: the primary process tracks
+            self.trackers[sid] = SubjectTracker(self.tracking, sid, settings, subject_dir(run, sid), member.step)
         return []
 
-    def _stepped(self, sid: str, seconds: float) -> None:
-        self.residents[sid].step_seconds.append(seconds)
+    def _stepped(self, sid: str, record: StepRecord) -> None:
+        self.residents[sid].step_seconds.append(record.seconds)
+        if sid in self.trackers:
+            self.trackers[sid].log_step(record)
 
     def _note_mates(self) -> None:
         """Everyone now in the pack is everyone else's pack mate."""
@@ -177,6 +189,9 @@ class SubjectWorker:
     def _ended(self, sid: str, outcome: dict[str, Any]) -> dict[str, Any]:
         residency = self.residents.pop(sid)
         residency.mates.discard(sid)
+        tracker = self.trackers.pop(sid, None)
+        if tracker is not None and (errors := tracker.close(ok=outcome["ok"])):
+            outcome = {**outcome, "tracker_errors": errors}
         return {
             "subject_id": sid,
             "resumed_from": residency.resumed_from,
@@ -187,6 +202,33 @@ class SubjectWorker:
             "pack_mates": sorted(residency.mates),
             **outcome,
         }
+
+    # -- one subject trained by several workers (data_parallel > 1) ---------------------------------------------
+
+    def rendezvous(self) -> dict[str, Any]:
+        """As rank 0 of a data-parallel group: where the group meets, this node's IP and a port free on it."""
+        import ray
+
+        return {"address": ray.util.get_node_ip_address(), "port": data_parallel.free_port()}
+
+    def train_data_parallel(
+        self, run: str, admit: tuple[Subject, Settings, list[str] | None], rank: int, rendezvous: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Rank `rank` of the settings' `data_parallel` workers training one subject with DDP: join the group at
+        `rendezvous`, train the subject to its end as a pack of one (rank 0 alone writes its checkpoints and weights),
+        leave the group. Returns this rank's outcome (the scheduler combines the ranks'); idle again afterwards."""
+        subject, settings, _ = admit
+        try:
+            self._idle_model()
+            address, port = rendezvous["address"], rendezvous["port"]
+            data_parallel.join(rank, settings.data_parallel, address, port, self.base.device)
+            ended = self.train(run, [admit], capacity=1)["ended"]
+        except Exception as err:  # could not join, or the pack could not even be made: this rank's own outcome
+            self._idle_model()
+            ended = [{**_failure(err), "subject_id": subject.subject_id}]
+        finally:
+            data_parallel.leave()
+        return {**ended[0], "rank": rank}
 
     # -- generation: several subjects per UNet batch ------------------------------------------------------------
 
@@ -213,8 +255,14 @@ class SubjectWorker:
                     continue
                 render.append(RenderJob(subject, settings, storage.join(folder, "images"), slot))
             rows = render_pack(self.base, render) if render else {}
+            tracker_errors: dict[str, list[str]] = {}
             for job in render:
-                write_subject_generations(subject_dir(run, job.subject.subject_id), rows[job.subject.subject_id])
+                sid, folder = job.subject.subject_id, subject_dir(run, job.subject.subject_id)
+                write_subject_generations(folder, rows[sid])
+                if self.tracking is not None:  # the images, with their prompts, to the subject's tracked runs
+                    tracker = SubjectTracker(self.tracking, sid, job.settings, folder)
+                    tracker.log_images(rows[sid])
+                    tracker_errors[sid] = tracker.close()
         except Exception as err:
             failure = _failure(err)
             return [outcomes.get(s.subject_id) or {**failure, "subject_id": s.subject_id} for s, _ in jobs]
@@ -226,4 +274,6 @@ class SubjectWorker:
             images = len(rows[sid])
             outcomes[sid] = {"ok": True, "images": images, "images_generated": images - before[sid],
                              "seconds": seconds, "peak_gpu_memory_bytes": peak}  # fmt: skip
+            if tracker_errors.get(sid):
+                outcomes[sid]["tracker_errors"] = tracker_errors[sid]
         return [{**outcomes[s.subject_id], "subject_id": s.subject_id} for s, _ in jobs]
