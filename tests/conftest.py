@@ -49,3 +49,17 @@ def subject_images(tmp_path: Path) -> list[str]:
     folder = tmp_path / "subject"
     folder.mkdir()
     return [str(draw_subject(folder / f"ball-{i}.png", shift=i)) for i in range(4)]
+
+
+class Interrupted(Exception):
+    """Raised from a step callback to stop training as a kill would, after that step's checkpoint (if any)."""
+
+
+def stop_at(step: int):
+    """A step callback that raises Interrupted once training reaches `step`."""
+
+    def on_step(record):
+        if record.step == step:
+            raise Interrupted
+
+    return on_step

@@ -19,7 +19,7 @@ from engine.class_images import ClassImageCache
 from engine.settings import Settings, load_settings
 from engine.subject import Subject
 from engine.train import train_subject
-from tests.conftest import draw_subject
+from tests.conftest import Interrupted, draw_subject, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 
@@ -37,18 +37,6 @@ LORA = {"max_train_steps": STEPS, "checkpointing_steps": INTERVAL, "train_text_e
         "gradient_accumulation_steps": 2}  # fmt: skip
 FULL = {"mode": "full", "max_train_steps": 4, "checkpointing_steps": 2}
 ALONE = {"max_train_steps": 2, "with_prior_preservation": False}
-
-
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_at(step: int):
-    def on_step(record):
-        if record.step == step:
-            raise _Interrupt
-
-    return on_step
 
 
 def _settings(overrides: dict, batch: int, ranks: int) -> Settings:
@@ -73,8 +61,8 @@ def _rank(rank: int, ports: list[int], tiny: str, subject: Subject, class_uris: 
         found[name] = result.losses
     # Rank 0 stops after its step 3 (and its checkpoint); rank 1 finds its peer gone at the next collective.
     try:
-        train_subject(base, subject, _settings(LORA, 1, 2), f"{out}/resumed", class_uris, _stop_at(STOP_AT))
-    except (_Interrupt, data_parallel.PeerFailedError) as err:
+        train_subject(base, subject, _settings(LORA, 1, 2), f"{out}/resumed", class_uris, stop_at(STOP_AT))
+    except (Interrupted, data_parallel.PeerFailedError) as err:
         found["interrupted_by"] = type(err).__name__
     data_parallel.leave()
     join(ports[1])  # a new group, as a retry on the fleet gets
@@ -133,7 +121,7 @@ def test_only_rank_0_writes_checkpoints_log_and_weights(two_ranks):
 
 def test_a_failed_rank_stops_the_other_and_both_resume_from_the_checkpoint(two_ranks):
     ranks = two_ranks[3]
-    assert [r["interrupted_by"] for r in ranks] == ["_Interrupt", "PeerFailedError"]
+    assert [r["interrupted_by"] for r in ranks] == ["Interrupted", "PeerFailedError"]
     for found in ranks:
         assert found["resumed"]["from"] == STOP_AT
         # bit for bit the uninterrupted run: same draws, same optimizer state, the same reductions in the same order

@@ -20,7 +20,7 @@ from engine.subject import Subject
 from engine.tiny_models import build_tiny_sdxl
 from engine.train import PackJob, train_pack, train_subject
 from engine.weights import load_subject_weights
-from tests.conftest import draw_subject
+from tests.conftest import Interrupted, draw_subject, stop_at
 from tests.engine.test_train import _assert_same_training
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
@@ -173,23 +173,11 @@ def test_a_packed_pair_trains_like_each_subject_alone(sdxl, tmp_path):
         _assert_same_training(alone, next(e.result for e in ended if e.subject == job.subject))
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_at(step: int):
-    def on_step(record):
-        if record.step == step:
-            raise _Interrupt
-
-    return on_step
-
-
 def test_killed_and_resumed_training_equals_uninterrupted(sdxl, subject_images, tmp_path):
     settings = _settings(train_text_encoder=True, with_prior_preservation=False)
     straight = train_subject(sdxl, _subject(subject_images), settings, str(tmp_path / "straight"))
-    with pytest.raises(_Interrupt):
-        train_subject(sdxl, _subject(subject_images), settings, str(tmp_path / "resumed"), on_step=_stop_at(4))
+    with pytest.raises(Interrupted):
+        train_subject(sdxl, _subject(subject_images), settings, str(tmp_path / "resumed"), on_step=stop_at(4))
     resumed = train_subject(sdxl, _subject(subject_images), settings, str(tmp_path / "resumed"))
     assert resumed.resumed_from == 3
     assert resumed.losses == straight.losses

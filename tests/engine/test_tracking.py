@@ -15,7 +15,7 @@ from engine.settings import load_settings
 from engine.subject import Subject
 from engine.tracking import SCALARS, SubjectTracker, TrackingGroup, start_group, wandb_run_id
 from engine.train import PackTrainer
-from tests.conftest import draw_subject
+from tests.conftest import Interrupted, draw_subject
 from tests.tracking_readers import (
     mlflow_children, mlflow_curves, tensorboard_events, tensorboard_hparams, wandb_sessions,
 )  # fmt: skip
@@ -23,10 +23,6 @@ from tests.tracking_readers import (
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 STEPS = 4
 PROMPTS = ("a photo of sks ball on the moon", "a photo of sks ball in a box")
-
-
-class _Interrupt(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +71,7 @@ def _train_tracked(base, jobs, group: TrackingGroup, stop: tuple[str, int] | Non
         def stepped(record):
             trackers[sid].log_step(record)
             if (sid, record.step) == stop:
-                raise _Interrupt
+                raise Interrupted
 
         return stepped
 
@@ -119,7 +115,7 @@ def test_each_tool_sees_every_subjects_run_through_a_resume_with_its_curves_sett
     jobs = _jobs(tools, run, class_uris)
     group = start_group(str(run), TRACKERS)
     assert group.failed == {}
-    with pytest.raises(_Interrupt):  # the pack dies at a's step 3: both checkpointed at 2, b stepped to 2 only
+    with pytest.raises(Interrupted):  # the pack dies at a's step 3: both checkpointed at 2, b stepped to 2 only
         _train_tracked(base, jobs, group, stop=("a", 3))
     again = start_group(str(run), TRACKERS)  # the rerun's driver finds the RUN's parent run again
     assert again.mlflow_parent_run_id == group.mlflow_parent_run_id

@@ -13,6 +13,7 @@ from engine.models import load_base_model
 from engine.settings import load_settings
 from engine.subject import Subject
 from engine.train import NonFiniteLossError, train_subject
+from tests.conftest import Interrupted, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 
@@ -25,26 +26,14 @@ def _class_images(base, settings, tmp_path) -> list[str]:
     return ClassImageCache(str(tmp_path / "class_images")).ensure(base, CLASS_PROMPT, settings).uris
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_at(step: int):
-    def on_step(record):
-        if record.step == step:
-            raise _Interrupt
-
-    return on_step
-
-
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_killed_and_resumed_training_equals_uninterrupted(base, subject_images, tmp_path, mode):
     settings = load_settings("tiny", overrides={"mode": mode, "max_train_steps": 12, "checkpointing_steps": 6})
     class_uris = _class_images(base, settings, tmp_path)
     straight = train_subject(base, _subject(subject_images), settings, str(tmp_path / "straight"), class_uris)
 
-    with pytest.raises(_Interrupt):
-        train_subject(base, _subject(subject_images), settings, str(tmp_path / "resumed"), class_uris, _stop_at(6))
+    with pytest.raises(Interrupted):
+        train_subject(base, _subject(subject_images), settings, str(tmp_path / "resumed"), class_uris, stop_at(6))
     resumed = train_subject(base, _subject(subject_images), settings, str(tmp_path / "resumed"), class_uris)
 
     assert resumed.resumed_from == 6
@@ -58,8 +47,8 @@ def test_an_interrupted_subject_redoes_at_most_one_checkpoint_interval(base, sub
     settings = load_settings("tiny", overrides={"max_train_steps": 10, "checkpointing_steps": 4})
     class_uris = _class_images(base, settings, tmp_path)
     steps_run = []
-    with pytest.raises(_Interrupt):
-        train_subject(base, _subject(subject_images), settings, str(tmp_path / "s"), class_uris, _stop_at(7))
+    with pytest.raises(Interrupted):
+        train_subject(base, _subject(subject_images), settings, str(tmp_path / "s"), class_uris, stop_at(7))
     result = train_subject(
         base, _subject(subject_images), settings, str(tmp_path / "s"), class_uris, lambda r: steps_run.append(r.step)
     )
@@ -70,8 +59,8 @@ def test_an_interrupted_subject_redoes_at_most_one_checkpoint_interval(base, sub
 def test_resuming_with_other_settings_is_refused(base, subject_images, tmp_path):
     settings = load_settings("tiny", overrides={"max_train_steps": 4, "checkpointing_steps": 2})
     class_uris = _class_images(base, settings, tmp_path)
-    with pytest.raises(_Interrupt):
-        train_subject(base, _subject(subject_images), settings, str(tmp_path / "s"), class_uris, _stop_at(2))
+    with pytest.raises(Interrupted):
+        train_subject(base, _subject(subject_images), settings, str(tmp_path / "s"), class_uris, stop_at(2))
     changed = settings.with_overrides({"lora_rank": 2})
     with pytest.raises(CheckpointError, match="other training settings"):
         train_subject(base, _subject(subject_images), changed, str(tmp_path / "s"), class_uris)
@@ -300,8 +289,8 @@ def test_a_packed_subject_resumes_alone_from_its_own_checkpoint(base, tmp_path):
     from engine.train import train_pack
 
     jobs = _pack_jobs(base, tmp_path, 2, "packed")
-    jobs[0].on_step = _stop_at(7)  # the pack dies at a's step 7 (its checkpoints: 3, 6); b finished at 5
-    with pytest.raises(_Interrupt):
+    jobs[0].on_step = stop_at(7)  # the pack dies at a's step 7 (its checkpoints: 3, 6); b finished at 5
+    with pytest.raises(Interrupted):
         train_pack(base, jobs, capacity=2)
     resumed = train_subject(base, jobs[0].subject, jobs[0].settings, jobs[0].subject_dir, jobs[0].class_image_uris)
     assert resumed.resumed_from == 6
