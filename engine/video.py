@@ -47,15 +47,19 @@ def read_video(
 
     Opening the file is retried on transient storage errors (engine.storage); reads after that are the
     filesystem's own (s3fs, gcsfs retry them), and one that still fails fails the video."""
+    with _open_source(uri) as file:
+        return decode_video(file, name=uri, fps=fps, max_frames=max_frames, max_seconds=max_seconds,
+                            max_pixels=max_pixels, max_frame_pixels=max_frame_pixels, min_side=min_side)  # fmt: skip
+
+
+def _open_source(uri: str) -> BinaryIO:
+    """The video file at `uri`, open for streaming reads; VideoError naming it if it cannot be opened."""
     try:
-        file = _open(uri)
+        return _open(uri)
     except FileNotFoundError:
         raise VideoError(f"{uri}: no such file") from None
     except Exception as err:
         raise VideoError(f"{uri}: cannot read ({type(err).__name__}: {err})") from None
-    with file:
-        return decode_video(file, name=uri, fps=fps, max_frames=max_frames, max_seconds=max_seconds,
-                            max_pixels=max_pixels, max_frame_pixels=max_frame_pixels, min_side=min_side)  # fmt: skip
 
 
 @storage.retried
@@ -113,19 +117,11 @@ def decode_video(
 def read_first_frame(uri: str, *, max_frame_pixels: int, max_packets: int = 256) -> np.ndarray:
     """A video's first frame, upright RGB at full size (for a thumbnail), with the header's frame size checked
     before anything is decoded. A stream that yields no frame in `max_packets` packets is an error."""
-    try:
-        file = _open(uri)
-    except FileNotFoundError:
-        raise VideoError(f"{uri}: no such file") from None
-    except Exception as err:
-        raise VideoError(f"{uri}: cannot read ({type(err).__name__}: {err})") from None
+    file = _open_source(uri)
     try:
         with file, av.open(file, metadata_errors="replace", buffer_size=READ_BUFFER_BYTES) as container:
             stream = _video_stream(container, uri)
-            width, height = stream.codec_context.width, stream.codec_context.height
-            if width * height > max_frame_pixels:
-                raise VideoError(f"{uri}: video frames are {width}x{height} = {width * height} pixels, "
-                                 f"over the limit of {max_frame_pixels} (max_image_pixels)")  # fmt: skip
+            _check_frame_pixels(stream, uri, max_frame_pixels)
             stream.codec_context.options = {"max_pixels": str(max_frame_pixels)}
             for packet in itertools.islice(container.demux(stream), max_packets):
                 for frame in packet.decode():
@@ -167,15 +163,21 @@ def _video_stream(container: av.container.InputContainer, name: str) -> av.video
     raise VideoError(f"{name}: no video stream in the file (it has: {', '.join(kinds) or 'no streams'})")
 
 
+def _check_frame_pixels(stream: av.video.stream.VideoStream, name: str, max_frame_pixels: int) -> tuple[int, int]:
+    """The frame size the header gives, refused over `max_frame_pixels` before any frame is decoded."""
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width * height > max_frame_pixels:
+        raise VideoError(f"{name}: video frames are {width}x{height} = {width * height} pixels, "
+                         f"over the limit of {max_frame_pixels} (max_image_pixels)")  # fmt: skip
+    return width, height
+
+
 def _check_header(
     stream: av.video.stream.VideoStream, container: av.container.InputContainer, name: str, max_frame_pixels: int,
     min_side: int, max_seconds: float,
 ) -> tuple[float, float]:  # fmt: skip
     """The frame rate and duration (seconds), after the checks that need no decoding."""
-    width, height = stream.codec_context.width, stream.codec_context.height
-    if width * height > max_frame_pixels:
-        raise VideoError(f"{name}: video frames are {width}x{height} = {width * height} pixels, "
-                         f"over the limit of {max_frame_pixels} (max_image_pixels)")  # fmt: skip
+    width, height = _check_frame_pixels(stream, name, max_frame_pixels)
     if min(width, height) < min_side:
         raise VideoError(f"{name}: video frames are {width}x{height} px, smaller than {min_side} px on a side "
                          "(min_image_side)")  # fmt: skip
