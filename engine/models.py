@@ -58,6 +58,26 @@ def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
     return path
 
 
+def resolve_transformers_model(name: str, extra_patterns: list[str] | None = None) -> Path:
+    """The local directory of a single transformers model (a VLM, an evaluation model): a local directory with
+    safetensors weights, or a hub id fetched without its pickled weights."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not any(path.glob("*.safetensors")):
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            raise ModelError(f"{name}: no safetensors weights" + (f" (only pickles: {', '.join(pickles)})" if pickles else ""))
+        return path
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ModelError(f"{name}: no such directory, and not a hub id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", "*.safetensors", *(extra_patterns or [])]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as err:
+        raise ModelError(f"{name}: cannot fetch from the hub ({type(err).__name__}: {err})") from None
+
+
 def pipeline_index(path: Path) -> dict:
     """The pipeline's model_index.json: its `_class_name` says which kind of Stable Diffusion it is."""
     try:

@@ -113,6 +113,16 @@ class Settings(BaseModel):
     video_max_seconds: float = Field(3600, gt=0)  # a longer video is a row error
     video_max_pixels: int = Field(16 * 1280 * 32 * 32, ge=1)  # all sampled frames of one video together
 
+    # The evaluation pass (dreamfleet evaluate, and the last stage of dreamfleet run): DINO / CLIP-I / CLIP-T
+    evaluate: bool = True  # `run` evaluates what it generated, where the evaluation models are at hand
+    # The DreamBooth paper's models: hub ids or local folders (the tiny preset: tiny random ones, built offline)
+    eval_dino_model: str = "facebook/dino-vits16"
+    eval_clip_model: str = "openai/clip-vit-large-patch14"
+    eval_batch_size: int = Field(32, ge=1, le=4096)  # images per forward pass of each model
+    eval_concurrency: int = Field(1, ge=1)  # evaluation actors
+    eval_gpus_per_actor: float = Field(1.0, ge=0)
+    eval_cpus_per_actor: float | None = Field(None, ge=0)  # None: 1 where the cluster has it to spare, else 0
+
     @model_validator(mode="after")
     def _pixel_budget_ordered(self) -> Settings:
         if self.vlm_min_pixels > self.vlm_max_pixels:
@@ -169,9 +179,13 @@ VLM_SETTINGS = frozenset(
         "video_max_pixels",
     }
 )  # fmt: skip
+EVAL_SETTINGS = frozenset(
+    {"evaluate", "eval_dino_model", "eval_clip_model", "eval_batch_size", "eval_concurrency", "eval_gpus_per_actor",
+     "eval_cpus_per_actor"}
+)
 RUN_ONLY_SETTINGS = frozenset(
     {"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet", "trackers"}
-) | VLM_SETTINGS
+) | VLM_SETTINGS | EVAL_SETTINGS
 
 # The literature's rates for real models (DreamBooth paper, diffusers' scripts); for the tiny random models, the
 # rates at which 100 steps visibly move generations towards the subject (sweep in bench/RESULTS.md).
@@ -201,6 +215,9 @@ TINY_PRESET: dict[str, Any] = {
     "pdf_max_pages": 20,
     "video_max_frames": 8,
     "video_max_pixels": 8 * 128 * 128,
+    "eval_dino_model": "tiny",
+    "eval_clip_model": "tiny",
+    "eval_batch_size": 8,
 }
 
 
@@ -231,9 +248,11 @@ def load_settings(
     base_model: str = "tiny",
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    recorded: dict[str, Any] | None = None,
 ) -> Settings:
-    """Preset for the base model, then the YAML config file, then command-line overrides; each layer wins."""
-    values = preset_for(base_model)
+    """Preset for the base model (or the settings a run `recorded`), then the YAML config file, then command-line
+    overrides; each layer wins."""
+    values = dict(recorded) if recorded is not None else preset_for(base_model)
     if config_file is not None:
         try:
             loaded = yaml.safe_load(Path(config_file).read_text()) or {}

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from engine.library_logging import quiet_libraries
-from engine.models import PICKLE_SUFFIXES, ModelError
+from engine.models import resolve_transformers_model
 from engine.settings import Settings
 from engine.video import Video
 
@@ -39,20 +39,7 @@ def resolve_vlm(name: str, cache_dir: Path | None = None) -> Path:
         from engine.tiny_vlm import ensure_tiny_vlm
 
         return ensure_tiny_vlm(cache_dir, TINY_VLM_NAMES[name])
-    path = Path(name).expanduser()
-    if path.exists():
-        if not any(path.glob("*.safetensors")):
-            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            raise ModelError(f"{name}: no safetensors weights" + (f" (only pickles: {', '.join(pickles)})" if pickles else ""))
-        return path
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise ModelError(f"{name}: no such directory, and not a hub id of the form 'owner/name'")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.jinja", "*.txt", "*.safetensors"]))
-    except Exception as err:
-        raise ModelError(f"{name}: cannot fetch from the hub ({type(err).__name__}: {err})") from None
+    return resolve_transformers_model(name, extra_patterns=["*.jinja"])
 
 
 Visual = Image.Image | Video  # what one row shows the model
