@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from ray_jobs.images_input import VISUAL_COLUMNS, ImagesInput, RowVisual, check_
 from ray_jobs.manifest import ManifestError
 from ray_jobs.pass_output import DONE_PAGES, PassOutput, arrow_filesystem
 from ray_jobs.pass_resources import PassShape, choose_cpus_per_actor
+from ray_jobs.pass_stats import StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
 
 STANDARD_COLUMNS = pa.schema(
@@ -42,7 +43,6 @@ INTERNAL = pa.schema([
     ("__source_width", pa.int32()), ("__source_height", pa.int32()), ("__fps", pa.float64()),
     ("__frame_indices", pa.list_(pa.int32())), ("__decode_error", pa.string()),
 ])  # fmt: skip
-STATS_POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -152,21 +152,6 @@ def output_schema(input_schema: pa.Schema, task) -> pa.Schema:
     return pa.schema([*fields, *STANDARD_COLUMNS, PAGE, *task.columns])
 
 
-class BatchStatsInbox:
-    """A Ray actor in the driver's job: model actors on any node send it each batch's figures as they finish it;
-    the driver drains it into its Prometheus registry while the pass runs."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[int, int, int, float]] = []
-
-    def add(self, rows: int, errors: int, tokens: int, seconds: float) -> None:
-        self.pending.append((rows, errors, tokens, seconds))
-
-    def drain(self) -> list[tuple[int, int, int, float]]:
-        taken, self.pending = self.pending, []
-        return taken
-
-
 class VLMPredictor:
     """A model actor: loads the VLM once, then answers batches of decoded images."""
 
@@ -243,61 +228,32 @@ class VLMPredictor:
                 rows[i]["error"] = f"answer: {err}"
 
     def _report(self, table: pa.Table, seconds: float) -> None:
-        """The batch's figures to the driver's inbox; waited for, so they are counted before its rows are written."""
-        if self.inbox is None or not table.num_rows:
+        if not table.num_rows:
             return
-        import ray
-
         errors = table.num_rows - table.column("error").null_count
         tokens = int(sum(t or 0 for t in table.column("num_output_tokens").to_pylist()))
-        try:
-            ray.get(self.inbox.add.remote(table.num_rows, errors, tokens, seconds), timeout=10)
-        except Exception:  # metrics are never worth a lost batch
-            pass
+        send_batch_figures(self.inbox, (table.num_rows, errors, tokens, seconds))
 
 
 # -- the pass ---------------------------------------------------------------------------------------------------
 
 
-class StatsRelay:
-    """While the pass runs, moves batch figures from the inbox actor into the driver's metrics."""
+@contextmanager
+def vlm_stats_relay(metrics, task: str, progress: FleetProgress, rows_left: int) -> Iterator[StatsRelay]:
+    """The pass's live figures: rows answered and failed into the progress bar, and the VLM series."""
 
-    def __init__(self, metrics, task: str, progress: FleetProgress, rows_left: int):
-        import ray
+    def on_batch(figures: tuple[int, int, int, float]) -> None:
+        rows, errors, tokens, seconds = figures
+        progress.add(rows - errors, errors)
+        if metrics is not None:
+            metrics.on_vlm_batch(task, rows, errors, tokens, seconds)
 
-        self.metrics, self.task, self.progress, self.rows_left = metrics, task, progress, rows_left
-        self.inbox = ray.remote(num_cpus=0)(BatchStatsInbox).remote()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> StatsRelay:
-        if self.metrics is not None:
-            self.metrics.on_vlm_pass(self.task, self.rows_left)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self._drain()
-        if self.metrics is not None:
-            self.metrics.on_vlm_pass(self.task, 0)
-
-    def _poll(self) -> None:
-        while not self.stop.wait(STATS_POLL_SECONDS):
-            self._drain()
-
-    def _drain(self) -> None:
-        import ray
-
-        try:
-            stats = ray.get(self.inbox.drain.remote(), timeout=30)
-        except Exception:  # the inbox died with its node: the figures of the batches it held are lost
-            return
-        for rows, errors, tokens, seconds in stats:
-            self.progress.add(rows - errors, errors)
-            if self.metrics is not None:
-                self.metrics.on_vlm_batch(self.task, rows, errors, tokens, seconds)
+    if metrics is not None:
+        metrics.on_vlm_pass(task, rows_left)
+    with StatsRelay(on_batch) as relay:
+        yield relay
+    if metrics is not None:
+        metrics.on_vlm_pass(task, 0)
 
 
 def analyze(request: AnalyzeRequest, metrics=None) -> int:
@@ -356,7 +312,7 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
         )
         left = max(0, images.num_rows - output.committed_rows())
         progress = FleetProgress(left, enabled=request.show_progress, label=f"{request.task} rows")
-        with progress, StatsRelay(metrics, request.task, progress, left) as relay:
+        with progress, vlm_stats_relay(metrics, request.task, progress, left) as relay:
             ds = ds.map_batches(
                 VLMPredictor,
                 fn_constructor_kwargs={"vlm_model": request.vlm_model, "settings": settings, "task_args": task_args,

@@ -56,11 +56,15 @@ def metrics_session(args: argparse.Namespace) -> Iterator[RunMetrics]:
                 print(f"warning: could not push metrics to {args.pushgateway}: {err}", file=sys.stderr)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.base_model, args.config, parse_assignments(args.set))
+def _settings(args: argparse.Namespace, recorded: dict | None = None) -> Settings:
+    overrides = parse_assignments(args.set)
+    for flag in ("eval_dino_model", "eval_clip_model"):
+        if getattr(args, flag, None):
+            overrides[flag] = getattr(args, flag)
+    return load_settings(getattr(args, "base_model", "tiny"), args.config, overrides, recorded=recorded)
 
 
-STAGES = {"train": ("train",), "generate": ("generate",), "run": ("train", "generate", "moderate")}
+STAGES = {"train": ("train",), "generate": ("generate",), "run": ("train", "generate", "moderate", "evaluate")}
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
@@ -91,7 +95,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ray_jobs.progress import print_summary
+    from ray_jobs.progress import print_evaluation, print_summary
     from ray_jobs.run_dir import RunDirectory, summarize
 
     run = RunDirectory(args.run)
@@ -106,7 +110,24 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if s.state == "failed"]  # fmt: skip
     failures += [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in run.read_rejected_rows()]
     print_summary(summarize(statuses), failures)
+    print_evaluation({sid: s.evaluation for sid, s in statuses.items() if s.evaluation})
     return exit_status.OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ray_jobs.evaluate import EvaluateRequest, evaluate
+    from ray_jobs.run_dir import RunDirectory
+
+    record = RunDirectory(args.run).read_run()
+    if record is None:
+        print(f"error: {args.run}: no run.json; not a dreamfleet run directory", file=sys.stderr)
+        return exit_status.NOT_RUN
+    request = EvaluateRequest(run=args.run, settings=_settings(args, recorded=record["settings"]), address=args.address,
+                              verbose=args.verbose, show_progress=not args.no_progress)  # fmt: skip
+    with metrics_session(args) as metrics:
+        code = evaluate(request, metrics)
+    print(f"report: {report.write_run_report(args.run)}")
+    return code
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -137,6 +158,13 @@ def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pushgateway", help="Pushgateway URL that receives the final values at the end")
 
 
+def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-dino-model", help="DINO model of the evaluation: tiny, a local folder or a hub id "
+                                                  "(default: facebook/dino-vits16; tiny for the tiny base models)")
+    parser.add_argument("--eval-clip-model", help="CLIP model of the evaluation: tiny, a local folder or a hub id "
+                                                  "(default: openai/clip-vit-large-patch14; tiny for the tiny models)")
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="subjects manifest, Parquet (any fsspec URI)")
     parser.add_argument("--out", required=True, help="run directory (any fsspec URI); rerunning resumes it")
@@ -151,6 +179,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extend", action="store_true", help="accept another manifest or settings for this RUN")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     parser.add_argument("--vlm-model", default="tiny", help="VLM of the moderation pass of `run`")
+    _add_eval_flags(parser)
     _add_metrics_flags(parser)
     _add_console_flags(parser)
 
@@ -171,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("train", "DreamBooth for every subject, sharded over the fleet"),
         ("generate", "guided generation with each trained subject"),
-        ("run", "train, then generate, then a moderation pass over what was generated"),
+        ("run", "train, then generate, then moderation and evaluation passes over what was generated"),
     ):
         fleet_command = commands.add_parser(name, help=text)
         _add_run_flags(fleet_command)
@@ -202,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="dreamfleet-demo", help="where the demo writes (default: ./dreamfleet-demo)")
     _add_console_flags(demo)
     demo.set_defaults(handler=cmd_demo)
+
+    evaluate = commands.add_parser("evaluate", help="DINO, CLIP-I and CLIP-T of every generated image of RUN")
+    evaluate.add_argument("run", help="run directory (any fsspec URI); rerunning scores only what is not scored")
+    _add_eval_flags(evaluate)
+    evaluate.add_argument("--config", help="YAML settings file (over the run's recorded settings)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    evaluate.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    _add_metrics_flags(evaluate)
+    _add_console_flags(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
 
     report.add_parser(commands)
 

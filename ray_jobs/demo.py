@@ -1,5 +1,5 @@
 """`dreamfleet demo`: the whole product on the embedded default (local Ray, tiny models, CPU) in a few minutes:
-synthetic subjects through train → generate → moderate, and rendered receipts through OCR and extraction.
+synthetic subjects through train → generate → moderate → evaluate, and rendered receipts through OCR and extraction.
 Everything it uses is drawn here; nothing is downloaded."""
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def make_subjects_manifest(folder: Path) -> str:
                 "instance_images": images,
                 "instance_prompt": f"a photo of sks {noun}",
                 "class_prompt": f"a photo of a {noun}",
-                "prompts": [f"a photo of sks {noun} on a table", f"a photo of sks {noun} in the snow"],
+                # the bare class prompt too: its images measure PRES (did the subject take the class over?)
+                "prompts": [f"a photo of sks {noun} on a table", f"a photo of sks {noun} in the snow",
+                            f"a photo of a {noun}"],
             }
         )
     manifest = str((folder / "subjects.parquet").resolve())
@@ -108,9 +110,10 @@ def run_demo(out: str, verbose: bool = False) -> int:
         command="demo",
         verbose=verbose,
     )
-    code, run = run_manifest(request, ("train", "generate", "moderate"))
+    code, run = run_manifest(request, ("train", "generate", "moderate", "evaluate"))
     print(f"run directory: {run.uri}")
-    print(f"generated images: {run.uri}/generations.parquet; moderation: {run.uri}/moderation.parquet")
+    print(f"generated images: {run.uri}/generations.parquet; moderation: {run.uri}/moderation.parquet; "
+          f"DINO / CLIP-I / CLIP-T: {run.uri}/evaluation.parquet")
 
     documents, schema = make_documents(folder)
     print(f"demo: {len(DOCUMENTS)} rendered receipts → OCR and field extraction ({documents})")

@@ -1,7 +1,7 @@
 """A whole manifest on the fleet: manifest → plan → scheduler → run directory, and the exit status.
 
 `dreamfleet train` runs the "train" stage, `generate` the "generate" stage, `run` both, then a moderation pass
-over everything generated.
+and an evaluation pass over everything generated.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple
     return [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in rejected]
 
 
-FINAL_STATE = {"train": "trained", "generate": "done", "moderate": "done"}
+FINAL_STATE = {"train": "trained", "generate": "done", "moderate": "done", "evaluate": "done"}
 
 
 def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, RunDirectory]:
@@ -139,8 +139,9 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
     final = FINAL_STATE[stages[-1]]
     complete = all(statuses[s.subject_id].state in (final, "done") for s in manifest.subjects)
     moderated = moderate_generations(run, request) if "moderate" in stages else exit_status.OK
+    evaluated = evaluate_generations(run, request) if "evaluate" in stages else exit_status.OK
     run.check_and_clean()
-    succeeded = complete and not manifest.errors and moderated == exit_status.OK
+    succeeded = complete and not manifest.errors and moderated == evaluated == exit_status.OK
     return (exit_status.OK if succeeded else exit_status.SOME_FAILED), run
 
 
@@ -169,4 +170,26 @@ def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
         return analyze(analysis, request.metrics)
     except ResourceShortfall as err:  # training and generation stand; the same command moderates once it can
         print(f"error: moderation pass: {err}", file=sys.stderr)
+        return exit_status.SOME_FAILED
+
+
+def evaluate_generations(run: RunDirectory, request: FleetRequest) -> int:
+    """The evaluation pass of `dreamfleet run`, where its models are at hand: a model that cannot be had (offline,
+    not cached) skips it with a note; `dreamfleet evaluate RUN` scores the images later."""
+    from engine.models import ModelError
+    from ray_jobs.evaluate import EvaluateRequest, evaluate
+    from ray_jobs.pass_resources import ResourceShortfall
+
+    if not request.settings.evaluate:
+        return exit_status.OK
+    evaluation = EvaluateRequest(run=run.uri, settings=request.settings, address=request.address,
+                                 verbose=request.verbose, show_progress=request.show_progress)  # fmt: skip
+    try:
+        return evaluate(evaluation, request.metrics)
+    except ModelError as err:
+        print(f"note: evaluation skipped, its models are not at hand ({err}); `dreamfleet evaluate {run.uri}` "
+              "scores the images once they are", file=sys.stderr)  # fmt: skip
+        return exit_status.OK
+    except ResourceShortfall as err:  # training and generation stand; the same command evaluates once it can
+        print(f"error: evaluation pass: {err}", file=sys.stderr)
         return exit_status.SOME_FAILED

@@ -93,6 +93,30 @@ def read_subjects_manifest(uri: str, settings: Settings, check_images: bool = Tr
     return SubjectsManifest(uri, subjects, errors, hashlib.sha256(data).hexdigest(), passthrough)
 
 
+def subjects_of_run(record: dict[str, Any]) -> tuple[dict[str, Subject], list[str]]:
+    """The subjects a run was started with (every invocation's manifest; a later one wins for a subject it also
+    lists), as far as those manifests are still readable, and a note for each that is not, or that changed since."""
+    fingerprints: dict[str, set[str]] = {}
+    for invocation in record.get("invocations") or [record]:
+        fingerprints.setdefault(invocation["manifest"], set()).add(invocation["manifest_fingerprint"])
+    try:
+        settings = Settings(**record["settings"])
+    except ValueError as err:
+        return {}, [f"run.json's settings are not this version's ({err}); its manifests cannot be read"]
+    found: dict[str, Subject] = {}
+    notes: list[str] = []
+    for uri, expected in fingerprints.items():
+        try:
+            manifest = read_subjects_manifest(uri, settings, check_images=False)
+        except ManifestError as err:
+            notes.append(f"manifest unreadable, its subjects are left out: {err}")
+            continue
+        if manifest.fingerprint not in expected:
+            notes.append(f"manifest {uri} changed since the run; its subjects are taken as it lists them now")
+        found.update({s.subject_id: s for s in manifest.subjects})
+    return found, notes
+
+
 def write_subjects_manifest(uri: str, rows: list[dict]) -> None:
     """Write `rows` as a manifest with the SPEC's Arrow types; a key missing from a row is written as null."""
     columns = list(dict.fromkeys(key for row in rows for key in row))

@@ -1,4 +1,5 @@
-"""Whether a cluster can run a VLM pass at all, decided from its alive nodes before the pass starts (no Ray here).
+"""Whether a cluster can run a model pass (a VLM pass, the evaluation pass) at all, decided from its alive nodes before
+the pass starts (no Ray here).
 
 A Ray Data pass whose model actors take every CPU of the nodes they fit on leaves none for the read, decode and
 write tasks: Ray then waits for resources forever, with no error. So the pass places its actors on paper first and
@@ -23,6 +24,11 @@ class PassShape:
     cpus_per_actor: float
     gpus_per_actor: float
     filter_actor: bool  # a resumed pass runs Ray Data's checkpoint filter, one more actor holding one CPU
+    kind: str = "vlm"  # whose settings size it: vlm_* (VLM passes) or eval_* (the evaluation pass)
+
+    @property
+    def name(self) -> str:
+        return {"vlm": "VLM pass", "eval": "evaluation pass"}[self.kind]
 
 
 def choose_cpus_per_actor(
@@ -39,7 +45,7 @@ def choose_cpus_per_actor(
     except ResourceShortfall:
         check_pass_resources(nodes, replace(shape, cpus_per_actor=0.0))
     return 0.0, ("the cluster has no CPU to spare for the model actors; they share their nodes' CPUs with the "
-                 "decode tasks (vlm_cpus_per_actor=0)")  # fmt: skip
+                 f"decode tasks ({shape.kind}_cpus_per_actor=0)")  # fmt: skip
 
 
 def check_pass_resources(nodes: list[dict[str, float]], shape: PassShape) -> None:
@@ -65,13 +71,14 @@ def check_pass_resources(nodes: list[dict[str, float]], shape: PassShape) -> Non
 def _message(nodes: list[dict[str, float]], shape: PassShape, reason: str) -> str:
     cpus, gpus = sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes)
     need_cpus = shape.actors * shape.cpus_per_actor + TASK_CPUS + (1 if shape.filter_actor else 0)
-    parts = [f"{shape.actors} model actor(s) × {shape.cpus_per_actor:g} CPU (vlm_cpus_per_actor)"]
+    parts = [f"{shape.actors} model actor(s) × {shape.cpus_per_actor:g} CPU ({shape.kind}_cpus_per_actor)"]
     if shape.filter_actor:
         parts.append("1 CPU for the checkpoint filter of a resumed pass")
     parts.append(f"{TASK_CPUS:g} CPU for reading, decoding and writing")
     return (
-        f"the VLM pass cannot run on this cluster: {reason}. Alive: {len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU; "
+        f"the {shape.name} cannot run on this cluster: {reason}. Alive: {len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU; "
         f"needed: {need_cpus:g} CPU ({' + '.join(parts)}) and {shape.actors * shape.gpus_per_actor:g} GPU. "
-        "Add a node or lower vlm_concurrency"
-        + ("" if shape.cpus_per_actor == 0 else ", or --set vlm_cpus_per_actor=0 to let the actors share their CPUs")
+        f"Add a node or lower {shape.kind}_concurrency"
+        + ("" if shape.cpus_per_actor == 0 else f", or --set {shape.kind}_cpus_per_actor=0 to let the actors share "
+           "their CPUs")
     )

@@ -17,7 +17,7 @@ from ray_jobs.run_dir import SubjectStatus
 
 # States in which a subject's training is finished; a rerun skips them.
 TRAINED_STATES = frozenset({"trained", "generating", "done"})
-STAGES = ("train", "generate")  # per-subject stages; moderation is a pass over the run's table
+STAGES = ("train", "generate")  # per-subject stages; moderation and evaluation are passes over the run's table
 
 
 @dataclass(frozen=True)

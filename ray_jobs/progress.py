@@ -63,3 +63,34 @@ def print_summary(counts: dict[str, int], failures: list[tuple[str, str]], conso
         for who, reason in failures:
             failed.add_row(who, reason)
         console.print(failed)
+
+
+EVAL_COLUMNS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("pres", "PRES"))
+WORST_SHOWN = 5
+
+
+def print_evaluation(evaluations: dict[str, dict], console: Console | None = None) -> None:
+    """The evaluation pass's figures: the run's means over its evaluated subjects, then the lowest by DINO (the
+    paper's subject-fidelity figure), so the subjects to look at first are named."""
+    if not evaluations:
+        return
+    console = console or Console()
+    table = Table(title=f"evaluation: mean over {len(evaluations)} subject(s)")
+    kept = []
+    for key, title in EVAL_COLUMNS:
+        values = [e[key] for e in evaluations.values() if e.get(key) is not None]
+        if values:
+            table.add_column(title, justify="right")
+            kept.append(f"{sum(values) / len(values):.3f}")
+    table.add_row(*kept)
+    console.print(table)
+    scored = sorted((e["dino"], sid) for sid, e in evaluations.items() if e.get("dino") is not None)
+    if scored:
+        worst = Table(title=f"lowest DINO (of {len(scored)})")
+        worst.add_column("subject")
+        for _, title in EVAL_COLUMNS:
+            worst.add_column(title, justify="right")
+        for _, sid in scored[:WORST_SHOWN]:
+            e = evaluations[sid]
+            worst.add_row(sid, *("" if e.get(k) is None else f"{e[k]:.3f}" for k, _ in EVAL_COLUMNS))
+        console.print(worst)

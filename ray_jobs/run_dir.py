@@ -17,11 +17,11 @@ from importlib import metadata
 from typing import Any
 
 from engine import storage
-from engine.settings import Settings
+from engine.settings import EVAL_SETTINGS, Settings
 
 STATES = ("pending", "training", "trained", "generating", "done", "failed")
 # Settings that may differ between invocations on the same RUN without changing what a subject is.
-OPERATIONAL_SETTINGS = frozenset({"max_attempts", "pack_subjects", "compile_unet"})  # how, not what
+OPERATIONAL_SETTINGS = frozenset({"max_attempts", "pack_subjects", "compile_unet"}) | EVAL_SETTINGS  # how, not what
 STATUS_READ_THREADS = 32  # reading statuses is storage round trips; overlap them on object stores
 
 
@@ -58,6 +58,8 @@ class SubjectStatus:
     error: str | None = None
     history: list[dict[str, Any]] | None = None  # one entry per attempt: outcome, error, resumed_from, steps run
     worker: dict[str, Any] | None = None  # pid, node and GPU ids of the worker of the latest attempt
+    # The evaluation pass's per-subject means (ray_jobs/evaluate.py): images, dino, clip_i, clip_t, pres, ...
+    evaluation: dict[str, Any] | None = None
     updated_at: str | None = None
 
     @property

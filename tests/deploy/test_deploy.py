@@ -46,6 +46,9 @@ PANEL_TITLES = {
     "Peak GPU memory",
     "GPU utilisation (Ray)",
     "Pack slots (used / total)",
+    "Evaluated images/s by outcome",
+    "Evaluation batch seconds p95",
+    "Image scores p50 by metric",
 }
 
 
@@ -302,6 +305,9 @@ def test_dashboard_panels_query_what_their_titles_say():
         in queries["VLM batch seconds p95"]
     )
     assert 'outcome="error"' in queries["VLM rows/s and error rate"]
+    assert "histogram_quantile(0.5, sum by (le, score) (rate(dreamfleet_eval_score_bucket" in queries[
+        "Image scores p50 by metric"
+    ]
     assert "ray_node_gpus_utilization" in queries["GPU utilisation (Ray)"]
     assert 'sum by (slots) (dreamfleet_pack_slots{instance!=""})' in queries["Pack slots (used / total)"]
     for title in ("Throughput per stage", "VLM output tokens/s"):

@@ -104,6 +104,7 @@ def test_a_run_survives_random_kills_and_loses_or_duplicates_nothing(ray_cluster
             "--set", f"max_train_steps={STEPS}", "--set", f"checkpointing_steps={INTERVAL}",
             "--set", "num_class_images=2", "--set", "num_images_per_prompt=1", "--set", "vlm_batch_size=2",
             "--set", "vlm_rows_per_file=1",  # many part files: exactly once must hold per file
+            "--set", "evaluate=false",  # the evaluation pass resumes as the moderation pass does (test_evaluate.py)
             "--set", "pack_subjects=4",  # two workers, four subjects in each pack: a kill takes a whole pack down
             # A kill before a subject's first new checkpoint uses up one of its attempts; be generous, so this test
             # is about losing nothing (test_fleet.py covers the attempt budget).
@@ -175,7 +176,8 @@ def test_a_driver_killed_in_training_and_again_in_the_vlm_pass_resumes_and_finis
     write_subjects_manifest(manifest, rows)
     args = ["run", manifest, "--out", run, "--no-progress", "--workers", "2",
             "--set", "max_train_steps=100", "--set", "checkpointing_steps=10", "--set", "num_class_images=2",
-            "--set", "num_images_per_prompt=4", "--set", "vlm_batch_size=1", "--set", "vlm_rows_per_file=1"]  # fmt: skip
+            "--set", "num_images_per_prompt=4", "--set", "vlm_batch_size=1", "--set", "vlm_rows_per_file=1",
+            "--set", "evaluate=false"]  # fmt: skip
     address = ray_cluster.get_runtime_context().gcs_address
 
     def driver() -> subprocess.Popen:

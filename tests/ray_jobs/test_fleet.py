@@ -167,11 +167,19 @@ def test_run_generates_every_trained_subject_exactly_once(ray_cluster, tmp_path,
     assert len({(r["subject_id"], r["prompt_index"], r["image_index"]) for r in table}) == len(table)
     assert all(Path(r["image"]).is_file() and r["owner"] == "team-a" for r in table)
     assert {r["scheduler"] for r in table} == {"ddim"} and {r["num_inference_steps"] for r in table} == {10}
+    # Its last stage scored every generated image, and each rendered subject's status holds its means.
+    scores = pq.read_table(Path(run) / "evaluation.parquet").to_pylist()
+    assert sorted(r["id"] for r in scores) == sorted(r["id"] for r in table)
+    assert all(r["error"] is None and r["dino"] is not None for r in scores)
+    assert {sid for sid, s in _statuses(run).items() if s.get("evaluation")} == {"s0", "s1", "s2"}
+    assert _statuses(run)["s0"]["evaluation"]["images"] == 4
 
     stamps = {r["image"]: os.stat(r["image"]).st_mtime_ns for r in table}
+    scored = {p: p.stat().st_mtime_ns for p in (Path(run) / "evaluation.parquet").rglob("*.parquet")}
     assert main(args) == 1  # the same command again: nothing redone, nothing duplicated
     again = pq.read_table(Path(run) / "generations.parquet").to_pylist()
     assert again == table and {r["image"]: os.stat(r["image"]).st_mtime_ns for r in again} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (Path(run) / "evaluation.parquet").rglob("*.parquet")} == scored
     assert not list(Path(run).rglob("*.tmp-*"))
 
     fresh = str(tmp_path / "fresh")

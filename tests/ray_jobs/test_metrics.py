@@ -124,6 +124,8 @@ def test_prometheus_scrapes_the_run_and_the_pushgateway_keeps_its_final_values(r
         'dreamfleet_class_images_generated_total{job="dreamfleet"}': 4,  # two class prompts, two images each
         'sum(dreamfleet_subject_attempts_total{job="dreamfleet", outcome="success"})': 4,  # train + generate each
         'sum(dreamfleet_vlm_rows_total{job="dreamfleet", task="moderate"})': images,  # the moderation pass
+        'dreamfleet_eval_images_total{job="dreamfleet", outcome="ok"}': images,  # the evaluation pass
+        'dreamfleet_eval_score_count{job="dreamfleet", score="clip_t"}': images,
         'dreamfleet_training_step_seconds_count{job="dreamfleet"}': 2 * STEPS,
     }
     for promql, expected in final.items():
