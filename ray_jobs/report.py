@@ -1,8 +1,9 @@
 """`dreamfleet report`: a static HTML report of a run directory or of a VLM pass output, read from its files alone.
 
-Pages are plain HTML and CSS (Jinja2 templates in ray_jobs/templates/, autoescaped; no JavaScript). Every image is
-shown as a small JPEG thumbnail made once under `<report>_files/thumbs/` and linked to the full-size image; links
-inside the report's folder are relative, so the folder can be copied or served as it is.
+Pages are plain HTML and CSS (Jinja2 templates in ray_jobs/templates/, autoescaped; no JavaScript: what a script
+would sort, page 1 lists already sorted, the evaluated subjects worst first). Every image is shown as a small JPEG
+thumbnail made once under `<report>_files/thumbs/` and linked to the full-size image; links inside the report's
+folder are relative, so the folder can be copied or served as it is.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import json
 import math
 import re
+import statistics
 import sys
 import threading
 from collections import Counter, defaultdict
@@ -37,11 +39,12 @@ from engine.settings import Settings
 from engine.video import read_first_frame
 from ray_jobs import exit_status
 from ray_jobs.generations import GENERATIONS
-from ray_jobs.manifest import ManifestError, read_subjects_manifest
+from ray_jobs.manifest import subjects_of_run
 from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
 
 REPORT = "report.html"
 MODERATION = "moderation.parquet"
+EVALUATION = "evaluation.parquet"
 THUMBNAIL_SIZE = 192  # longest side, px
 THUMBNAIL_QUALITY = 85
 # Reading images and train logs is storage round trips and decoding, not Python work: overlap them.
@@ -63,6 +66,12 @@ PDFIUM = threading.Lock()  # PDFium is not thread-safe: one document open at a t
 # Transposes that turn a decoded video frame upright, by the counter-clockwise degrees of its display matrix.
 LINKED_SCHEMES = frozenset({"file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# A subject's mean under these is flagged whatever the rest of the run scored: every method in the DreamBooth paper's
+# Table 1 scores above them (textual inversion, the lowest, has DINO 0.569 and CLIP-T 0.255). They hold for the
+# paper's models only (other models, the tiny random ones above all, score on other scales): (metric, model) → floor.
+FLOORS = {("dino", "facebook/dino-vits16"): 0.5, ("clip_t", "openai/clip-vit-large-patch14"): 0.2}
+QUARTILE_MIN_SUBJECTS = 4  # fewer evaluated subjects have no meaningful bottom quarter
+WORST_LISTED = SUBJECTS_PER_PAGE  # rows of page 1's worst-first table; every card carries its own flag
 
 
 class ReportError(ValueError):
@@ -329,12 +338,111 @@ class Verdict:
         return "error" if self.error else "safe" if self.safe else "flagged"
 
 
+def _score(value: Any) -> float | None:
+    """A score as read from a file: a finite number, else None (shown as a dash, never as the file's text)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ImageScores:
+    """A generated image's evaluation (a row of RUN/evaluation.parquet); scores are None when the row failed."""
+
+    dino: float | None
+    clip_i: float | None
+    clip_t: float | None
+    error: str | None
+    class_prompt: bool  # generated from the subject's class prompt: its DINO is a PRES sample (lower is better)
+    dino_floor: float | None = None  # FLOORS of the models that scored it
+    clip_t_floor: float | None = None
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> ImageScores:
+        dino, clip_i, clip_t = (_score(row.get(k)) for k in ("dino", "clip_i", "clip_t"))
+        return cls(dino, clip_i, clip_t, _printable(row.get("error")), row.get("class_prompt") is True,
+                   FLOORS.get(("dino", row.get("dino_model"))), FLOORS.get(("clip_t", row.get("clip_model"))))
+
+    @property
+    def low(self) -> set[str]:
+        """The scores under their floors (a class-prompt image's DINO is not: there, low is good)."""
+        def under(value: float | None, floor: float | None) -> bool:
+            return value is not None and floor is not None and value < floor
+
+        low = {"dino"} if under(self.dino, self.dino_floor) and not self.class_prompt else set()
+        return low | ({"clip_t"} if under(self.clip_t, self.clip_t_floor) else set())
+
+
+@dataclass(frozen=True)
+class SubjectScores:
+    """A subject's evaluation means, from its status.json's `evaluation` (over its images not from the class
+    prompt; `pres` is the mean DINO of those that are)."""
+
+    images: int  # scored, class-prompt ones included
+    errors: int  # not scored
+    dino: float | None
+    clip_i: float | None
+    clip_t: float | None
+    pres: float | None
+    class_images: int
+    dino_model: str | None
+    clip_model: str | None
+    evaluated_at: str | None
+
+    @classmethod
+    def of(cls, value: Any) -> SubjectScores | None:
+        if not isinstance(value, dict):
+            return None
+        count = {k: value.get(k) if isinstance(value.get(k), int) else 0 for k in ("images", "errors", "class_images")}
+        text = {k: _printable(str(value[k])) if value.get(k) is not None else None
+                for k in ("dino_model", "clip_model", "evaluated_at")}  # fmt: skip
+        return cls(**count, **text, **{k: _score(value.get(k)) for k in ("dino", "clip_i", "clip_t", "pres")})
+
+
+@dataclass(frozen=True)
+class ScoreBar:
+    """Where a subject's mean of one metric is flagged: under an absolute floor, or under the run's first quartile
+    (from QUARTILE_MIN_SUBJECTS evaluated subjects up; the lowest quarter of the run, whatever its level)."""
+
+    metric: str  # the SubjectScores field
+    label: str
+    floor: float | None  # None unless every subject was scored by the model FLOORS has a floor for
+    quartile: float | None
+    subjects: int  # evaluated subjects with this mean
+
+    @classmethod
+    def of_run(cls, metric: str, label: str, scores: list[SubjectScores]) -> ScoreBar:
+        values = sorted(v for v in (getattr(s, metric) for s in scores) if v is not None)
+        enough = len(values) >= QUARTILE_MIN_SUBJECTS
+        models = {s.dino_model if metric == "dino" else s.clip_model for s in scores}
+        floor = FLOORS.get((metric, models.pop())) if len(models) == 1 else None
+        return cls(metric, label, floor, statistics.quantiles(values, n=4, method="inclusive")[0] if enough else None,
+                   len(values))  # fmt: skip
+
+    def reasons(self, scores: SubjectScores) -> list[str]:
+        value = getattr(scores, self.metric)
+        if value is None:
+            return []
+        reasons = [f"{self.label} {value:.3f} under {self.floor:.2f}"] if self.floor is not None and value < self.floor else []
+        if self.quartile is not None and value < self.quartile:
+            reasons.append(f"{self.label} {value:.3f} in the run's lowest quarter (under {self.quartile:.3f})")
+        return reasons
+
+
+def score_flags(scores: SubjectScores, bars: list[ScoreBar]) -> list[str]:
+    """Why a subject's scores flag it (nothing when they do not): a low mean, or not one image scored."""
+    if not scores.images and scores.errors:
+        return ["no image could be scored"]
+    return [reason for bar in bars for reason in bar.reasons(scores)]
+
+
 @dataclass
 class GeneratedImage:
     id: str | None
     seed: int | None
     picture: Picture
     verdict: Verdict | None  # None: not moderated
+    scores: ImageScores | None = None  # None: not evaluated
 
 
 @dataclass
@@ -342,6 +450,10 @@ class PromptGroup:
     prompt_index: int
     prompt: str
     images: list[GeneratedImage] = field(default_factory=list)
+
+    @property
+    def class_prompt(self) -> bool:
+        return any(i.scores is not None and i.scores.class_prompt for i in self.images)
 
 
 @dataclass(frozen=True)
@@ -479,6 +591,8 @@ class SubjectCard:
     instance_images: list[Picture]
     prompts: list[PromptGroup]
     loss: LossCurve | None
+    scores: SubjectScores | None = None  # None: not evaluated
+    flags: list[str] = field(default_factory=list)  # why its scores put it among the worst
 
     @functools.cached_property
     def attempts(self) -> AttemptSummary:
@@ -518,25 +632,9 @@ def _read_loss_curve(run_uri: str, subject_id: str) -> LossCurve | None:
 
 def _instance_images(record: dict[str, Any], notes: list[str]) -> dict[str, tuple[str, ...]]:
     """Each subject's instance image URIs, from the manifest(s) the run was started with, as far as still readable."""
-    fingerprints: dict[str, set[str]] = defaultdict(set)
-    for invocation in record.get("invocations") or [record]:
-        fingerprints[invocation["manifest"]].add(invocation["manifest_fingerprint"])
-    try:
-        settings = Settings(**record["settings"])
-    except ValueError as err:
-        notes.append(f"run.json's settings are not this version's ({err}); instance images are not shown")
-        return {}
-    found: dict[str, tuple[str, ...]] = {}
-    for uri, expected in fingerprints.items():
-        try:
-            manifest = read_subjects_manifest(uri, settings, check_images=False)
-        except ManifestError as err:
-            notes.append(f"manifest unreadable, its subjects' instance images are not shown: {err}")
-            continue
-        if manifest.fingerprint not in expected:
-            notes.append(f"manifest {uri} changed since the run; instance images are shown as it lists them now")
-        found.update({s.subject_id: s.instance_images for s in manifest.subjects})
-    return found
+    subjects, problems = subjects_of_run(record)
+    notes.extend(problems)
+    return {sid: s.instance_images for sid, s in subjects.items()}
 
 
 def _read_optional_table(uri: str, wanted: list[str], notes: list[str]) -> list[dict[str, Any]]:
@@ -563,16 +661,41 @@ def _verdicts(run_uri: str, notes: list[str]) -> dict[str, Verdict]:
     }
 
 
+def _image_scores(run_uri: str, notes: list[str]) -> dict[str, ImageScores]:
+    rows = _read_optional_table(
+        storage.join(run_uri, EVALUATION),
+        ["id", "dino", "clip_i", "clip_t", "error", "class_prompt", "dino_model", "clip_model"],
+        notes,
+    )
+    return {r["id"]: ImageScores.of(r) for r in rows if r.get("id") is not None}
+
+
 def _prompt_groups(
-    rows: list[dict[str, Any]], verdicts: dict[str, Verdict], thumbs: ThumbnailStore
+    rows: list[dict[str, Any]], verdicts: dict[str, Verdict], scores: dict[str, ImageScores], thumbs: ThumbnailStore
 ) -> list[PromptGroup]:
     groups: dict[tuple[int, str], PromptGroup] = {}
     for row in sorted(rows, key=lambda r: (r.get("prompt_index") or 0, r.get("image_index") or 0)):
         key = (row.get("prompt_index") or 0, row.get("prompt") or "")
         group = groups.setdefault(key, PromptGroup(*key))
-        verdict = verdicts.get(row.get("id"))
-        group.images.append(GeneratedImage(row.get("id"), row.get("seed"), thumbs.for_uri(row["image"]), verdict))
+        row_id = row.get("id")
+        picture = thumbs.for_uri(row["image"])
+        group.images.append(GeneratedImage(row_id, row.get("seed"), picture, verdicts.get(row_id), scores.get(row_id)))
     return list(groups.values())
+
+
+def _flag_low_scores(cards: list[SubjectCard]) -> list[ScoreBar]:
+    """Flag each evaluated card whose DINO or CLIP-T is low (ScoreBar); the bars, for the page to state."""
+    evaluated = [c.scores for c in cards if c.scores is not None]
+    bars = [ScoreBar.of_run("dino", "DINO", evaluated), ScoreBar.of_run("clip_t", "CLIP-T", evaluated)]
+    for card in cards:
+        card.flags = score_flags(card.scores, bars) if card.scores is not None else []
+    return bars
+
+
+def worst_first(cards: list[SubjectCard]) -> list[SubjectCard]:
+    """The evaluated cards, flagged ones first, each part by DINO lowest first (those without a DINO first of all)."""
+    evaluated = [c for c in cards if c.scores is not None]
+    return sorted(evaluated, key=lambda c: (not c.flags, c.scores.dino is not None, c.scores.dino or 0.0))
 
 
 def _wall_time(record: dict[str, Any]) -> str | None:
@@ -596,6 +719,7 @@ def write_run_report(run_uri: str, out: str | None = None) -> str:
     statuses = sorted(run.read_statuses().values(), key=lambda s: s.subject_id)
     instance = _instance_images(record, notes)
     verdicts = _verdicts(run.uri, notes)
+    image_scores = _image_scores(run.uri, notes)
     generations = defaultdict(list)
     wanted = ["id", "subject_id", "prompt", "prompt_index", "image_index", "seed", "image"]
     for row in _read_optional_table(storage.join(run.uri, GENERATIONS), wanted, notes):
@@ -608,8 +732,9 @@ def write_run_report(run_uri: str, out: str | None = None) -> str:
             status=status,
             page=1 + index // SUBJECTS_PER_PAGE,
             instance_images=[thumbs.for_uri(uri) for uri in instance.get(status.subject_id, ())],
-            prompts=_prompt_groups(generations.get(status.subject_id, []), verdicts, thumbs),
+            prompts=_prompt_groups(generations.get(status.subject_id, []), verdicts, image_scores, thumbs),
             loss=curve,
+            scores=SubjectScores.of(status.evaluation),
         )
         for index, (status, curve) in enumerate(zip(statuses, curves))
     ]
@@ -626,6 +751,8 @@ def _write_run_pages(
     notes: list[str],
 ) -> None:
     pages = max(1, math.ceil(len(cards) / SUBJECTS_PER_PAGE))
+    bars = _flag_low_scores(cards)
+    ranked = worst_first(cards)
     statuses = {c.status.subject_id: c.status for c in cards}
     images = [i for c in cards for g in c.prompts for i in g.images]
     summary = {
@@ -635,6 +762,8 @@ def _write_run_pages(
         "moderated": sum(i.verdict is not None for i in images),
         "flagged": sum(i.verdict is not None and i.verdict.css == "flagged" for i in images),
         "moderation_errors": sum(i.verdict is not None and i.verdict.css == "error" for i in images),
+        "evaluated": len(ranked),
+        "low_scores": sum(bool(c.flags) for c in ranked),
     }
     context = {
         "run_uri": run.uri,
@@ -644,6 +773,10 @@ def _write_run_pages(
         "failed": [c for c in cards if c.status.state == "failed"],
         "rejected": run.read_rejected_rows(),
         "notes": notes,
+        "bars": bars,
+        "quartile_min": QUARTILE_MIN_SUBJECTS,
+        "worst": ranked[:WORST_LISTED],
+        "eval_models": sorted({(c.scores.dino_model, c.scores.clip_model) for c in ranked}, key=str),
         "pages": [layout.page_name(n) for n in range(1, pages + 1)],
         # where each subject's card is, for the pack mates named in the history tables
         "card_links": {c.status.subject_id: f"{layout.page_name(c.page)}#subject-{c.status.subject_id}" for c in cards},

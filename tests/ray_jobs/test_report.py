@@ -389,6 +389,166 @@ def test_loss_curve_skips_non_finite_losses_and_thins_long_logs():
     assert xs[-1] == report.LOSS_WIDTH - 4
 
 
+# -- evaluation scores (RUN/evaluation.parquet and each status.json's `evaluation`) ----------------------------------
+
+EVALUATION_SCHEMA = pa.schema([("id", pa.string()), ("subject_id", pa.string()), ("prompt", pa.string()),
+                               ("prompt_index", pa.int32()), ("image_index", pa.int32()), ("image", pa.string()),
+                               ("class_prompt", pa.bool_()), ("dino", pa.float64()), ("clip_i", pa.float64()),
+                               ("clip_t", pa.float64()), ("error", pa.string()), ("dino_model", pa.string()),
+                               ("clip_model", pa.string())])  # fmt: skip
+# Per image of build_run's (and alpha's class-prompt image, added below): dino, clip_i, clip_t, error.
+IMAGE_SCORES = {"alpha/p0000-i0000": (0.71, 0.80, 0.31, None), "alpha/p0000-i0001": (0.69, 0.81, 0.30, None),
+                "alpha/p0001-i0000": (0.73, 0.796, 0.293, None), "alpha/p0001-i0001": (None, None, None, SCRIPT),
+                "alpha/p0002-i0000": (0.35, 0.52, 0.28, None), "beta/p0000-i0000": (0.38, 0.611, 0.15, None)}
+# What the pass wrote into each status.json: beta, second by name, has the lower DINO and CLIP-T under its floor.
+SUBJECT_MEANS = {
+    "alpha": {"images": 4, "errors": 1, "dino": 0.71, "clip_i": 0.802, "clip_t": 0.301, "pres": 0.35,
+              "class_images": 1},
+    "beta": {"images": 1, "errors": 0, "dino": 0.38, "clip_i": 0.611, "clip_t": 0.15, "pres": None,
+             "class_images": 0},
+}  # fmt: skip
+
+
+EVALUATED_AT = "2026-12-02T10:00:00+00:00"
+# The models whose scores the paper's floors hold for (report.FLOORS); other models are flagged by quartile alone.
+PAPER_MODELS = {"dino_model": "facebook/dino-vits16", "clip_model": "openai/clip-vit-large-patch14"}
+
+
+def add_evaluation(built: dict, part_files: list[bytes] | None = None) -> None:
+    """What `dreamfleet evaluate` leaves in build_run's run: alpha also rendered its class prompt, every image is in
+    evaluation.parquet (or `part_files` are, as given), and each rendered subject's status.json has its means."""
+    run = RunDirectory(built["run"])
+    image = storage.join(built["run"], "subjects", "alpha", "images", "p0002-i0000.png")
+    storage.write_bytes(image, png((90, 90, 90), size=(96, 96)))
+    rows = [*built["generations"], {**built["generations"][0], "id": "alpha/p0002-i0000", "prompt": "a photo of a ball",
+                                    "prompt_index": 2, "seed": 2000, "image": image}]  # fmt: skip
+    generations = pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA)
+    write_parquet(storage.join(built["run"], "generations.parquet"), generations)
+    scored = [{**{k: row[k] for k in EVALUATION_SCHEMA.names if k in row}, "class_prompt": row["prompt_index"] == 2,
+               **dict(zip(("dino", "clip_i", "clip_t", "error"), IMAGE_SCORES[row["id"]])),
+               **PAPER_MODELS} for row in rows]  # fmt: skip
+    table = pa.Table.from_pylist(scored, schema=EVALUATION_SCHEMA)
+    for k, data in enumerate(part_files or [table.slice(0, 3), table.slice(3)]):
+        if isinstance(data, pa.Table):
+            write_parquet(storage.join(built["run"], "evaluation.parquet", f"part-{k}.parquet"), data)
+        else:
+            storage.write_bytes(storage.join(built["run"], "evaluation.parquet", f"part-{k}.parquet"), data)
+    for sid, means in SUBJECT_MEANS.items():
+        status = run.read_status(sid)
+        status.evaluation = {**means, **PAPER_MODELS, "evaluated_at": EVALUATED_AT}
+        run.write_status(status)
+
+
+def figure(html: str, image_id: str) -> str:
+    """A generated image's figure (thumbnail and caption), as the page's HTML."""
+    start = html.index(f'<figure title="{image_id}">')
+    return html[start : html.index("</figure>", start)]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory) -> dict:
+    built = build_run(str(tmp_path_factory.mktemp("evaluated")))
+    add_evaluation(built)
+    built["report"] = Path(report.write_run_report(built["run"]))
+    return built
+
+
+def test_a_user_sees_the_worst_subject_first_and_each_cards_means_and_image_scores(evaluated_run, chromium, tmp_path):
+    dom = dump_dom(chromium, tmp_path, evaluated_run["report"])
+    elements = Elements(dom)
+    assert elements.named("script") == [] and not [attrs for _, attrs in elements.tags if "onerror" in attrs]
+    assert "evaluated<b>2</b>" in dom and "low scores<b>1</b>" in dom
+    # Page 1 lists the evaluated subjects worst first, each linked to its card, saying why the flagged one is flagged.
+    scores = dom[dom.index('<section id="scores">') : dom.index("</section>", dom.index('<section id="scores">'))]
+    ranked = [text(row.split("</tr>")[0]) for row in re.split(r'<tr class="ranked[^"]*">', scores)[1:]]
+    assert ranked == ["beta 0.380 0.611 0.150 — 1 ⚑ DINO 0.380 under 0.50; CLIP-T 0.150 under 0.20",
+                      "alpha 0.710 0.802 0.301 0.350 4 + 1 not scored"]  # fmt: skip
+    assert [a["href"] for a in Elements(scores).named("a")] == ["report.html#subject-beta", "report.html#subject-alpha"]
+    rule = text(scores[scores.index('<p class="flag-rule">') :].split("</p>")[0])
+    assert "⚑ low score flags a subject whose mean DINO is under 0.50, or whose mean CLIP-T is under 0.20" in rule
+    assert "flagged once 4 subjects are evaluated" in rule
+    # The flagged card is marked where a reader scrolling the cards sees it, its headline.
+    assert [c["id"] for c in elements.with_class("card-low-score")] == ["subject-beta"]
+    assert headline(dom, "beta") == "beta done · 2 retries ⚑ low score" and headline(dom, "alpha") == "alpha done"
+    beta = text(card(dom, "beta"))
+    flag, means = "⚑ DINO 0.380 under 0.50; CLIP-T 0.150 under 0.20", "DINO 0.380 CLIP-I 0.611 CLIP-T 0.150"
+    assert f"{flag} {means} 1 image scored" in beta
+    assert "PRES" not in beta  # beta rendered no class prompt
+    alpha = text(card(dom, "alpha"))
+    assert "DINO 0.710 CLIP-I 0.802 CLIP-T 0.301 PRES 0.350 (lower is better)" in alpha
+    assert "4 images scored (1 from the class prompt), 1 not scored · DINO model facebook/dino-vits16" in alpha
+    assert "evaluation" not in card(dom, "gamma")  # failed, never evaluated
+    # Each image's own scores are under its thumbnail; an unscored one says why, the class-prompt group what it is.
+    assert text(figure(dom, "alpha/p0000-i0000")).endswith("DINO 0.710 · CLIP-I 0.800 · CLIP-T 0.310")
+    assert "not scored: &lt;script&gt;alert(1)&lt;/script&gt;" in figure(dom, "alpha/p0001-i0001")
+    assert '<span class="score low">CLIP-T 0.150</span>' in figure(dom, "beta/p0000-i0000")
+    assert '<span class="score">DINO 0.350</span>' in figure(dom, "alpha/p0002-i0000")  # low is good for PRES
+    assert "a photo of a ball class prompt: its DINO is PRES, lower is better" in text(card(dom, "alpha"))
+    assert len(elements.with_class("scores")) == 6 and elements.with_class("note") == []
+
+
+def test_a_run_without_evaluation_shows_no_scores_and_a_broken_table_is_a_note(small_run, tmp_path):
+    body = small_run["report"].read_text().split("<body>")[1]  # the stylesheet has the classes scores would use
+    for absent in ('id="scores"', "evaluation", "evaluated", "low score", "DINO", 'class="scores'):
+        assert absent not in body
+    built = build_run(str(tmp_path))
+    before = Path(report.write_run_report(built["run"])).read_text()
+    add_evaluation(built, part_files=[b"PAR1 not really parquet"])
+    html = Path(report.write_run_report(built["run"])).read_text()
+    assert "evaluation.parquet: unreadable, left out" in text("".join(re.findall(r'<div class="note">.*?</div>', html)))
+    assert 'class="scores' not in html  # no image's scores...
+    assert "DINO 0.710 CLIP-I 0.802" in text(card(html, "alpha"))  # ...but the means status.json holds
+    # Take the evaluation away again and the report is what it was before, byte for byte.
+    shutil.rmtree(tmp_path / "run" / "evaluation.parquet")
+    run = RunDirectory(built["run"])
+    for sid in SUBJECT_MEANS:
+        status = run.read_status(sid)
+        status.evaluation = None
+        run.write_status(status)
+    os.remove(tmp_path / "run" / "subjects" / "alpha" / "images" / "p0002-i0000.png")
+    write_parquet(storage.join(built["run"], "generations.parquet"),
+                  pa.Table.from_pylist(built["generations"], schema=GENERATIONS_SCHEMA))  # fmt: skip
+    assert Path(report.write_run_report(built["run"])).read_text() == before
+
+
+def test_scores_rank_and_flag_the_lowest_quarter_across_pages(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "SUBJECTS_PER_PAGE", 4)
+    monkeypatch.setattr(report, "WORST_LISTED", 5)
+    run = RunDirectory(str(tmp_path / "ranked"))
+    run.start(command="run", manifest_uri=str(tmp_path / "gone.parquet"), manifest_fingerprint="0",
+              settings=load_settings("tiny"), base_model="tiny", base_model_path="/x", extend=False)  # fmt: skip
+    stamp = {"errors": 0, "clip_i": 0.8, "pres": None, "class_images": 0, "dino_model": "dino-s16",
+             "clip_model": "clip-l14", "evaluated_at": EVALUATED_AT}  # fmt: skip
+    dino = [0.90, 0.62, 0.85, 0.80, 0.75, 0.70, 0.66, 0.95]  # other models than the paper's: no floor, quartiles
+    for i, d in enumerate(dino):
+        run.write_status(SubjectStatus(f"s{i}", "done", 2, evaluation={**stamp, "images": 4, "dino": d, "clip_t": 0.3}))
+    # Nothing scored; a DINO that is no number (shown as a dash, not as text); scored with other models.
+    run.write_status(SubjectStatus("t-none", "done", 2, evaluation={**stamp, "images": 0, "errors": 4, "dino": None,
+                                                                    "clip_t": None}))  # fmt: skip
+    run.write_status(SubjectStatus("t-text", "done", 2, evaluation={**stamp, "images": 4, "dino": "<b>1</b>",
+                                                                    "clip_t": 0.3}))  # fmt: skip
+    run.write_status(SubjectStatus("u-other", "done", 2, evaluation={**stamp, "images": 4, "dino": 0.99, "clip_t": 0.3,
+                                                                     "dino_model": "<b>dino-b8</b>"}))  # fmt: skip
+    run.write_status(SubjectStatus("v-never", "done", 2))
+    html = Path(report.write_run_report(run.uri)).read_text()
+    scores = html[html.index('<section id="scores">') :].split("</section>")[0]
+    rows = re.split(r'<tr class="ranked[^"]*">', scores)[1:]
+    assert [Elements(r).named("a")[0]["href"] for r in rows] == [
+        "report-3.html#subject-t-none", "report.html#subject-s1", "report-2.html#subject-s6",
+        "report-3.html#subject-t-text", "report-2.html#subject-s5"]  # fmt: skip
+    assert text(rows[0]).endswith("⚑ no image could be scored")
+    assert text(rows[1]).endswith("⚑ DINO 0.620 in the run&#39;s lowest quarter (under 0.700)")
+    # Then the unflagged, lowest DINO first (one with no DINO to show first of all, its value a dash, not its text).
+    assert text(rows[3]) == "t-text — 0.800 0.300 — 4" and text(rows[4]).startswith("s5 0.700")
+    assert "first quartile, 0.700 over 9 subjects" in text(scores)  # the 8 and u-other; t-none and t-text have none
+    assert "These are the 5 lowest of 11 evaluated subjects" in text(scores)
+    assert ("scored with different models (DINO &lt;b&gt;dino-b8&lt;/b&gt; and CLIP clip-l14; DINO dino-s16 and CLIP "
+            "clip-l14)") in html  # a model name from a file is text
+    assert "under 0.50" not in scores  # the paper's floors hold for the paper's models only
+    page2 = (tmp_path / "ranked" / "report-2.html").read_text()
+    assert 'id="scores"' not in page2 and headline(page2, "s6") == "s6 done ⚑ low score"
+
+
 # -- the table report ------------------------------------------------------------------------------------------------
 
 
