@@ -1,5 +1,5 @@
-"""The base Stable Diffusion model (1.x/2.x or XL): resolving `tiny` / `tiny-sdxl` / a local directory / a hub id,
-loading it, and sharing it.
+"""The base Stable Diffusion model (1.x/2.x or XL): resolving `tiny` / `tiny-sdxl` / `tiny-prior` / a local directory
+/ a hub id, loading it, and sharing it.
 
 A `BaseModel` is loaded once per process and reused for every subject: training attaches a LoRA or unfreezes
 weights, and `reset()` returns it to the base weights in memory, never by reloading from storage.
@@ -18,9 +18,10 @@ import torch
 from engine.library_logging import quiet_libraries
 from engine.packed_lora import LoraPack
 from engine.tiny_models import default_cache_dir, ensure_tiny_sd, ensure_tiny_sdxl
+from engine.tiny_prior import ensure_tiny_prior
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TINY_MODELS = {"tiny": ensure_tiny_sd, "tiny-sdxl": ensure_tiny_sdxl}
+TINY_MODELS = {"tiny": ensure_tiny_sd, "tiny-sdxl": ensure_tiny_sdxl, "tiny-prior": ensure_tiny_prior}
 
 
 class ModelError(ValueError):
@@ -28,8 +29,8 @@ class ModelError(ValueError):
 
 
 def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
-    """The local directory holding `name`: `tiny` and `tiny-sdxl` are built into the cache, a hub id is downloaded
-    (safetensors only)."""
+    """The local directory holding `name`: `tiny`, `tiny-sdxl` and `tiny-prior` are built into the cache, a hub id is
+    downloaded (safetensors only)."""
     if name in TINY_MODELS:
         return TINY_MODELS[name](cache_dir)
     path = Path(name).expanduser()

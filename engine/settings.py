@@ -240,8 +240,9 @@ def _validate(values: dict[str, Any], *, source: str) -> Settings:
 
 
 def preset_for(base_model: str) -> dict[str, Any]:
-    """The tiny models (`tiny`, `tiny-sdxl`) share the tiny preset; every other base model the standard one."""
-    return dict(TINY_PRESET) if base_model in ("tiny", "tiny-sdxl") else {}
+    """The tiny models (`tiny`, `tiny-sdxl`, `tiny-prior`) share the tiny preset; every other base model the standard
+    one."""
+    return dict(TINY_PRESET) if base_model in ("tiny", "tiny-sdxl", "tiny-prior") else {}
 
 
 def load_settings(

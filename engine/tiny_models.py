@@ -63,7 +63,7 @@ def _tiny_vae(**overrides):
     )
 
 
-def _tiny_clip_config(tokenizer, hidden_size: int = 32, **overrides):
+def tiny_clip_config(tokenizer, hidden_size: int = 32, **overrides):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -80,7 +80,7 @@ def _tiny_clip_config(tokenizer, hidden_size: int = 32, **overrides):
     )
 
 
-def _sd_scheduler():
+def sd_scheduler():
     """Stable Diffusion's noise schedule (SD 1.x and SDXL alike), as its DDIM scheduler config writes it."""
     from diffusers import DDIMScheduler
 
@@ -110,13 +110,13 @@ def build_tiny_sd(path: Path, seed: int = 0) -> None:
             norm_num_groups=8,
         )
         vae = _tiny_vae()
-        text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+        text_encoder = CLIPTextModel(tiny_clip_config(tokenizer))
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=_sd_scheduler(),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -155,9 +155,9 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
             norm_num_groups=8,
         )
         vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's VAE scale
-        text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, hidden, hidden_act="quick_gelu"))
+        text_encoder = CLIPTextModel(tiny_clip_config(tokenizer, hidden, hidden_act="quick_gelu"))
         text_encoder_2 = CLIPTextModelWithProjection(
-            _tiny_clip_config(tokenizer, hidden_2, hidden_act="gelu", projection_dim=projection)
+            tiny_clip_config(tokenizer, hidden_2, hidden_act="gelu", projection_dim=projection)
         )
     pipe = StableDiffusionXLPipeline(
         unet=unet,
@@ -167,7 +167,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
         tokenizer=tokenizer,
         tokenizer_2=build_clip_tokenizer(),
         # SDXL ships an Euler scheduler over SD's noise schedule (its config keeps DDIM's keys too)
-        scheduler=EulerDiscreteScheduler.from_config(_sd_scheduler().config),
+        scheduler=EulerDiscreteScheduler.from_config(sd_scheduler().config),
         add_watermarker=False,
     )
     pipe.save_pretrained(path, safe_serialization=True)

@@ -169,7 +169,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="subjects manifest, Parquet (any fsspec URI)")
     parser.add_argument("--out", required=True, help="run directory (any fsspec URI); rerunning resumes it")
     parser.add_argument("--base-model", default="tiny",
-                        help="tiny, tiny-sdxl, a local diffusers directory, or a hub id (SD 1.x/2.x or SDXL)")
+                        help="tiny, tiny-sdxl, tiny-prior, a local diffusers directory, or a hub id (SD 1.x/2.x, "
+                             "SDXL)")
     parser.add_argument("--config", help="YAML settings file; flags override it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     parser.add_argument("--address", help="Ray cluster address (default: start a local one)")

@@ -23,3 +23,18 @@ def thinking() -> VLM:
 def info(dense) -> xgr.TokenizerInfo:
     """The tiny VLM's tokens as the decoder sees them: their bytes, and the stop token."""
     return xgr.TokenizerInfo.from_huggingface(dense.processor.tokenizer, vocab_size=dense.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def prior_path(model_cache):
+    """tiny-prior, built once per session into the private cache (about a minute cold; see engine/tiny_prior.py)."""
+    from engine.models import resolve_base_model
+
+    return resolve_base_model("tiny-prior", model_cache)
+
+
+@pytest.fixture(scope="session")
+def prior_base(prior_path):
+    from engine.models import load_base_model
+
+    return load_base_model(prior_path, "cpu")

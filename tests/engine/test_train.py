@@ -155,29 +155,28 @@ def test_an_undecodable_instance_image_names_its_uri(base, subject_images, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_training_learns_the_subject(base, tiny_path, subject_images, tmp_path, mode):
-    """Loss falls, and generations for the instance prompt move towards the subject.
+def test_training_learns_the_subject(prior_base, prior_path, subject_images, tmp_path, mode, seed):
+    """Generations for the instance prompt move towards the subject's photos, for every training seed.
 
-    The tiny VAE is random, so "the subject" is measured as it looks through that VAE (encode then decode): the
-    closest any generation of this model could get to it.
+    On tiny-prior (a base pretrained on drawn shapes, engine/tiny_prior.py) whose VAE decodes to images, so the
+    photos themselves are the target. Measured over seeds 0-4: trained / untrained distance 0.55-0.66 (LoRA) and
+    0.51-0.59 (full), against the bound of 0.8. The loss is not asserted: a pretrained base starts low, and over 100
+    steps the per-step noise of the drawn timesteps outweighs its fall (last/first 10 steps: 0.63-1.15).
     """
-    settings = load_settings("tiny", overrides={"mode": mode})
-    class_uris = _class_images(base, settings, tmp_path)
-    result = train_subject(base, _subject(subject_images), settings, str(tmp_path / "s"), class_uris)
-    assert np.mean(result.losses[-10:]) < 0.8 * np.mean(result.losses[:10])
-
-    with torch.no_grad():
-        pixels = load_pixels(subject_images, settings)
-        seen = base.vae.decode(base.vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-    target = ((seen + 1) * 127.5).permute(0, 2, 3, 1).numpy().mean(0)
+    settings = load_settings("tiny-prior", overrides={"mode": mode})
+    class_uris = _class_images(prior_base, settings, tmp_path)
+    subject = Subject("ball-1", tuple(subject_images), PROMPT, CLASS_PROMPT, seed=seed)
+    result = train_subject(prior_base, subject, settings, str(tmp_path / "s"), class_uris)
+    photos = ((load_pixels(subject_images, settings) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
 
     def distance(images: np.ndarray) -> float:
-        return float(np.abs(images - target).mean())
+        return float(np.abs(images[:, None] - photos[None]).mean())
 
-    untrained = distance(_render(_stock_pipeline(tiny_path), PROMPT))
-    trained = distance(_render(_stock_pipeline(tiny_path, result.weights_uri, mode), PROMPT))
-    assert trained < 0.93 * untrained, (trained, untrained)
+    untrained = distance(_render(_stock_pipeline(prior_path), PROMPT))
+    trained = distance(_render(_stock_pipeline(prior_path, result.weights_uri, mode), PROMPT))
+    assert trained < 0.8 * untrained, (trained, untrained)
 
 
 # -- packing: several subjects in one UNet batch ------------------------------------------------------------------
