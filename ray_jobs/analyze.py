@@ -28,7 +28,7 @@ from ray_jobs import exit_status
 from ray_jobs.images_input import VISUAL_COLUMNS, ImagesInput, RowVisual, check_images_manifest, row_visuals
 from ray_jobs.manifest import ManifestError
 from ray_jobs.pass_output import DONE_PAGES, PassOutput, arrow_filesystem
-from ray_jobs.pass_resources import PassShape, choose_cpus_per_actor
+from ray_jobs.pass_resources import model_actor_resources
 from ray_jobs.pass_stats import StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
 
@@ -283,12 +283,8 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
 
     connect(request.address, request.verbose)
     settings = request.settings
-    gpus = settings.vlm_gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    alive = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    shape = PassShape(settings.vlm_concurrency, 1.0, gpus, filter_actor=output.resuming())
-    actor_cpus, note = choose_cpus_per_actor(alive, shape, settings.vlm_cpus_per_actor)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    gpus, actor_cpus = model_actor_resources("vlm", settings.vlm_concurrency, settings.vlm_gpus_per_actor,
+                                             settings.vlm_cpus_per_actor, output.resuming())  # fmt: skip
     context = ray.data.DataContext.get_current()
     # dreamfleet shows its own bar; Ray Data's per-operator bars only with --verbose, on a terminal.
     context.enable_progress_bars = request.verbose and sys.stdout.isatty()
@@ -323,10 +319,6 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
                 num_gpus=gpus,
                 num_cpus=actor_cpus,
             )
-            # Each file (vlm_rows_per_file rows, the last fewer) is one write task and one checkpoint commit: the
-            # most a killed driver loses, beside the batches in flight.
-            rows = settings.vlm_rows_per_file
-            ds.write_parquet(output.path, filesystem=output.arrow_filesystem(), min_rows_per_file=rows,
-                             max_rows_per_file=rows)  # fmt: skip
+            output.write(ds, settings.vlm_rows_per_file)
     finally:
         context.checkpoint_config = None

@@ -34,9 +34,10 @@ from engine.images import ImageError, read_image
 from engine.settings import Settings
 from ray_jobs import exit_status
 from ray_jobs.generations import GENERATIONS
+from ray_jobs.images_input import ImagesInput, check_images_manifest
 from ray_jobs.manifest import ManifestError, subjects_of_run
 from ray_jobs.pass_output import PassOutput, arrow_filesystem
-from ray_jobs.pass_resources import PassShape, choose_cpus_per_actor
+from ray_jobs.pass_resources import model_actor_resources
 from ray_jobs.pass_stats import StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
 from ray_jobs.run_dir import RunDirectory, now
@@ -159,8 +160,6 @@ def evaluate(request: EvaluateRequest, metrics=None) -> int:
     source = storage.join(run.uri, GENERATIONS)
     if not storage.exists(source):
         raise ManifestError(f"{source}: nothing generated yet; run `dreamfleet generate` first")
-    from ray_jobs.images_input import check_images_manifest
-
     generations = check_images_manifest(source)
     if generations.num_rows == 0:
         print(json.dumps({"output": storage.join(run.uri, EVALUATION), "rows": 0, "note": "nothing was generated"}))
@@ -200,7 +199,7 @@ def forget_other_models(output: PassOutput, settings: Settings) -> None:
             output.fs.rm(path, recursive=True)
 
 
-def _run_pass(request: EvaluateRequest, generations, output: PassOutput, photos: dict[str, SubjectPhotos],
+def _run_pass(request: EvaluateRequest, generations: ImagesInput, output: PassOutput, photos: dict[str, SubjectPhotos],
               metrics) -> None:  # fmt: skip
     import ray
 
@@ -208,12 +207,8 @@ def _run_pass(request: EvaluateRequest, generations, output: PassOutput, photos:
 
     connect(request.address, request.verbose)
     settings = request.settings
-    gpus = settings.eval_gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    alive = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    shape = PassShape(settings.eval_concurrency, 1.0, gpus, filter_actor=output.resuming(), kind="eval")
-    actor_cpus, note = choose_cpus_per_actor(alive, shape, settings.eval_cpus_per_actor)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    gpus, actor_cpus = model_actor_resources("eval", settings.eval_concurrency, settings.eval_gpus_per_actor,
+                                             settings.eval_cpus_per_actor, output.resuming())  # fmt: skip
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = request.verbose and sys.stdout.isatty()
     context.checkpoint_config = output.checkpoint_config()
@@ -233,9 +228,7 @@ def _run_pass(request: EvaluateRequest, generations, output: PassOutput, photos:
                 num_gpus=gpus,
                 num_cpus=actor_cpus,
             )
-            rows = settings.vlm_rows_per_file
-            ds.write_parquet(output.path, filesystem=output.arrow_filesystem(), min_rows_per_file=rows,
-                             max_rows_per_file=rows)  # fmt: skip
+            output.write(ds, settings.vlm_rows_per_file)
     finally:
         context.checkpoint_config = None
 

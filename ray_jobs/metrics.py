@@ -2,7 +2,7 @@
 
 Why the driver: one endpoint sees the whole fleet, the Pushgateway gets every final value (VLM passes included) from
 the same registry, and every labelled series is zero from the command's start. Subject attempts return their figures
-to the driver (steps and their durations, images made). VLM model actors, on whatever node, send each batch's rows,
+to the driver (steps and their durations, images made). VLM and evaluation actors, on any node, send each batch's rows,
 tokens and seconds to a small inbox actor as soon as the batch is answered, and the driver drains it twice a second
 (pass_stats.StatsRelay): live during the pass, before the rows are written. A batch redone after its actor was killed is
 counted again: it was answered twice. Training steps are counted when a subject finishes training: its final step

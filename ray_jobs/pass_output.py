@@ -167,6 +167,12 @@ class PassOutput:
             checkpoint_filter_cls=PageAwareFilter,
         )
 
+    def write(self, ds, rows_per_file: int) -> None:
+        """Run the pass `ds` into OUT. Each file (`rows_per_file` rows, the last fewer) is one write task and one
+        checkpoint commit: the most a killed driver loses, beside the batches in flight."""
+        ds.write_parquet(self.path, filesystem=self.arrow_filesystem(), min_rows_per_file=rows_per_file,
+                         max_rows_per_file=rows_per_file)  # fmt: skip
+
     def committed_rows(self) -> int:
         """Ids Ray Data's checkpoint records as written (its committed files' footers)."""
         with ThreadPoolExecutor(FOOTER_READ_THREADS) as pool:

@@ -1,5 +1,5 @@
 """Whether a cluster can run a model pass (a VLM pass, the evaluation pass) at all, decided from its alive nodes before
-the pass starts (no Ray here).
+the pass starts. The placement is plain Python (no Ray); `model_actor_resources` reads the alive nodes from Ray.
 
 A Ray Data pass whose model actors take every CPU of the nodes they fit on leaves none for the read, decode and
 write tasks: Ray then waits for resources forever, with no error. So the pass places its actors on paper first and
@@ -82,3 +82,19 @@ def _message(nodes: list[dict[str, float]], shape: PassShape, reason: str) -> st
         + ("" if shape.cpus_per_actor == 0 else f", or --set {shape.kind}_cpus_per_actor=0 to let the actors share "
            "their CPUs")
     )
+
+
+def model_actor_resources(kind: str, concurrency: int, gpus_per_actor: float, cpus_per_actor: float | None,
+                          resuming: bool) -> tuple[float, float]:  # fmt: skip
+    """(GPUs, CPUs) each of a pass's model actors reserves on the running Ray cluster: GPUs only where it has any,
+    CPUs as `choose_cpus_per_actor` decides from its alive nodes (a note says when that is 0)."""
+    import sys
+
+    import ray
+
+    gpus = gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    alive = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    cpus, note = choose_cpus_per_actor(alive, PassShape(concurrency, 1.0, gpus, resuming, kind), cpus_per_actor)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return gpus, cpus
