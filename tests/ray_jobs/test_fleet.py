@@ -53,9 +53,11 @@ def test_subjects_are_sharded_packed_and_bad_rows_fail_alone(ray_cluster, tmp_pa
     class_sets = sorted(p.name for p in (Path(run) / "class_images").iterdir())
     assert len(class_sets) == 2 and all(len(list((Path(run) / "class_images" / c).glob("*.png"))) == 2 for c in class_sets)
 
-    # 2 logical GPUs at 0.5 each: four workers, two per GPU id.
+    # 2 logical GPUs at 0.5 each: four workers, at most two per GPU id. Not every worker need get a subject: on a
+    # loaded machine the last to load its model may find the queue empty (seen: 3 of 4 in CI-like load).
     workers = {s["worker"]["pid"]: tuple(s["worker"]["gpu_ids"]) for s in statuses.values() if s["worker"]}
-    assert len(workers) == 4 and Counter(workers.values()) == {(0,): 2, (1,): 2}
+    per_gpu = Counter(workers.values())
+    assert 2 <= len(workers) <= 4 and set(per_gpu) <= {(0,), (1,)} and max(per_gpu.values()) <= 2, per_gpu
     for sid in (f"s{i}" for i in range(6)):
         assert (Path(run) / "subjects" / sid / "weights" / "pytorch_lora_weights.safetensors").exists()
 
