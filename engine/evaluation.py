@@ -84,12 +84,14 @@ class Evaluator:
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str],
               references: Sequence[Embeddings]) -> list[ImageScores]:  # fmt: skip
         """Each image's scores against its own subject's photos (`references[i]`) and its own prompt."""
-        seen, said = self.image_embeddings(images), self.text_embeddings(prompts)
+        distinct = list(dict.fromkeys(prompts))  # a batch is mostly one prompt's images: embed each prompt once
+        seen, said = self.image_embeddings(images), self.text_embeddings(distinct)
+        row = {prompt: k for k, prompt in enumerate(distinct)}
         return [
             ImageScores(
                 dino=float((seen.dino[i] @ ref.dino.T).mean()),
                 clip_i=float((seen.clip[i] @ ref.clip.T).mean()),
-                clip_t=float(seen.clip[i] @ said[i]),
+                clip_t=float(seen.clip[i] @ said[row[prompts[i]]]),
             )
             for i, ref in enumerate(references)
         ]

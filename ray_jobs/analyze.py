@@ -9,7 +9,6 @@ other row is processed. Resume and exactly-once come from Ray Data's checkpointi
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -285,11 +284,7 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
     settings = request.settings
     gpus, actor_cpus = model_actor_resources("vlm", settings.vlm_concurrency, settings.vlm_gpus_per_actor,
                                              settings.vlm_cpus_per_actor, output.resuming())  # fmt: skip
-    context = ray.data.DataContext.get_current()
-    # dreamfleet shows its own bar; Ray Data's per-operator bars only with --verbose, on a terminal.
-    context.enable_progress_bars = request.verbose and sys.stdout.isatty()
-    context.checkpoint_config = output.checkpoint_config()
-    try:
+    with output.checkpointed(request.verbose):
         ds = ray.data.read_parquet(list(images.files), filesystem=arrow_filesystem(images.filesystem),
                                    partitioning=Partitioning("hive", base_dir=images.base_dir))
         # Ray's reader makes blocks of up to 128 MB: a manifest of URIs can be one block, so one decode task and one
@@ -320,5 +315,3 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
                 num_cpus=actor_cpus,
             )
             output.write(ds, settings.vlm_rows_per_file)
-    finally:
-        context.checkpoint_config = None

@@ -158,6 +158,16 @@ def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pushgateway", help="Pushgateway URL that receives the final values at the end")
 
 
+def _add_pass_flags(parser: argparse.ArgumentParser, config_help: str = "YAML settings file") -> None:
+    """What every Ray Data pass command takes: settings, the cluster, the progress bar, metrics and console."""
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    _add_metrics_flags(parser)
+    _add_console_flags(parser)
+
+
 def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-dino-model", help="DINO model of the evaluation: tiny, a local folder or a hub id "
                                                   "(default: facebook/dino-vits16; tiny for the tiny base models)")
@@ -220,12 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "'categories' (task detect)")
     analyze.add_argument("--vlm-model", default="tiny", help="tiny, a local directory, or a Qwen3-VL hub id")
     analyze.add_argument("--base-model", default="tiny", help="which preset's defaults apply (tiny: small budgets)")
-    analyze.add_argument("--config", help="YAML settings file")
-    analyze.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    analyze.add_argument("--address", help="Ray cluster address (default: start a local one)")
-    analyze.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    _add_metrics_flags(analyze)
-    _add_console_flags(analyze)
+    _add_pass_flags(analyze)
     analyze.set_defaults(handler=cmd_analyze)
 
     demo = commands.add_parser("demo", help="the whole pipeline on a small synthetic manifest, tiny models, local Ray")
@@ -236,12 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="DINO, CLIP-I and CLIP-T of every generated image of RUN")
     evaluate.add_argument("run", help="run directory (any fsspec URI); rerunning scores only what is not scored")
     _add_eval_flags(evaluate)
-    evaluate.add_argument("--config", help="YAML settings file (over the run's recorded settings)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    evaluate.add_argument("--address", help="Ray cluster address (default: start a local one)")
-    evaluate.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    _add_metrics_flags(evaluate)
-    _add_console_flags(evaluate)
+    _add_pass_flags(evaluate, "YAML settings file (over the run's recorded settings)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     report.add_parser(commands)

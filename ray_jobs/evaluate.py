@@ -209,10 +209,7 @@ def _run_pass(request: EvaluateRequest, generations: ImagesInput, output: PassOu
     settings = request.settings
     gpus, actor_cpus = model_actor_resources("eval", settings.eval_concurrency, settings.eval_gpus_per_actor,
                                              settings.eval_cpus_per_actor, output.resuming())  # fmt: skip
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = request.verbose and sys.stdout.isatty()
-    context.checkpoint_config = output.checkpoint_config()
-    try:
+    with output.checkpointed(request.verbose):
         ds = ray.data.read_parquet(list(generations.files), filesystem=arrow_filesystem(generations.filesystem),
                                    columns=INPUT_COLUMNS)  # fmt: skip
         ds = ds.repartition(target_num_rows_per_block=settings.vlm_rows_per_file)  # as VLM passes; see analyze.py
@@ -229,8 +226,6 @@ def _run_pass(request: EvaluateRequest, generations: ImagesInput, output: PassOu
                 num_cpus=actor_cpus,
             )
             output.write(ds, settings.vlm_rows_per_file)
-    finally:
-        context.checkpoint_config = None
 
 
 @contextmanager
@@ -281,14 +276,17 @@ def subject_means(output: PassOutput) -> dict[str, dict[str, Any]]:
 
 
 def write_subject_means(run: RunDirectory, means: dict[str, dict[str, Any]], settings: Settings) -> None:
-    """Each evaluated subject's means into its status.json (the driver is the only writer of statuses)."""
-    stamp = {"dino_model": settings.eval_dino_model, "clip_model": settings.eval_clip_model, "evaluated_at": now()}
+    """Each evaluated subject's means into its status.json (the driver is the only writer of statuses). A status
+    that already holds them is left alone, so a rerun with nothing new to score rewrites no status."""
+    models = {"dino_model": settings.eval_dino_model, "clip_model": settings.eval_clip_model}
 
     def write(subject_id: str) -> None:
         status = run.read_status(subject_id)
-        if status is not None:
-            status.evaluation = {**means[subject_id], **stamp}
-            run.write_status(status)
+        evaluation = {**means[subject_id], **models}
+        if status is None or {k: (status.evaluation or {}).get(k) for k in evaluation} == evaluation:
+            return
+        status.evaluation = {**evaluation, "evaluated_at": now()}
+        run.write_status(status)
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
         list(pool.map(write, means))

@@ -16,7 +16,10 @@ PDF with pages written goes on with `__done_pages`, so only its missing pages ar
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import fsspec
 import numpy as np
@@ -166,6 +169,20 @@ class PassOutput:
             checkpoint_manager_cls=PageCheckpointManager,
             checkpoint_filter_cls=PageAwareFilter,
         )
+
+    @contextmanager
+    def checkpointed(self, verbose: bool) -> Iterator[None]:
+        """Ray Data's context for a pass into OUT: its checkpoint on for the pass, off again after it. dreamfleet shows
+        its own bar; Ray Data's per-operator bars only with --verbose, on a terminal."""
+        import ray
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = verbose and sys.stdout.isatty()
+        context.checkpoint_config = self.checkpoint_config()
+        try:
+            yield
+        finally:
+            context.checkpoint_config = None
 
     def write(self, ds, rows_per_file: int) -> None:
         """Run the pass `ds` into OUT. Each file (`rows_per_file` rows, the last fewer) is one write task and one

@@ -134,8 +134,10 @@ def test_a_rerun_scores_only_new_images(evaluated, tmp_path):
     shutil.copytree(evaluated[0], run, symlinks=True)
     generations = {r["id"]: r for r in pq.read_table(Path(run) / "generations.parquet").to_pylist()}
     files = _part_files(run)
+    statuses = {p: p.stat().st_mtime_ns for p in (Path(run) / "subjects").glob("*/status.json")}
     assert main(["evaluate", run, "--no-progress"]) == 1  # nothing left to score: no cluster needed
     assert _part_files(run) == files
+    assert {p: p.stat().st_mtime_ns for p in statuses} == statuses  # and no status rewritten with the same means
     added = {**generations["ball/p0000-i0000"], "id": "ball/p0000-i0002", "image_index": 2}
     table = pa.Table.from_pylist([*generations.values(), added], schema=GENERATIONS_SCHEMA)
     pq.write_table(table, Path(run) / "generations.parquet")
