@@ -34,7 +34,7 @@ def build_paper_shaped(folder: Path) -> tuple[str, str]:
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig,
                               ViTImageProcessor, ViTModel)  # fmt: skip
 
-    from engine.tiny_models import build_clip_tokenizer
+    from engine.tiny.sd import build_clip_tokenizer
 
     dino, clip = folder / "dino-vits16-shaped", folder / "clip-vitl14-shaped"
     torch.manual_seed(0)

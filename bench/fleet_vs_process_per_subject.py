@@ -98,7 +98,7 @@ def timed_run(command: list[str], env: dict[str, str] | None = None) -> float:
 
 def warm_page_cache() -> None:
     """Import the libraries once, untimed, so neither side pays for reading them from disk the first time."""
-    timed_run([sys.executable, "-c", "import engine.train, engine.class_images, ray_jobs.worker"])
+    timed_run([sys.executable, "-c", "import engine.diffusion.train, engine.diffusion.class_images, ray_jobs.fleet.worker"])
 
 
 def process_per_subject(rows: list[dict], out: Path, settings: list[str]) -> tuple[float, list[float]]:
@@ -178,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = ["--set", f"max_train_steps={args.steps}", "--set", f"num_class_images={args.class_images}"]
 
-    from ray_jobs.manifest import write_subjects_manifest
+    from ray_jobs.state.manifest import write_subjects_manifest
 
     work = Path(tempfile.mkdtemp(prefix="fleet-vs-process-"))
     rows = draw_subjects(work / "images", args.subjects)

@@ -4,12 +4,12 @@ path, with the serving options as flags. The engine alone, no Ray.
 Model: SD1.5-shaped, random weights (UNet 320/640/1280/1280, cross-attention 768, head dim 8, 2 layers per block,
 sample size 64; VAE 128/256/512/512; CLIP text encoder 768 wide, 12 layers; the character-level tiny tokenizer;
 DDIM with SD1.5's config), built by bench/gpu_train_step.py's `build_sd15_random`, saved with save_pretrained and
-loaded with engine.models.load_base_model. 512 px, 30 DDIM steps, CFG 7.5, --dtype (fp16) weights.
+loaded with engine.diffusion.base_model.load_base_model. 512 px, 30 DDIM steps, CFG 7.5, --dtype (fp16) weights.
 
 Measured, each at every batch size listed, after one 2-step warm-up call, median of --repeats calls:
 1. stock: `StableDiffusionPipeline.from_pretrained(dir, dtype=fp16)` (its default SDPA attention), one call of
    `batch` prompts: the NOTES baseline on an H200 is 1.0 / 3.08 / 4.88 / 5.17 img/s at batch 1 / 4 / 8 / 16.
-2. engine as shipped: `engine.generation.generate` on the resident base model as load_base_model leaves it (fp32,
+2. engine as shipped: `engine.diffusion.generation.generate` on the resident base model as load_base_model leaves it (fp32,
    the precision the fleet generates in today), at --shipped-batch: `batch` prompts at batch_size `batch`, one seed
    and one starting-noise tensor per image, as the fleet renders.
    engine under autocast: the same, fp32 weights, inside torch.autocast(--dtype), at --autocast-batch: the
@@ -62,12 +62,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.gpu_train_step import build_sd15_random  # noqa: E402
-from engine.generation import generate, image_seed, render_subject  # noqa: E402
+from engine.diffusion.generation import generate, image_seed, render_subject  # noqa: E402
 from engine.library_logging import quiet_libraries  # noqa: E402
-from engine.models import BaseModel, load_base_model  # noqa: E402
+from engine.diffusion.base_model import BaseModel, load_base_model  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
-from engine.subject import Subject  # noqa: E402
-from engine.tiny_models import build_tiny_sd  # noqa: E402
+from engine.diffusion.subject import Subject  # noqa: E402
+from engine.tiny.sd import build_tiny_sd  # noqa: E402
 
 PROMPT = "a photo of sks ball on a wooden table, studio light"
 SEED = 11
@@ -117,7 +117,7 @@ def stock_results(model_dir: Path, settings: Settings, dtype: torch.dtype, devic
 
 
 def half_precision(base: BaseModel, dtype: torch.dtype) -> None:
-    """Cast the resident model to `dtype`. engine.generation.generate draws fp32 latents and moves them with
+    """Cast the resident model to `dtype`. engine.diffusion.generation.generate draws fp32 latents and moves them with
     `.to(device)` only, so the UNet and the VAE decoder get their input cast here; in the engine this is one change,
     `.to(base.device, base.unet.dtype)` on the latents, plus a dtype option for load_base_model."""
     for module in (base.unet, base.vae, base.text_encoder):

@@ -5,7 +5,7 @@ The engine alone, no Ray (the GPU machine has only torch, diffusers, transformer
 engine's own imports). The model is bench/gpu_train_step.py's SD1.5-shaped pipeline with random weights (UNet
 320/640/1280/1280, cross-attention 768, head dim 8, 2 layers per block; VAE 128/256/512/512, 4 latent channels;
 CLIP text encoder 768 × 12 layers × 12 heads, 3072 MLP), saved with save_pretrained and loaded with
-engine.models.load_base_model. LoRA r4, 512 px, bf16 mixed precision, each subject 1 instance + 1 class per step.
+engine.diffusion.base_model.load_base_model. LoRA r4, 512 px, bf16 mixed precision, each subject 1 instance + 1 class per step.
 
 `--model sdxl`: SDXL base 1.0's real shapes with random weights, never downloaded (`build_sdxl_random`: its UNet
 config, 320/640/1280, transformer depths 1/2/10, cross-attention 2048, text_time conditioning; its VAE with scale
@@ -54,15 +54,15 @@ import torch  # noqa: E402
 from bench.gpu_train_step import build_sd15_random  # noqa: E402
 from bench.pack_training_cpu import CLASS_PROMPT, PROMPT, draw_ball  # noqa: E402
 from bench.stock_dreambooth import StockDreamBooth  # noqa: E402
-from engine.class_images import ClassImageCache  # noqa: E402
-from engine.generation import RenderJob, render_pack  # noqa: E402
+from engine.diffusion.class_images import ClassImageCache  # noqa: E402
+from engine.diffusion.generation import RenderJob, render_pack  # noqa: E402
 from engine.library_logging import quiet_libraries  # noqa: E402
-from engine.models import BaseModel, load_base_model  # noqa: E402
+from engine.diffusion.base_model import BaseModel, load_base_model  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
-from engine.subject import Subject  # noqa: E402
-from engine.tiny_models import build_clip_tokenizer, build_tiny_sd, build_tiny_sdxl  # noqa: E402
-from engine.train import PackTrainer  # noqa: E402
-from engine.weights import attach_lora_pack  # noqa: E402
+from engine.diffusion.subject import Subject  # noqa: E402
+from engine.tiny.sd import build_clip_tokenizer, build_tiny_sd, build_tiny_sdxl  # noqa: E402
+from engine.diffusion.train import PackTrainer  # noqa: E402
+from engine.diffusion.weights import attach_lora_pack  # noqa: E402
 
 TRAIN_STEPS, IMAGES_PER_SUBJECT = 800, 16  # the projection's work per subject (diffusers' LoRA defaults, SPEC's 4×4)
 STARTED = time.perf_counter()

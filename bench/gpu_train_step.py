@@ -3,7 +3,7 @@
 The engine alone, no Ray. An SD1.5-shaped pipeline with random weights (UNet 320/640/1280/1280, cross-attention
 768, head dim 8, 2 layers per block; VAE 128/256/512/512, 4 latent channels; CLIP text encoder 768 wide, 12
 layers, 12 heads; DDIM scheduler as SD1.5's) is built here, saved with save_pretrained (safetensors) to a temporary
-directory and loaded with engine.models.load_base_model. Its text encoder's vocabulary is the tiny character-level
+directory and loaded with engine.diffusion.base_model.load_base_model. Its text encoder's vocabulary is the tiny character-level
 tokenizer's (514 tokens, not CLIP's 49,408): 37 M fewer embedding weights, nothing else smaller than SD1.5.
 
 For each mode (LoRA r4, full UNet), at `--resolution` with bf16 mixed precision, batch 1 instance + 1 class:
@@ -52,13 +52,13 @@ import torch  # noqa: E402
 
 from bench.ball_subject import CLASS_PROMPT, PROMPT, draw_subject  # noqa: E402
 from bench.stock_dreambooth import StockDreamBooth  # noqa: E402
-from engine.class_images import ClassImageCache  # noqa: E402
+from engine.diffusion.class_images import ClassImageCache  # noqa: E402
 from engine.library_logging import quiet_libraries  # noqa: E402
-from engine.models import BaseModel, load_base_model  # noqa: E402
+from engine.diffusion.base_model import BaseModel, load_base_model  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
-from engine.subject import Subject  # noqa: E402
-from engine.tiny_models import build_clip_tokenizer, build_tiny_sd  # noqa: E402
-from engine.train import StepRecord, train_subject  # noqa: E402
+from engine.diffusion.subject import Subject  # noqa: E402
+from engine.tiny.sd import build_clip_tokenizer, build_tiny_sd  # noqa: E402
+from engine.diffusion.train import StepRecord, train_subject  # noqa: E402
 
 SEED = 7
 GOALS = {"lora": {"s_per_step": 0.05, "peak_gb": 6.0}, "full": {"s_per_step": 0.06, "peak_gb": 12.0}}

@@ -1,4 +1,4 @@
-"""Driver time and peak memory of the file-level checks of an images manifest (`ray_jobs.images_input`) at 10 million
+"""Driver time and peak memory of the file-level checks of an images manifest (`ray_jobs.passes.inputs`) at 10 million
 ids, against the check a user would write first: read every file's id column into one table and count values.
 
 Input: --files Parquet files (default 100) of --ids ids in all (default 10,000,000), ids like `doc-000123-000456`
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 OURS = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from ray_jobs.images_input import check_images_manifest
+from ray_jobs.passes.inputs import check_images_manifest
 began = time.perf_counter()
 rows = check_images_manifest({folder!r}).num_rows
 print(json.dumps({{"rows": rows, "seconds": time.perf_counter() - began,
@@ -56,7 +56,7 @@ BASELINE = """
 import json, resource
 import pyarrow.compute, pyarrow.dataset, pandas, numpy, sys
 sys.path.insert(0, {repo!r})
-import ray_jobs.images_input
+import ray_jobs.passes.inputs
 print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 

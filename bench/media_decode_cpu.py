@@ -1,17 +1,17 @@
 """PDF pages and video frames per second in the VLM pass's CPU stage against its model stage (tiny Qwen3-VL, CPU,
 one thread): does decoding keep up? One process, no Ray cluster: each stage's own per-batch function.
 
-Input, written once before timing: --pdfs PDFs of --pages A4 pages each, half scanned (tests.media_files.scanned_pdf:
+Input, written once before timing: --pdfs PDFs of --pages A4 pages each, half scanned (tests.helpers.media_files.scanned_pdf:
 one 620x877 JPEG per page, 75 dpi), half born-digital (text_pdf); --videos videos (640x360, 10 s, 30 fps, .mp4) per
-codec in --codecs and picture in --pictures: `flat`, tests.media_files.write_video's test picture (grey and a red
+codec in --codecs and picture in --pictures: `flat`, tests.helpers.media_files.write_video's test picture (grey and a red
 square: ~14 kbit/s in h264, nearly free to decode), and `textured`, a smooth random texture panning 2 px a frame
 under fresh grain (~830 kbit/s in h264 at x264's defaults, what a 360p web video has; PyAV's mpeg4 encoder holds
 it to ~470 kbit/s). Each file is written once and copied. One table per kind of input, with the `id`, `image`,
 `video` columns of a manifest that holds both (URIs of the files; the other column null).
-CPU stage: `ray_jobs.analyze.decode_batches`, which each decode task maps over its rows: `row_visuals` (the file
-read, PDFium rendering each page at pdf_dpi within vlm_max_pixels, or the video sampled by engine.video), then
+CPU stage: `ray_jobs.passes.analyze.decode_batches`, which each decode task maps over its rows: `row_visuals` (the file
+read, PDFium rendering each page at pdf_dpi within vlm_max_pixels, or the video sampled by engine.media.video), then
 `fit_pixel_budget`, then the pixels into an Arrow table of vlm_batch_size rows.
-Model stage: `ray_jobs.analyze.VLMPredictor`, the model actor's callable: `VLM("tiny", settings)`, loaded once and
+Model stage: `ray_jobs.passes.analyze.VLMPredictor`, the model actor's callable: `VLM("tiny", settings)`, loaded once and
 not timed; per table, the pixels back into images or `Video`s, one `VLM.generate(visuals, instructions)` of
 vlm_batch_size rows, answers parsed. Task --task (ocr), fed exactly the CPU stage's output tables.
 Settings: the tiny preset (`load_settings("tiny")`) for both stages; and for the CPU stage alone the standard preset
@@ -70,9 +70,9 @@ from PIL import Image  # noqa: E402
 
 from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
-from engine.vlm_tasks import make_task  # noqa: E402
-from ray_jobs.analyze import VLMPredictor, decode_batches, output_schema  # noqa: E402
-from tests.media_files import A4, scanned_pdf, text_pdf, write_video  # noqa: E402
+from engine.vlm.tasks import make_task  # noqa: E402
+from ray_jobs.passes.analyze import VLMPredictor, decode_batches, output_schema  # noqa: E402
+from tests.helpers.media_files import A4, scanned_pdf, text_pdf, write_video  # noqa: E402
 from bench.timing import Timing, timed  # noqa: E402
 
 # The real model on one H200 (NOTES: Qwen3-VL-30B-A3B-shaped, 448 px, 128 new tokens) and the issue's goal.

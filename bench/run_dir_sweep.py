@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 
-from ray_jobs.run_dir import TEMPORARY, RunDirectory
+from ray_jobs.state.run_dir import TEMPORARY, RunDirectory
 
 
 def naive_sweep(root: str) -> int:

@@ -44,13 +44,13 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
-import ray_jobs.scheduler  # noqa: E402
+import ray_jobs.fleet.scheduler  # noqa: E402
 from bench.sleep_worker import SleepWorker, work_seconds  # noqa: E402
 from engine.settings import Settings  # noqa: E402
-from engine.subject import Subject  # noqa: E402
-from ray_jobs.plan import plan_fleet  # noqa: E402
-from ray_jobs.run_dir import RunDirectory  # noqa: E402
-from ray_jobs.scheduler import FleetOptions, FleetScheduler  # noqa: E402
+from engine.diffusion.subject import Subject  # noqa: E402
+from ray_jobs.state.plan import plan_fleet  # noqa: E402
+from ray_jobs.state.run_dir import RunDirectory  # noqa: E402
+from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler  # noqa: E402
 
 MIB = 2**20
 CLASSES = ("dog", "cat")
@@ -144,7 +144,7 @@ class FleetWatcher:
 
 
 class TimedGets:
-    """Stands in for the `ray` module inside ray_jobs.scheduler to time each ray.get there. The driver means to wait
+    """Stands in for the `ray` module inside ray_jobs.fleet.scheduler to time each ray.get there. The driver means to wait
     only in ray.wait; a ray.get that blocks holds up every worker's next job (e.g. a worker's identity while it
     starts)."""
 
@@ -180,7 +180,7 @@ def run_fleet(run: RunDirectory, plan, args: argparse.Namespace, watcher: FleetW
                            pack_subjects=args.pack_subjects, worker_class=SleepWorker)  # fmt: skip
     scheduler = FleetScheduler(run, plan, options, max_attempts=3, on_event=watcher, show_progress=False)
     profile = cProfile.Profile() if args.profile else None
-    ray_jobs.scheduler.ray = gets = TimedGets()
+    ray_jobs.fleet.scheduler.ray = gets = TimedGets()
     cpu, began, wall = time.thread_time(), time.time(), time.perf_counter()
     if profile:
         profile.enable()
@@ -188,7 +188,7 @@ def run_fleet(run: RunDirectory, plan, args: argparse.Namespace, watcher: FleetW
     if profile:
         profile.disable()
     makespan, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-    ray_jobs.scheduler.ray = ray
+    ray_jobs.fleet.scheduler.ray = ray
     rss = psutil.Process().memory_info().rss
     return FleetRun(counts, began, time.time(), makespan, cpu, rss, profile, gets.blocked)
 

@@ -1,4 +1,4 @@
-"""A stand-in for ray_jobs.worker.SubjectWorker that sleeps instead of training, for the scheduling benchmark.
+"""A stand-in for ray_jobs.fleet.worker.SubjectWorker that sleeps instead of training, for the scheduling benchmark.
 
 The same methods (identity, make_class_set, train, generate), the same call protocol and outcome dicts, and no
 torch: what is left of a fleet run is the scheduler, Ray and the run directory.
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.settings import Settings
-from engine.subject import Subject, stable_seed
+from engine.diffusion.subject import Subject, stable_seed
 
-# As ray_jobs.worker.REFILL_SECONDS (not imported from there: that module loads torch, which the stand-in leaves out).
+# As ray_jobs.fleet.worker.REFILL_SECONDS (not imported from there: that module loads torch, which the stand-in leaves out).
 REFILL_SECONDS = 5.0
 ENDED = 1e-9  # work left below this is done (float rounding of the subtractions)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from engine.settings import Settings
-from engine.train import make_optimizer
+from engine.diffusion.train import make_optimizer
 
 
 def load_example(path: str, resolution: int) -> torch.Tensor:

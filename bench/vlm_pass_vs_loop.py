@@ -3,7 +3,7 @@
 
 Input: --rows synthetic document images (PNG receipts drawn with PIL, 128x96: 12 image tokens, inside the tiny
 preset's pixel budget, so neither side resizes them and both feed the model the same pixels) and a manifest of paths.
-Pass: `ray_jobs.analyze.analyze` with the tiny preset (128 new tokens at most, greedy, 32x32 to 128x128 px budget)
+Pass: `ray_jobs.passes.analyze.analyze` with the tiny preset (128 new tokens at most, greedy, 32x32 to 128x128 px budget)
 and vlm_batch_size 8, on a local Ray cluster started once (`ray.init`, timed on its own): read Parquet, decode on CPU
 tasks, one VLM actor answering 8 rows per `generate`, part files written by Ray Data's write tasks. The manifest is a
 folder of 4 Parquet files.
@@ -51,10 +51,10 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
-from engine.tiny_vlm import pixel_budget_kwargs  # noqa: E402
-from engine.vlm import resolve_vlm  # noqa: E402
-from engine.vlm_tasks import make_task  # noqa: E402
-from ray_jobs.analyze import AnalyzeRequest, analyze  # noqa: E402
+from engine.tiny.vlm import pixel_budget_kwargs  # noqa: E402
+from engine.vlm.model import resolve_vlm  # noqa: E402
+from engine.vlm.tasks import make_task  # noqa: E402
+from ray_jobs.passes.analyze import AnalyzeRequest, analyze  # noqa: E402
 
 ANSWER_COLUMN = {"caption": "caption", "ocr": "text"}
 
@@ -152,7 +152,7 @@ def main() -> None:
     quiet_libraries()
     import ray
 
-    from engine.vlm import VLM
+    from engine.vlm.model import VLM
 
     load_before = os.getloadavg()[0]
     settings = load_settings("tiny", overrides={"vlm_batch_size": 8})

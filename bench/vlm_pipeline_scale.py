@@ -40,7 +40,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from ray_jobs.analyze import VLMPredictor  # noqa: E402
+from ray_jobs.passes.analyze import VLMPredictor  # noqa: E402
 
 
 class StandInPredictor(VLMPredictor):
@@ -49,7 +49,7 @@ class StandInPredictor(VLMPredictor):
     def __init__(self, vlm_model, settings, task_args, schema, inbox=None):
         import types
 
-        from engine.vlm_tasks import make_task
+        from engine.vlm.tasks import make_task
 
         self.vlm = types.SimpleNamespace(name="stand-in")
         self.task = make_task(settings=settings, **task_args)
@@ -64,7 +64,7 @@ def old_decode_batch(batch: pa.Table, settings, skip_ids: frozenset[str]) -> pa.
     """The old decode stage: drop the ids already written (the whole set travels with every task), then decode."""
     import pyarrow.compute as pc
 
-    from ray_jobs.analyze import decode_batches
+    from ray_jobs.passes.analyze import decode_batches
 
     if skip_ids:
         batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), pa.array(list(skip_ids), pa.string()))))
@@ -118,10 +118,10 @@ def child(design: str, manifest: str, out: str, batch: int) -> None:
 
     import ray
 
-    import ray_jobs.analyze as analyze_module
+    import ray_jobs.passes.analyze as analyze_module
     from engine.settings import load_settings
-    from engine.vlm_tasks import make_task
-    from ray_jobs.images_input import check_images_manifest
+    from engine.vlm.tasks import make_task
+    from ray_jobs.passes.inputs import check_images_manifest
 
     ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     settings = load_settings("tiny", overrides={"vlm_batch_size": batch, "vlm_rows_per_file": 100_000})

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.library_logging import quiet_libraries
-from engine.models import default_device, resolve_transformers_model
+from engine.diffusion.base_model import default_device, resolve_transformers_model
 
 def resolve_eval_model(name: str, kind: str, cache_dir: Path | None = None) -> Path:
     """The local directory of evaluation model `name` of `kind` ("dino" or "clip"): `tiny` is built offline."""
     if name == "tiny":
-        from engine.tiny_eval_models import ensure_tiny_eval_model
+        from engine.tiny.eval_models import ensure_tiny_eval_model
 
         return ensure_tiny_eval_model(kind, cache_dir)
     return resolve_transformers_model(name)

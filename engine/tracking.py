@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from engine import storage
 from engine.settings import VLM_SETTINGS, Settings
-from engine.train import StepRecord
+from engine.diffusion.train import StepRecord
 
 # Curve name in every tool -> StepRecord field
 SCALARS = {

@@ -11,20 +11,21 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from engine.models import ModelError
+from engine.diffusion.base_model import ModelError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
-from engine.vlm_tasks import TASKS, TaskError
-from ray_jobs import exit_status, report
-from ray_jobs.manifest import ManifestError, read_subjects_manifest
+from engine.vlm.tasks import TASKS, TaskError
+from ray_jobs import exit_status
+from ray_jobs.report.run_report import run_report as report
+from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
-from ray_jobs.pass_resources import ResourceShortfall
-from ray_jobs.run_dir import RunConflictError
+from ray_jobs.passes.resources import ResourceShortfall
+from ray_jobs.state.run_dir import RunConflictError
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.kind == "images":
-        from ray_jobs.images_input import check_image_rows
+        from ray_jobs.passes.inputs import check_image_rows
 
         problems = list(check_image_rows(args.manifest, settings))
         for row, rid, reason in problems:
@@ -69,7 +70,7 @@ STAGES = {"train": ("train",), "generate": ("generate",), "run": ("train", "gene
 
 def cmd_fleet(args: argparse.Namespace) -> int:
     """train, generate and run: the manifest's subjects through the fleet, resuming whatever RUN holds."""
-    from ray_jobs.fleet import FleetRequest, run_manifest
+    from ray_jobs.run import FleetRequest, run_manifest
 
     request = FleetRequest(
         manifest=args.manifest,
@@ -96,7 +97,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from ray_jobs.progress import print_evaluation, print_summary
-    from ray_jobs.run_dir import RunDirectory, summarize
+    from ray_jobs.state.run_dir import RunDirectory, summarize
 
     run = RunDirectory(args.run)
     record = run.read_run()
@@ -115,8 +116,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ray_jobs.evaluate import EvaluateRequest, evaluate
-    from ray_jobs.run_dir import RunDirectory
+    from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
+    from ray_jobs.state.run_dir import RunDirectory
 
     record = RunDirectory(args.run).read_run()
     if record is None:
@@ -131,7 +132,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from ray_jobs.analyze import AnalyzeRequest, analyze
+    from ray_jobs.passes.analyze import AnalyzeRequest, analyze
 
     request = AnalyzeRequest(
         input=args.input, task=args.task, out=args.out, settings=_settings(args), vlm_model=args.vlm_model,

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from engine.settings import load_settings
-from ray_jobs.analyze import AnalyzeRequest, analyze
-from ray_jobs.fleet import FleetRequest, run_manifest
-from ray_jobs.manifest import write_subjects_manifest
-from ray_jobs.report import write_run_report
+from ray_jobs.passes.analyze import AnalyzeRequest, analyze
+from ray_jobs.run import FleetRequest, run_manifest
+from ray_jobs.state.manifest import write_subjects_manifest
+from ray_jobs.report.run_report import write_run_report
 
 # (subject id, class noun, shape, colour, background)
 SUBJECTS = [

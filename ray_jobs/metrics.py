@@ -25,8 +25,8 @@ from prometheus_client import (
     start_http_server,
 )
 
-from engine.vlm_tasks import TASKS
-from ray_jobs.run_dir import STATES
+from engine.vlm.tasks import TASKS
+from ray_jobs.state.run_dir import STATES
 
 disable_created_metrics()  # the *_created series double every counter and no dashboard reads them
 

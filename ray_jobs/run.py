@@ -11,17 +11,17 @@ import sys
 from dataclasses import dataclass
 
 from engine import storage
-from engine.models import fingerprint, resolve_base_model
+from engine.diffusion.base_model import fingerprint, resolve_base_model
 from engine.settings import Settings
 from engine.tracking import TrackingGroup, finish_group, start_group
 from ray_jobs import exit_status
-from ray_jobs.generations import assemble_generations
-from ray_jobs.manifest import SubjectsManifest, read_subjects_manifest
+from ray_jobs.state.generations import assemble_generations
+from ray_jobs.state.manifest import SubjectsManifest, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
-from ray_jobs.plan import plan_fleet, row_has_own_folder
+from ray_jobs.state.plan import plan_fleet, row_has_own_folder
 from ray_jobs.progress import print_summary
-from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
-from ray_jobs.scheduler import FleetOptions, FleetScheduler, worker_slots
+from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
+from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler, worker_slots
 
 
 @dataclass
@@ -158,8 +158,8 @@ def start_tracking(run_uri: str, trackers: list[str]) -> TrackingGroup | None:
 
 def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The moderation pass of `dreamfleet run`: RUN/generations.parquet → RUN/moderation.parquet, resumable."""
-    from ray_jobs.analyze import AnalyzeRequest, analyze
-    from ray_jobs.pass_resources import ResourceShortfall
+    from ray_jobs.passes.analyze import AnalyzeRequest, analyze
+    from ray_jobs.passes.resources import ResourceShortfall
 
     source = storage.join(run.uri, "generations.parquet")
     analysis = AnalyzeRequest(
@@ -176,9 +176,9 @@ def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
 def evaluate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The evaluation pass of `dreamfleet run`, where its models are at hand: a model that cannot be had (offline,
     not cached) skips it with a note; `dreamfleet evaluate RUN` scores the images later."""
-    from engine.models import ModelError
-    from ray_jobs.evaluate import EvaluateRequest, evaluate
-    from ray_jobs.pass_resources import ResourceShortfall
+    from engine.diffusion.base_model import ModelError
+    from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
+    from ray_jobs.passes.resources import ResourceShortfall
 
     if not request.settings.evaluate:
         return exit_status.OK

@@ -23,7 +23,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_path(model_cache: Path) -> Path:
-    from engine.models import resolve_base_model
+    from engine.diffusion.base_model import resolve_base_model
 
     return resolve_base_model("tiny", model_cache)
 
@@ -31,7 +31,7 @@ def tiny_path(model_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def base(tiny_path: Path):
     """One resident base model shared by the session's tests, as a fleet worker shares it between subjects."""
-    from engine.models import load_base_model
+    from engine.diffusion.base_model import load_base_model
 
     return load_base_model(tiny_path, "cpu")
 

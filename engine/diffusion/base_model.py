@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.packed_lora import LoraPack
-from engine.tiny_models import default_cache_dir, ensure_tiny_sd, ensure_tiny_sdxl
-from engine.tiny_prior import ensure_tiny_prior
+from engine.diffusion.packed_lora import LoraPack
+from engine.tiny.sd import default_cache_dir, ensure_tiny_sd, ensure_tiny_sdxl
+from engine.tiny.prior import ensure_tiny_prior
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TINY_MODELS = {"tiny": ensure_tiny_sd, "tiny-sdxl": ensure_tiny_sdxl, "tiny-prior": ensure_tiny_prior}

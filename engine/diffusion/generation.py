@@ -19,9 +19,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from engine import storage
-from engine.models import BaseModel
+from engine.diffusion.base_model import BaseModel
 from engine.settings import Settings
-from engine.subject import Subject
+from engine.diffusion.subject import Subject
 
 
 def make_scheduler(name: str, config: dict):

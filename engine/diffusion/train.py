@@ -32,19 +32,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine import data_parallel, storage
-from engine.checkpoints import CheckpointError, TrainingState, load_latest_checkpoint, save_checkpoint
-from engine.instance_data import (
+from engine import storage
+
+from engine.diffusion import data_parallel
+from engine.diffusion.checkpoints import CheckpointError, TrainingState, load_latest_checkpoint, save_checkpoint
+from engine.diffusion.instance_data import (
     PromptEmbeddings,
     TrainingExamples,
     encode_prompts,
     prepare_examples,
     unet_added_conditions,
 )
-from engine.models import BaseModel
+from engine.diffusion.base_model import BaseModel
 from engine.settings import Settings
-from engine.subject import Subject
-from engine.weights import attach_lora_pack, export_weights, trained_components
+from engine.diffusion.subject import Subject
+from engine.diffusion.weights import attach_lora_pack, export_weights, trained_components
 
 # Settings that change the optimisation itself; a checkpoint made with other values cannot be resumed.
 TRAINING_IDENTITY_KEYS = (

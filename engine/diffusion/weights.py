@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from engine import storage
-from engine.models import BaseModel
-from engine.packed_lora import LoraLayoutError, LoraPack
+from engine.diffusion.base_model import BaseModel
+from engine.diffusion.packed_lora import LoraLayoutError, LoraPack
 from engine.settings import Settings, SettingsError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

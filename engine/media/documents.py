@@ -17,7 +17,7 @@ import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from PIL import Image
 
-from engine.images import ImageError
+from engine.media.images import ImageError
 
 PDF_MAGIC = b"%PDF-"
 MAGIC_WINDOW = 1024  # the PDF spec lets a header start anywhere in the first 1024 bytes (junk before it is allowed)

@@ -12,7 +12,7 @@ import av
 import numpy as np
 
 from engine import storage
-from engine.images import ImageError
+from engine.media.images import ImageError
 
 
 @dataclass

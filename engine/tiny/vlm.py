@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.tiny_models import build_once, default_cache_dir
+from engine.tiny.sd import build_once, default_cache_dir
 
 # Bump when the architecture, tokenizer, template or construction changes, so stale caches are rebuilt.
 TINY_VLM_VERSION = 1

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from engine.library_logging import quiet_libraries
-from engine.models import resolve_transformers_model
+from engine.diffusion.base_model import resolve_transformers_model
 from engine.settings import Settings
-from engine.video import Video
+from engine.media.video import Video
 
 THINK_END = "</think>"
 TINY_VLM_NAMES = {"tiny": "dense", "tiny-moe": "moe", "tiny-thinking": "dense-thinking",
@@ -36,7 +36,7 @@ class VLMOutput:
 def resolve_vlm(name: str, cache_dir: Path | None = None) -> Path:
     """The local directory of `name`: a `tiny` variant (built offline), a local directory, or a hub id."""
     if name in TINY_VLM_NAMES:
-        from engine.tiny_vlm import ensure_tiny_vlm
+        from engine.tiny.vlm import ensure_tiny_vlm
 
         return ensure_tiny_vlm(cache_dir, TINY_VLM_NAMES[name])
     return resolve_transformers_model(name, extra_patterns=["*.jinja"])

@@ -32,15 +32,15 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from engine import storage
-from engine.checkpoints import complete_steps
-from engine.generation import render_shape
+from engine.diffusion.checkpoints import complete_steps
+from engine.diffusion.generation import render_shape
 from engine.settings import Settings
 from engine.tracking import TrackingGroup
-from engine.train import pack_shape
-from ray_jobs.plan import ClassSetJob, FleetPlan, SubjectJob
+from engine.diffusion.train import pack_shape
+from ray_jobs.state.plan import ClassSetJob, FleetPlan, SubjectJob
 from ray_jobs.progress import FleetProgress
-from ray_jobs.run_dir import RunDirectory, subject_dir, summarize
-from ray_jobs.worker import SubjectWorker
+from ray_jobs.state.run_dir import RunDirectory, subject_dir, summarize
+from ray_jobs.fleet.worker import SubjectWorker
 
 RUNNING_STATE = {"train": "training", "generate": "generating"}
 FINISHED_STATE = {"train": "trained", "generate": "done"}
@@ -213,7 +213,7 @@ class FleetScheduler:
     # -- queueing ------------------------------------------------------------------------------------------------
 
     def _enqueue_plan(self) -> None:
-        from engine.class_images import ClassImageCache
+        from engine.diffusion.class_images import ClassImageCache
 
         cache = ClassImageCache(self.run_dir.class_images)
         subjects = []

@@ -20,19 +20,21 @@ from typing import Any
 
 import torch
 
-from engine import data_parallel, storage
-from engine.checkpoints import CheckpointError
-from engine.class_images import ClassImageCache
-from engine.generation import RenderJob, render_pack
-from engine.images import ImageError
-from engine.models import default_device, frozen_weights_dtype, load_base_model, resolve_base_model
+from engine import storage
+
+from engine.diffusion import data_parallel
+from engine.diffusion.checkpoints import CheckpointError
+from engine.diffusion.class_images import ClassImageCache
+from engine.diffusion.generation import RenderJob, render_pack
+from engine.media.images import ImageError
+from engine.diffusion.base_model import default_device, frozen_weights_dtype, load_base_model, resolve_base_model
 from engine.settings import Settings, SettingsError
-from engine.subject import Subject
+from engine.diffusion.subject import Subject
 from engine.tracking import SubjectTracker, TrackingGroup
-from engine.train import PackTrainer, StepRecord
-from engine.weights import attach_lora_pack, load_subject_weights
-from ray_jobs.generations import write_subject_generations
-from ray_jobs.run_dir import subject_dir
+from engine.diffusion.train import PackTrainer, StepRecord
+from engine.diffusion.weights import attach_lora_pack, load_subject_weights
+from ray_jobs.state.generations import write_subject_generations
+from ray_jobs.state.run_dir import subject_dir
 
 # Failures that come from the subject's own input: trying again would fail the same way.
 PERMANENT_ERRORS = (ImageError, CheckpointError, SettingsError)

@@ -19,16 +19,16 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from engine.images import ImageError
+from engine.media.images import ImageError
 from engine.settings import Settings
-from engine.video import Video
-from engine.vlm_tasks import RowRequest
+from engine.media.video import Video
+from engine.vlm.tasks import RowRequest
 from ray_jobs import exit_status
-from ray_jobs.images_input import VISUAL_COLUMNS, ImagesInput, RowVisual, check_images_manifest, row_visuals
-from ray_jobs.manifest import ManifestError
-from ray_jobs.pass_output import DONE_PAGES, PassOutput, arrow_filesystem
-from ray_jobs.pass_resources import model_actor_resources
-from ray_jobs.pass_stats import StatsRelay, send_batch_figures
+from ray_jobs.passes.inputs import VISUAL_COLUMNS, ImagesInput, RowVisual, check_images_manifest, row_visuals
+from ray_jobs.state.manifest import ManifestError
+from ray_jobs.passes.output import DONE_PAGES, PassOutput, arrow_filesystem
+from ray_jobs.passes.resources import model_actor_resources
+from ray_jobs.passes.stats import StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
 
 STANDARD_COLUMNS = pa.schema(
@@ -155,9 +155,9 @@ class VLMPredictor:
     """A model actor: loads the VLM once, then answers batches of decoded images."""
 
     def __init__(self, vlm_model: str, settings: Settings, task_args: dict[str, Any], schema: pa.Schema, inbox=None):
-        from engine.constrained import GrammarCompiler
-        from engine.vlm import VLM
-        from engine.vlm_tasks import make_task
+        from engine.vlm.constrained import GrammarCompiler
+        from engine.vlm.model import VLM
+        from engine.vlm.tasks import make_task
 
         self.vlm = VLM(vlm_model, settings)
         self.task = make_task(settings=settings, **task_args)
@@ -257,7 +257,7 @@ def vlm_stats_relay(metrics, task: str, progress: FleetProgress, rows_left: int)
 
 def analyze(request: AnalyzeRequest, metrics=None) -> int:
     """Run the pass; returns the exit status (0 all rows answered, 1 some rows have errors)."""
-    from engine.vlm_tasks import make_task
+    from engine.vlm.tasks import make_task
 
     images = check_images_manifest(request.input)
     task_args = request.task_args()
@@ -278,7 +278,7 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
     import ray
     from ray.data.datasource.partitioning import Partitioning
 
-    from ray_jobs.fleet import connect
+    from ray_jobs.run import connect
 
     connect(request.address, request.verbose)
     settings = request.settings

@@ -30,17 +30,17 @@ import pyarrow.dataset as pds
 from PIL import Image
 
 from engine import storage
-from engine.images import ImageError, read_image
+from engine.media.images import ImageError, read_image
 from engine.settings import Settings
 from ray_jobs import exit_status
-from ray_jobs.generations import GENERATIONS
-from ray_jobs.images_input import ImagesInput, check_images_manifest
-from ray_jobs.manifest import ManifestError, subjects_of_run
-from ray_jobs.pass_output import PassOutput, arrow_filesystem
-from ray_jobs.pass_resources import model_actor_resources
-from ray_jobs.pass_stats import StatsRelay, send_batch_figures
+from ray_jobs.state.generations import GENERATIONS
+from ray_jobs.passes.inputs import ImagesInput, check_images_manifest
+from ray_jobs.state.manifest import ManifestError, subjects_of_run
+from ray_jobs.passes.output import PassOutput, arrow_filesystem
+from ray_jobs.passes.resources import model_actor_resources
+from ray_jobs.passes.stats import StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
-from ray_jobs.run_dir import RunDirectory, now
+from ray_jobs.state.run_dir import RunDirectory, now
 
 EVALUATION = "evaluation.parquet"
 INPUT_COLUMNS = ["id", "subject_id", "prompt", "prompt_index", "image_index", "image"]
@@ -203,7 +203,7 @@ def _run_pass(request: EvaluateRequest, generations: ImagesInput, output: PassOu
               metrics) -> None:  # fmt: skip
     import ray
 
-    from ray_jobs.fleet import connect
+    from ray_jobs.run import connect
 
     connect(request.address, request.verbose)
     settings = request.settings

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from engine import storage
-from engine.documents import count_pages, is_pdf, render_pages
-from engine.images import ImageError, decode_image, read_source
-from engine.video import Video, read_video
+from engine.media.documents import count_pages, is_pdf, render_pages
+from engine.media.images import ImageError, decode_image, read_source
+from engine.media.video import Video, read_video
 from engine.settings import Settings
-from ray_jobs.manifest import ManifestError
+from ray_jobs.state.manifest import ManifestError
 
 VISUAL_COLUMNS = ("image", "image_bytes", "video")  # exactly one of them per row
 TEXT_COLUMNS = ("id", "image", "video", "question", "categories")  # read as text by the pass: bytes that are not

@@ -33,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.data.checkpoint.checkpoint_filter import CheckpointFilter, IdColumnCheckpointManager
 
 from engine import storage
-from ray_jobs.manifest import ManifestError
+from ray_jobs.state.manifest import ManifestError
 
 FOOTER_READ_THREADS = 16  # reading footers is storage round trips: overlap them
 DONE_PAGES = "__done_pages"  # the pages of a PDF row already in OUT, added to resumed input rows

@@ -33,14 +33,14 @@ import pyarrow.dataset as pds
 from PIL import Image
 
 from engine import storage
-from engine.documents import count_pages, is_pdf, page_pixels, render_pages
-from engine.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
+from engine.media.documents import count_pages, is_pdf, page_pixels, render_pages
+from engine.media.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
 from engine.settings import Settings
-from engine.video import read_first_frame
+from engine.media.video import read_first_frame
 from ray_jobs import exit_status
-from ray_jobs.generations import GENERATIONS
-from ray_jobs.manifest import subjects_of_run
-from ray_jobs.run_dir import RunDirectory, SubjectStatus, summarize
+from ray_jobs.state.generations import GENERATIONS
+from ray_jobs.state.manifest import subjects_of_run
+from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
 
 REPORT = "report.html"
 MODERATION = "moderation.parquet"
@@ -282,7 +282,7 @@ class ThumbnailStore:
         return pages[0].image, UprightSize(*pages[0].points, "pt")
 
     def _first_frame(self, canonical: str, label: str) -> tuple[Image.Image, UprightSize]:
-        """A video's first frame, upright (engine.video applies the display matrix, mirrors too)."""
+        """A video's first frame, upright (engine.media.video applies the display matrix, mirrors too)."""
         image = Image.fromarray(read_first_frame(canonical, max_frame_pixels=self.max_pixels))
         return image, UprightSize(image.width, image.height, "px")
 
@@ -309,7 +309,7 @@ def _read(source: Callable[[], bytes], label: str) -> bytes:
 @functools.cache
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("ray_jobs", "templates"),
+        loader=jinja2.PackageLoader("ray_jobs.report", "templates"),
         autoescape=jinja2.select_autoescape(["html"]),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
-from ray_jobs.run_dir import RunDirectory, subject_dir
+from ray_jobs.state.run_dir import RunDirectory, subject_dir
 
 GENERATIONS = "generations.parquet"
 SCHEMA = pa.schema(

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.class_images import class_set_key
+from engine.diffusion.class_images import class_set_key
 from engine.settings import Settings
-from engine.subject import SUBJECT_ID_PATTERN, Subject
-from ray_jobs.manifest import RowError
-from ray_jobs.run_dir import SubjectStatus
+from engine.diffusion.subject import SUBJECT_ID_PATTERN, Subject
+from ray_jobs.state.manifest import RowError
+from ray_jobs.state.run_dir import SubjectStatus
 
 # States in which a subject's training is finished; a rerun skips them.
 TRAINED_STATES = frozenset({"trained", "generating", "done"})

@@ -6,7 +6,7 @@ import pytest
 import xgrammar as xgr
 
 from engine.settings import load_settings
-from engine.vlm import VLM
+from engine.vlm.model import VLM
 
 
 @pytest.fixture(scope="session")
@@ -28,13 +28,13 @@ def info(dense) -> xgr.TokenizerInfo:
 @pytest.fixture(scope="session")
 def prior_path(model_cache):
     """tiny-prior, built once per session into the private cache (about a minute cold; see engine/tiny_prior.py)."""
-    from engine.models import resolve_base_model
+    from engine.diffusion.base_model import resolve_base_model
 
     return resolve_base_model("tiny-prior", model_cache)
 
 
 @pytest.fixture(scope="session")
 def prior_base(prior_path):
-    from engine.models import load_base_model
+    from engine.diffusion.base_model import load_base_model
 
     return load_base_model(prior_path, "cpu")

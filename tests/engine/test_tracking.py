@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.class_images import ClassImageCache
+from engine.diffusion.class_images import ClassImageCache
 from engine.settings import load_settings
-from engine.subject import Subject
+from engine.diffusion.subject import Subject
 from engine.tracking import SCALARS, SubjectTracker, TrackingGroup, start_group, wandb_run_id
-from engine.train import PackTrainer
+from engine.diffusion.train import PackTrainer
 from tests.conftest import Interrupted, draw_subject
-from tests.tracking_readers import (
+from tests.helpers.tracking_readers import (
     mlflow_children, mlflow_curves, tensorboard_events, tensorboard_hparams, wandb_sessions,
 )  # fmt: skip
 

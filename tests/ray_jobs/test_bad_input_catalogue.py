@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from ray_jobs.cli import main
-from ray_jobs.manifest import write_subjects_manifest
-from ray_jobs.run_dir import RunDirectory
-from tests import media_files
+from ray_jobs.state.manifest import write_subjects_manifest
+from ray_jobs.state.run_dir import RunDirectory
+from tests.helpers import media_files
 from tests.conftest import draw_subject
 from tests.ray_jobs.conftest import make_subject_rows
 

@@ -23,10 +23,10 @@ import pytest
 from PIL import Image
 
 from engine import storage
-from engine.checkpoints import complete_steps
+from engine.diffusion.checkpoints import complete_steps
 from ray_jobs.cli import main
-from ray_jobs.manifest import write_subjects_manifest
-from ray_jobs.run_dir import RunDirectory
+from ray_jobs.state.manifest import write_subjects_manifest
+from ray_jobs.state.run_dir import RunDirectory
 from tests.ray_jobs.conftest import make_subject_rows
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """The command line as a user meets it: exit statuses and messages of `dreamfleet validate`."""
 
 from ray_jobs.cli import main
-from ray_jobs.manifest import write_subjects_manifest
+from ray_jobs.state.manifest import write_subjects_manifest
 from tests.ray_jobs.conftest import make_subject_rows
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs.cli import main
-from ray_jobs.manifest import write_subjects_manifest
+from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.metrics import EXPORTED_NAMES
 from tests.ray_jobs.conftest import free_port, make_subject_rows
 

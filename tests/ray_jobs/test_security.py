@@ -15,9 +15,9 @@ import pytest
 from engine import storage
 from engine.settings import load_settings
 from ray_jobs.cli import build_parser, main
-from ray_jobs.manifest import write_subjects_manifest
+from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.metrics import RunMetrics
-from ray_jobs.run_dir import RunDirectory
+from ray_jobs.state.run_dir import RunDirectory
 from tests.ray_jobs.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY, free_port, make_subject_rows
 
 FAST = ["--set", "max_train_steps=4", "--set", "checkpointing_steps=2", "--set", "num_class_images=2", "--no-progress",
@@ -67,7 +67,7 @@ def test_a_link_in_run_that_leads_outside_is_refused(ray_cluster, tmp_path, caps
 
 
 def test_remote_code_in_a_model_directory_runs_only_when_trusted(tmp_path):
-    from engine.vlm import VLM, resolve_vlm
+    from engine.vlm.model import VLM, resolve_vlm
 
     model, marker = tmp_path / "vlm", tmp_path / "REMOTE-CODE-RAN"
     shutil.copytree(resolve_vlm("tiny"), model)

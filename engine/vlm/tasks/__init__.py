@@ -67,7 +67,7 @@ def make_task(
     question: str | None = None,
     categories: str | None = None,
 ) -> VLMTask:
-    from engine.vlm_tasks import caption, detect, extract, moderate, ocr, parse, vqa
+    from engine.vlm.tasks import caption, detect, extract, moderate, ocr, parse, vqa
 
     if name == "ocr":
         return ocr.OCRTask(settings)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from engine.settings import Settings
-from engine.vlm import VLMOutput
-from engine.vlm_tasks import RowRequest, VLMTask
+from engine.vlm.model import VLMOutput
+from engine.vlm.tasks import RowRequest, VLMTask
 
 PROMPT = (
     "Describe this image in detail: the main subject, its appearance, the setting, colours, lighting and "

@@ -14,10 +14,10 @@ from typing import Any
 import jsonschema
 import pyarrow as pa
 
-from engine.constrained import Grammar
+from engine.vlm.constrained import Grammar
 from engine.settings import Settings
-from engine.vlm import VLMOutput
-from engine.vlm_tasks import RowRequest, TaskError, VLMTask
+from engine.vlm.model import VLMOutput
+from engine.vlm.tasks import RowRequest, TaskError, VLMTask
 
 PROMPT = (
     "Extract the fields described by this JSON Schema from the document in the image. Answer with one JSON object "
@@ -310,7 +310,7 @@ class ExtractTask(VLMTask):
     name = "extract"
 
     def __init__(self, settings: Settings, schema: dict[str, Any]):
-        from engine.constrained import GrammarError
+        from engine.vlm.constrained import GrammarError
 
         self.schema = schema
         self.validator = jsonschema.validators.validator_for(schema)(schema)

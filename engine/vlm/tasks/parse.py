@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from engine.settings import Settings
-from engine.vlm import VLMOutput
-from engine.vlm_tasks import RowRequest, VLMTask
+from engine.vlm.model import VLMOutput
+from engine.vlm.tasks import RowRequest, VLMTask
 
 PROMPT = "qwenvl markdown"  # the cookbook's prompt: Qwen3-VL was trained to answer it with the page as Markdown
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from engine.settings import Settings
-from engine.vlm import VLMOutput
-from engine.vlm_tasks import RowRequest, TaskError, VLMTask
+from engine.vlm.model import VLMOutput
+from engine.vlm.tasks import RowRequest, TaskError, VLMTask
 
 PROMPT = "{question}"  # the question as the user wrote it; vqa_prompt may wrap it in instructions
 

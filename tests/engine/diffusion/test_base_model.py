@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.models import ModelError, fingerprint, load_base_model, resolve_base_model
-from engine.tiny_models import build_tiny_sd
+from engine.diffusion.base_model import ModelError, fingerprint, load_base_model, resolve_base_model
+from engine.tiny.sd import build_tiny_sd
 
 
 def test_tiny_model_is_deterministic_from_its_seed(tmp_path, tiny_path):

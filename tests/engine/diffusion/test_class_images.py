@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from engine import storage
-from engine.class_images import MANIFEST, ClassImageCache
+from engine.diffusion.class_images import MANIFEST, ClassImageCache
 from engine.settings import load_settings
 
 

@@ -15,10 +15,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from engine.class_images import ClassImageCache
+from engine.diffusion.class_images import ClassImageCache
 from engine.settings import Settings, load_settings
-from engine.subject import Subject
-from engine.train import train_subject
+from engine.diffusion.subject import Subject
+from engine.diffusion.train import train_subject
 from tests.conftest import Interrupted, draw_subject, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
@@ -45,8 +45,8 @@ def _settings(overrides: dict, batch: int, ranks: int) -> Settings:
 
 def _rank(rank: int, ports: list[int], tiny: str, subject: Subject, class_uris: list[str], out: str) -> None:
     """One of the two processes: every scenario in turn, each rank's findings written to out/rank<r>.json."""
-    from engine import data_parallel
-    from engine.models import load_base_model
+    from engine.diffusion import data_parallel
+    from engine.diffusion.base_model import load_base_model
 
     torch.set_num_threads(1)  # two processes on the test machine's cores
     base = load_base_model(Path(tiny), "cpu")
@@ -76,7 +76,7 @@ def _rank(rank: int, ports: list[int], tiny: str, subject: Subject, class_uris: 
 
 @pytest.fixture(scope="module")
 def two_ranks(base, tiny_path, tmp_path_factory) -> tuple[Path, Subject, list[str], list[dict]]:
-    from engine import data_parallel
+    from engine.diffusion import data_parallel
 
     out = tmp_path_factory.mktemp("data-parallel")
     (out / "images").mkdir()

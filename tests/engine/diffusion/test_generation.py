@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.generation import render_subject
+from engine.diffusion.generation import render_subject
 from engine.settings import load_settings
-from engine.subject import Subject
-from engine.train import train_subject
-from engine.weights import load_subject_weights
+from engine.diffusion.subject import Subject
+from engine.diffusion.train import train_subject
+from engine.diffusion.weights import load_subject_weights
 
 PROMPTS = ("a photo of sks ball on grass", "a photo of sks ball in snow")
 
@@ -94,7 +94,7 @@ def test_loaded_subject_weights_render_like_stock_diffusers(base, tiny_path, sub
         stock.load_lora_weights(result.weights_uri)
     else:
         stock.unet = UNet2DConditionModel.from_pretrained(result.weights_uri, subfolder="unet")
-    from engine.generation import make_scheduler
+    from engine.diffusion.generation import make_scheduler
 
     stock.scheduler = make_scheduler("ddim", stock.scheduler.config)
     import torch
@@ -109,8 +109,8 @@ def test_loaded_subject_weights_render_like_stock_diffusers(base, tiny_path, sub
 def test_packed_rendering_equals_each_subject_alone(base, subject_images, tmp_path, overrides):
     """Three subjects in shared UNet batches (both CFG halves of each image through its own adapter): every image
     within 1/255 of the subject rendered alone."""
-    from engine.generation import RenderJob, render_pack
-    from engine.weights import attach_lora_pack
+    from engine.diffusion.generation import RenderJob, render_pack
+    from engine.diffusion.weights import attach_lora_pack
 
     settings = load_settings("tiny", overrides={"max_train_steps": 6, "learning_rate": 2e-2, "num_images_per_prompt": 2,
                                                 "with_prior_preservation": False, "generation_batch_size": 5,

@@ -12,16 +12,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from engine.class_images import ClassImageCache
-from engine.generation import make_scheduler, render_subject
-from engine.models import ModelError, fingerprint, load_base_model, resolve_base_model
+from engine.diffusion.class_images import ClassImageCache
+from engine.diffusion.generation import make_scheduler, render_subject
+from engine.diffusion.base_model import ModelError, fingerprint, load_base_model, resolve_base_model
 from engine.settings import load_settings
-from engine.subject import Subject
-from engine.tiny_models import build_tiny_sdxl
-from engine.train import PackJob, train_pack, train_subject
-from engine.weights import load_subject_weights
+from engine.diffusion.subject import Subject
+from engine.tiny.sd import build_tiny_sdxl
+from engine.diffusion.train import PackJob, train_pack, train_subject
+from engine.diffusion.weights import load_subject_weights
 from tests.conftest import Interrupted, draw_subject, stop_at
-from tests.engine.test_train import _assert_same_training
+from tests.engine.diffusion.test_train import _assert_same_training
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 
@@ -97,8 +97,8 @@ def test_tiny_sdxl_is_deterministic_and_round_trips_through_stock_from_pretraine
 
 
 def test_training_conditions_the_unet_as_the_stock_pipeline_does(sdxl):
-    from engine.generation import make_pipeline
-    from engine.instance_data import encode_prompts, tokenize, unet_added_conditions
+    from engine.diffusion.generation import make_pipeline
+    from engine.diffusion.instance_data import encode_prompts, tokenize, unet_added_conditions
 
     with torch.no_grad():
         ours = encode_prompts(sdxl, tokenize(sdxl, PROMPT))
@@ -186,7 +186,7 @@ def test_killed_and_resumed_training_equals_uninterrupted(sdxl, subject_images, 
 
 
 def test_full_fine_tune_exports_stock_folders_and_leaves_the_base_unchanged(sdxl, sdxl_path, subject_images, tmp_path):
-    from engine.generation import generate
+    from engine.diffusion.generation import generate
 
     settings = _settings(mode="full", train_text_encoder=True, with_prior_preservation=False)
     base_images = generate(sdxl, [PROMPT] * 2, [1, 2], settings, batch_size=2)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoints import CheckpointError, complete_steps
-from engine.class_images import ClassImageCache
-from engine.instance_data import load_pixels
-from engine.models import load_base_model
+from engine.diffusion.checkpoints import CheckpointError, complete_steps
+from engine.diffusion.class_images import ClassImageCache
+from engine.diffusion.instance_data import load_pixels
+from engine.diffusion.base_model import load_base_model
 from engine.settings import load_settings
-from engine.subject import Subject
-from engine.train import NonFiniteLossError, train_subject
+from engine.diffusion.subject import Subject
+from engine.diffusion.train import NonFiniteLossError, train_subject
 from tests.conftest import Interrupted, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
@@ -108,7 +108,7 @@ def test_stock_diffusers_loads_the_weights_and_they_change_its_output(base, tiny
 
 
 def test_the_base_model_is_left_unchanged_after_a_subject(base, subject_images, tmp_path):
-    from engine.generation import generate
+    from engine.diffusion.generation import generate
 
     settings = load_settings("tiny", overrides={"max_train_steps": 3, "with_prior_preservation": False})
     before = generate(base, [PROMPT] * 2, [1, 2], settings, batch_size=2)
@@ -194,7 +194,7 @@ PACK_SPECS = [  # different step counts, learning rates, class prompts and batch
 
 
 def _pack_jobs(base, tmp_path, count: int, folder: str, **extra):
-    from engine.train import PackJob
+    from engine.diffusion.train import PackJob
     from tests.conftest import draw_subject
 
     jobs = []
@@ -225,7 +225,7 @@ def _assert_same_training(alone, packed) -> None:
 
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_packed_subjects_end_with_the_weights_they_would_have_alone(base, tmp_path, count):
-    from engine.train import train_pack
+    from engine.diffusion.train import train_pack
 
     jobs = _pack_jobs(base, tmp_path, count, "packed")
     ended = train_pack(base, jobs, capacity=3)
@@ -243,7 +243,7 @@ def test_packed_subjects_end_with_the_weights_they_would_have_alone(base, tmp_pa
 
 
 def test_packed_text_encoder_subjects_match_alone_too(base, tmp_path):
-    from engine.train import train_pack
+    from engine.diffusion.train import train_pack
 
     extra = {"train_text_encoder": True, "gradient_checkpointing": True, "gradient_accumulation_steps": 2}
     jobs = _pack_jobs(base, tmp_path, 2, "packed", a=extra, b=extra)
@@ -256,7 +256,7 @@ def test_packed_text_encoder_subjects_match_alone_too(base, tmp_path):
 
 
 def test_a_freed_slot_takes_the_next_subject_at_once(base, tmp_path):
-    from engine.train import train_pack
+    from engine.diffusion.train import train_pack
 
     order = []
     jobs = _pack_jobs(base, tmp_path, 3, "packed")  # a: 9 steps, b: 5, c: 7; two slots
@@ -269,7 +269,7 @@ def test_a_freed_slot_takes_the_next_subject_at_once(base, tmp_path):
 
 
 def test_a_subject_that_fails_leaves_its_pack_mates_as_they_would_be_alone(base, tmp_path):
-    from engine.train import train_pack
+    from engine.diffusion.train import train_pack
 
     # b's loss overflows to infinity at its first step; c's second image cannot be decoded
     jobs = _pack_jobs(base, tmp_path, 3, "packed", b={"prior_loss_weight": 1e39})
@@ -285,7 +285,7 @@ def test_a_subject_that_fails_leaves_its_pack_mates_as_they_would_be_alone(base,
 
 
 def test_a_packed_subject_resumes_alone_from_its_own_checkpoint(base, tmp_path):
-    from engine.train import train_pack
+    from engine.diffusion.train import train_pack
 
     jobs = _pack_jobs(base, tmp_path, 2, "packed")
     jobs[0].on_step = stop_at(7)  # the pack dies at a's step 7 (its checkpoints: 3, 6); b finished at 5

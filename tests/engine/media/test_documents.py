@@ -11,10 +11,10 @@ import numpy as np
 import pypdfium2 as pdfium
 import pytest
 
-from engine.documents import DocumentError, count_pages, is_pdf, render_pages
-from engine.images import ImageError
-from tests import media_files
-from tests.media_files import A4, A4_LANDSCAPE
+from engine.media.documents import DocumentError, count_pages, is_pdf, render_pages
+from engine.media.images import ImageError
+from tests.helpers import media_files
+from tests.helpers.media_files import A4, A4_LANDSCAPE
 
 LIMITS = dict(dpi=144, max_pages=200, max_pixels=64_000_000, render_pixels=4_000_000)
 COUNT_LIMITS = dict(dpi=144, max_pages=200, max_pixels=64_000_000)
@@ -170,7 +170,7 @@ def test_the_inflation_bomb_is_refused_in_bounded_memory(tmp_path: Path):
     path.write_bytes(media_files.inflating_pdf(inflated_mib=1024))
     script = f"""
 import time
-from engine.documents import DocumentError, render_pages
+from engine.media.documents import DocumentError, render_pages
 data = open({str(path)!r}, "rb").read()
 started = time.perf_counter()
 try:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.tiny_prior import CLASSES, class_prompt, draw_class_image, draw_class_images, ensure_tiny_prior
+from engine.tiny.prior import CLASSES, class_prompt, draw_class_image, draw_class_images, ensure_tiny_prior
 
 
 def _array(images) -> np.ndarray:
@@ -76,7 +76,7 @@ def test_each_class_prompt_draws_its_own_class(prior_base):
     """The prior is the class's: a class prompt's images lie nearer (each to its nearest drawn instance, in pixels)
     to that class's training images than to any other class's. Measured at build v1: margins 2.2 (ring against
     star) to 8.7 of mean |pixel| in 0-255."""
-    from engine.generation import generate
+    from engine.diffusion.generation import generate
     from engine.settings import load_settings
 
     settings = load_settings("tiny-prior", overrides={"num_inference_steps": 20})

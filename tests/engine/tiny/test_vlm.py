@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from engine.tiny_vlm import TINY_VLM_VERSION, VARIANTS, build_tiny_vlm, ensure_tiny_vlm
+from engine.tiny.vlm import TINY_VLM_VERSION, VARIANTS, build_tiny_vlm, ensure_tiny_vlm
 
 INVOICE_SCHEMA = {
     "type": "object",
@@ -120,7 +120,7 @@ def test_moe_variant_routes_among_experts():
 
 def test_pixel_budget_bounds_the_image_grid():
     from engine.settings import Settings
-    from engine.vlm import pixel_budget
+    from engine.vlm.model import pixel_budget
 
     processor, _ = load("dense")
     text = processor.apply_chat_template(user_turn("Read it."), add_generation_prompt=True)

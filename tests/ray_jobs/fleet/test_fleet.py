@@ -16,9 +16,9 @@ import torch
 
 from engine import storage
 from ray_jobs.cli import main
-from ray_jobs.manifest import write_subjects_manifest
-from ray_jobs.run_dir import RunDirectory
-from ray_jobs.worker import SubjectWorker
+from ray_jobs.state.manifest import write_subjects_manifest
+from ray_jobs.state.run_dir import RunDirectory
+from ray_jobs.fleet.worker import SubjectWorker
 from tests.ray_jobs.conftest import make_subject_rows
 
 pytestmark = pytest.mark.slow
@@ -110,7 +110,7 @@ def test_a_killed_worker_loses_nothing(ray_cluster, tmp_path):
 
 def _kill_a_worker_mid_training(run: str, timeout: float = 300) -> tuple[str, int]:
     """SIGKILL the worker of the first subject found training with a checkpoint; returns it and that step."""
-    from engine.checkpoints import complete_steps
+    from engine.diffusion.checkpoints import complete_steps
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -213,7 +213,7 @@ class PacksAbovePairsRunOutOfMemory(SubjectWorker):
     """The real worker on a GPU where a pack of more than two subjects does not fit (the OOM is injected)."""
 
     def train(self, run, admit, capacity):
-        from engine.train import PackTrainer
+        from engine.diffusion.train import PackTrainer
 
         real_step = PackTrainer.step
 
@@ -232,11 +232,11 @@ class PacksAbovePairsRunOutOfMemory(SubjectWorker):
 def test_an_oom_halves_the_pack_and_costs_its_subjects_no_attempt(ray_cluster, tmp_path):
     from ray import cloudpickle
 
-    from engine.models import fingerprint, resolve_base_model
+    from engine.diffusion.base_model import fingerprint, resolve_base_model
     from engine.settings import load_settings
-    from ray_jobs.manifest import read_subjects_manifest
-    from ray_jobs.plan import plan_fleet
-    from ray_jobs.scheduler import FleetOptions, FleetScheduler
+    from ray_jobs.state.manifest import read_subjects_manifest
+    from ray_jobs.state.plan import plan_fleet
+    from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     rows = make_subject_rows(tmp_path / "images", 4)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ray_jobs.cli import main
-from ray_jobs.manifest import write_subjects_manifest
-from ray_jobs.run_dir import RunDirectory
+from ray_jobs.state.manifest import write_subjects_manifest
+from ray_jobs.state.run_dir import RunDirectory
 from tests.ray_jobs.conftest import make_subject_rows
 
 pytestmark = pytest.mark.slow

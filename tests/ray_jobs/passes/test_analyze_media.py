@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ray_jobs.cli import main
-from tests.media_files import A4, scanned_pdf, text_pdf, write_video
+from tests.helpers.media_files import A4, scanned_pdf, text_pdf, write_video
 
 pytestmark = pytest.mark.slow
 

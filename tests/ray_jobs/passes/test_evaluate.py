@@ -15,9 +15,9 @@ from PIL import Image, ImageDraw, ImageOps
 
 from engine.settings import load_settings
 from ray_jobs.cli import main
-from ray_jobs.generations import SCHEMA as GENERATIONS_SCHEMA
-from ray_jobs.manifest import read_subjects_manifest, write_subjects_manifest
-from ray_jobs.run_dir import RunDirectory, SubjectStatus
+from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
+from ray_jobs.state.manifest import read_subjects_manifest, write_subjects_manifest
+from ray_jobs.state.run_dir import RunDirectory, SubjectStatus
 from tests.conftest import draw_subject
 
 

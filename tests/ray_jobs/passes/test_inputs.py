@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import storage
-from ray_jobs.images_input import check_image_rows, check_images_manifest
-from ray_jobs.manifest import ManifestError
+from ray_jobs.passes.inputs import check_image_rows, check_images_manifest
+from ray_jobs.state.manifest import ManifestError
 from engine.settings import load_settings
 
 

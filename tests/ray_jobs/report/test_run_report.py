@@ -23,10 +23,10 @@ from PIL import Image, ImageDraw, ImageStat
 
 from engine import storage
 from engine.settings import load_settings
-from ray_jobs import report
-from ray_jobs.generations import SCHEMA as GENERATIONS_SCHEMA
-from ray_jobs.manifest import write_subjects_manifest
-from ray_jobs.run_dir import RunDirectory, SubjectStatus
+from ray_jobs.report.run_report import run_report as report
+from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
+from ray_jobs.state.manifest import write_subjects_manifest
+from ray_jobs.state.run_dir import RunDirectory, SubjectStatus
 
 SCRIPT = "<script>alert(1)</script>"
 # Would change the page if it ever reached the DOM as markup (and scripts ran); the report must show it as text.
@@ -921,7 +921,7 @@ def test_pdf_pages_are_refused_like_the_pass_refuses_them(tmp_path):
 
 
 def test_a_mirrored_sideways_phone_video_gets_an_upright_thumbnail(tmp_path):
-    from tests.media_files import write_video
+    from tests.helpers.media_files import write_video
 
     video = write_video(tmp_path / "phone.mp4", width=48, height=80, rotation=90, hflip=True, seconds=0.5)
     rows = [{"id": "phone", "video": str(video), "answer": "A red corner."}]

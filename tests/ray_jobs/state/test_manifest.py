@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from engine.settings import Settings, load_settings
-from engine.subject import Subject
-from ray_jobs.manifest import (
+from engine.diffusion.subject import Subject
+from ray_jobs.state.manifest import (
     ManifestError,
     RowError,
     read_subjects_manifest,

@@ -3,11 +3,11 @@
 import pytest
 
 from engine.settings import load_settings
-from engine.subject import Subject
-from ray_jobs.manifest import RowError
-from ray_jobs.plan import plan_fleet, row_has_own_folder
-from ray_jobs.run_dir import RunConflictError, RunDirectory, SubjectStatus
-from ray_jobs.scheduler import oom_adjusted
+from engine.diffusion.subject import Subject
+from ray_jobs.state.manifest import RowError
+from ray_jobs.state.plan import plan_fleet, row_has_own_folder
+from ray_jobs.state.run_dir import RunConflictError, RunDirectory, SubjectStatus
+from ray_jobs.fleet.scheduler import oom_adjusted
 
 
 def _subject(i: int, cls: str, params=None) -> Subject:

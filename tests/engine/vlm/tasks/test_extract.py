@@ -14,12 +14,12 @@ import torch
 import xgrammar as xgr
 from PIL import Image, ImageDraw, ImageFilter
 
-from engine.constrained import GrammarCompiler
-from engine.images import decode_image
+from engine.vlm.constrained import GrammarCompiler
+from engine.media.images import decode_image
 from engine.settings import load_settings
-from engine.vlm import VLM
-from engine.vlm_tasks import RowRequest, TaskError, make_task
-from engine.vlm_tasks.extract import answer_bytes, answer_grammar, decoding_schema
+from engine.vlm.model import VLM
+from engine.vlm.tasks import RowRequest, TaskError, make_task
+from engine.vlm.tasks.extract import answer_bytes, answer_grammar, decoding_schema
 
 BUDGET = load_settings("tiny").vlm_max_new_tokens  # the tiny preset's answer budget, 128 tokens
 RECEIPT_FIELDS = ("vendor", "date", "total", "tax", "currency", "address", "phone", "cashier")
