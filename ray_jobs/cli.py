@@ -15,7 +15,7 @@ from engine.diffusion.base_model import ModelError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
 from engine.vlm.tasks import TASKS, TaskError
 from ray_jobs import exit_status
-from ray_jobs.report.run_report import run_report as report
+from ray_jobs.report import run_report as report
 from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.passes.resources import ResourceShortfall

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageStat
 
 from engine import storage
 from engine.settings import load_settings
-from ray_jobs.report.run_report import run_report as report
+from ray_jobs.report import run_report as report
 from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus
