@@ -68,12 +68,12 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.timing import Timing, timed  # noqa: E402
 from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
 from engine.vlm.tasks import make_task  # noqa: E402
 from ray_jobs.passes.analyze import VLMPredictor, decode_batches, output_schema  # noqa: E402
 from tests.helpers.media_files import A4, scanned_pdf, text_pdf, write_video  # noqa: E402
-from bench.timing import Timing, timed  # noqa: E402
 
 # The real model on one H200 (NOTES: Qwen3-VL-30B-A3B-shaped, 448 px, 128 new tokens) and the goal.
 GPU_IMAGES_PER_S = {"H200, batch 32 (NOTES)": 2.04, "H200, batch 128 (NOTES)": 3.08, "goal": 25.0}

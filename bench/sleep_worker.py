@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.settings import Settings
 from engine.diffusion.subject import Subject, stable_seed
+from engine.settings import Settings
 
 # As ray_jobs.fleet.worker.REFILL_SECONDS (not imported from there: that module loads torch, which the stand-in leaves out).
 REFILL_SECONDS = 5.0

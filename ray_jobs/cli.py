@@ -11,14 +11,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from engine.diffusion.base_model import ModelError
+from engine.hub import ModelError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
-from engine.vlm.tasks import TASKS, TaskError
+from engine.vlm.tasks import TASKS
+from engine.vlm.tasks.base import TaskError
 from ray_jobs import exit_status
-from ray_jobs.report import run_report as report
-from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.passes.resources import ResourceShortfall
+from ray_jobs.report import run_report as report
+from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.state.run_dir import RunConflictError
 
 

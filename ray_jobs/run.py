@@ -11,17 +11,18 @@ import sys
 from dataclasses import dataclass
 
 from engine import storage
-from engine.diffusion.base_model import fingerprint, resolve_base_model
+from engine.diffusion.base_model import resolve_base_model
+from engine.hub import fingerprint
 from engine.settings import Settings
 from engine.tracking import TrackingGroup, finish_group, start_group
 from ray_jobs import exit_status
+from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler, worker_slots
+from ray_jobs.metrics import RunMetrics
+from ray_jobs.progress import print_summary
 from ray_jobs.state.generations import assemble_generations
 from ray_jobs.state.manifest import SubjectsManifest, read_subjects_manifest
-from ray_jobs.metrics import RunMetrics
 from ray_jobs.state.plan import plan_fleet, row_has_own_folder
-from ray_jobs.progress import print_summary
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
-from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler, worker_slots
 
 
 @dataclass
@@ -176,7 +177,7 @@ def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
 def evaluate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The evaluation pass of `dreamfleet run`, where its models are at hand: a model that cannot be had (offline,
     not cached) skips it with a note; `dreamfleet evaluate RUN` scores the images later."""
-    from engine.diffusion.base_model import ModelError
+    from engine.hub import ModelError
     from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
     from ray_jobs.passes.resources import ResourceShortfall
 

@@ -20,12 +20,16 @@ from PIL.PngImagePlugin import PngInfo
 
 from engine import storage
 from engine.diffusion.base_model import BaseModel
-from engine.settings import Settings
 from engine.diffusion.subject import Subject
+from engine.settings import Settings
 
 
 def make_scheduler(name: str, config: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+    )
 
     if name == "ddim":
         return DDIMScheduler.from_config(config)

@@ -33,9 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from engine import storage
-
 from engine.diffusion import data_parallel
-from engine.diffusion.checkpoints import CheckpointError, TrainingState, load_latest_checkpoint, save_checkpoint
+from engine.diffusion.base_model import BaseModel
+from engine.diffusion.checkpoints import (
+    CheckpointError,
+    TrainingState,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from engine.diffusion.instance_data import (
     PromptEmbeddings,
     TrainingExamples,
@@ -43,10 +48,13 @@ from engine.diffusion.instance_data import (
     prepare_examples,
     unet_added_conditions,
 )
-from engine.diffusion.base_model import BaseModel
-from engine.settings import Settings
 from engine.diffusion.subject import Subject
-from engine.diffusion.weights import attach_lora_pack, export_weights, trained_components
+from engine.diffusion.weights import (
+    attach_lora_pack,
+    export_weights,
+    trained_components,
+)
+from engine.settings import Settings
 
 # Settings that change the optimisation itself; a checkpoint made with other values cannot be resumed.
 TRAINING_IDENTITY_KEYS = (

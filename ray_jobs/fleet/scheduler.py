@@ -34,13 +34,13 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from engine import storage
 from engine.diffusion.checkpoints import complete_steps
 from engine.diffusion.generation import render_shape
+from engine.diffusion.train import pack_shape
 from engine.settings import Settings
 from engine.tracking import TrackingGroup
-from engine.diffusion.train import pack_shape
-from ray_jobs.state.plan import ClassSetJob, FleetPlan, SubjectJob
-from ray_jobs.progress import FleetProgress
-from ray_jobs.state.run_dir import RunDirectory, subject_dir, summarize
 from ray_jobs.fleet.worker import SubjectWorker
+from ray_jobs.progress import FleetProgress
+from ray_jobs.state.plan import ClassSetJob, FleetPlan, SubjectJob
+from ray_jobs.state.run_dir import RunDirectory, subject_dir, summarize
 
 RUNNING_STATE = {"train": "training", "generate": "generating"}
 FINISHED_STATE = {"train": "trained", "generate": "done"}

@@ -21,18 +21,22 @@ from typing import Any
 import torch
 
 from engine import storage
-
 from engine.diffusion import data_parallel
+from engine.diffusion.base_model import (
+    frozen_weights_dtype,
+    load_base_model,
+    resolve_base_model,
+)
 from engine.diffusion.checkpoints import CheckpointError
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.generation import RenderJob, render_pack
-from engine.media.images import ImageError
-from engine.diffusion.base_model import default_device, frozen_weights_dtype, load_base_model, resolve_base_model
-from engine.settings import Settings, SettingsError
 from engine.diffusion.subject import Subject
-from engine.tracking import SubjectTracker, TrackingGroup
 from engine.diffusion.train import PackTrainer, StepRecord
 from engine.diffusion.weights import attach_lora_pack, load_subject_weights
+from engine.hub import default_device
+from engine.media.images import ImageError
+from engine.settings import Settings, SettingsError
+from engine.tracking import SubjectTracker, TrackingGroup
 from ray_jobs.state.generations import write_subject_generations
 from ray_jobs.state.run_dir import subject_dir
 

@@ -20,16 +20,22 @@ import pyarrow as pa
 from PIL import Image
 
 from engine.media.images import ImageError
-from engine.settings import Settings
 from engine.media.video import Video
-from engine.vlm.tasks import RowRequest
+from engine.settings import Settings
+from engine.vlm.tasks.base import RowRequest
 from ray_jobs import exit_status
-from ray_jobs.passes.inputs import VISUAL_COLUMNS, ImagesInput, RowVisual, check_images_manifest, row_visuals
-from ray_jobs.state.manifest import ManifestError
+from ray_jobs.passes.inputs import (
+    VISUAL_COLUMNS,
+    ImagesInput,
+    RowVisual,
+    check_images_manifest,
+    row_visuals,
+)
 from ray_jobs.passes.output import DONE_PAGES, PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
 from ray_jobs.passes.stats import StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
+from ray_jobs.state.manifest import ManifestError
 
 STANDARD_COLUMNS = pa.schema(
     [("error", pa.string()), ("model", pa.string()), ("num_output_tokens", pa.int32()), ("reasoning", pa.string())]

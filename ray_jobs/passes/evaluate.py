@@ -33,13 +33,13 @@ from engine import storage
 from engine.media.images import ImageError, read_image
 from engine.settings import Settings
 from ray_jobs import exit_status
-from ray_jobs.state.generations import GENERATIONS
 from ray_jobs.passes.inputs import ImagesInput, check_images_manifest
-from ray_jobs.state.manifest import ManifestError, subjects_of_run
 from ray_jobs.passes.output import PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
 from ray_jobs.passes.stats import StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
+from ray_jobs.state.generations import GENERATIONS
+from ray_jobs.state.manifest import ManifestError, subjects_of_run
 from ray_jobs.state.run_dir import RunDirectory, now
 
 EVALUATION = "evaluation.parquet"

@@ -35,8 +35,8 @@ from PIL import Image
 from engine import storage
 from engine.media.documents import count_pages, is_pdf, page_pixels, render_pages
 from engine.media.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
-from engine.settings import Settings
 from engine.media.video import read_first_frame
+from engine.settings import Settings
 from ray_jobs import exit_status
 from ray_jobs.state.generations import GENERATIONS
 from ray_jobs.state.manifest import subjects_of_run

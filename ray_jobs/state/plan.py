@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.diffusion.class_images import class_set_key
-from engine.settings import Settings
 from engine.diffusion.subject import SUBJECT_ID_PATTERN, Subject
+from engine.settings import Settings
 from ray_jobs.state.manifest import RowError
 from ray_jobs.state.run_dir import SubjectStatus
 

@@ -11,13 +11,23 @@ import pytest
 from PIL import Image
 
 from engine.diffusion.class_images import ClassImageCache
-from engine.settings import load_settings
 from engine.diffusion.subject import Subject
-from engine.tracking import SCALARS, SubjectTracker, TrackingGroup, start_group, wandb_run_id
 from engine.diffusion.train import PackTrainer
+from engine.settings import load_settings
+from engine.tracking import (
+    SCALARS,
+    SubjectTracker,
+    TrackingGroup,
+    start_group,
+    wandb_run_id,
+)
 from tests.conftest import Interrupted, draw_subject
 from tests.helpers.tracking_readers import (
-    mlflow_children, mlflow_curves, tensorboard_events, tensorboard_hparams, wandb_sessions,
+    mlflow_children,
+    mlflow_curves,
+    tensorboard_events,
+    tensorboard_hparams,
+    wandb_sessions,
 )  # fmt: skip
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")

@@ -12,14 +12,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from engine.diffusion.base_model import load_base_model, resolve_base_model
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.generation import make_scheduler, render_subject
-from engine.diffusion.base_model import ModelError, fingerprint, load_base_model, resolve_base_model
-from engine.settings import load_settings
 from engine.diffusion.subject import Subject
-from engine.tiny.sd import build_tiny_sdxl
 from engine.diffusion.train import PackJob, train_pack, train_subject
 from engine.diffusion.weights import load_subject_weights
+from engine.hub import ModelError, fingerprint
+from engine.settings import load_settings
+from engine.tiny.sd import build_tiny_sdxl
 from tests.conftest import Interrupted, draw_subject, stop_at
 from tests.engine.diffusion.test_train import _assert_same_training
 
@@ -98,7 +99,11 @@ def test_tiny_sdxl_is_deterministic_and_round_trips_through_stock_from_pretraine
 
 def test_training_conditions_the_unet_as_the_stock_pipeline_does(sdxl):
     from engine.diffusion.generation import make_pipeline
-    from engine.diffusion.instance_data import encode_prompts, tokenize, unet_added_conditions
+    from engine.diffusion.instance_data import (
+        encode_prompts,
+        tokenize,
+        unet_added_conditions,
+    )
 
     with torch.no_grad():
         ours = encode_prompts(sdxl, tokenize(sdxl, PROMPT))

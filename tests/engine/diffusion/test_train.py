@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from engine.diffusion.base_model import load_base_model
 from engine.diffusion.checkpoints import CheckpointError, complete_steps
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.instance_data import load_pixels
-from engine.diffusion.base_model import load_base_model
-from engine.settings import load_settings
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import NonFiniteLossError, train_subject
+from engine.settings import load_settings
 from tests.conftest import Interrupted, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"

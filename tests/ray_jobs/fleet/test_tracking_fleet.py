@@ -11,8 +11,13 @@ from engine.tracking import SCALARS, wandb_run_id
 from ray_jobs.cli import main
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
+from tests.helpers.tracking_readers import (
+    mlflow_children,
+    mlflow_curves,
+    tensorboard_events,
+    wandb_sessions,
+)
 from tests.ray_jobs.conftest import free_port, make_subject_rows
-from tests.helpers.tracking_readers import mlflow_children, mlflow_curves, tensorboard_events, wandb_sessions
 
 pytestmark = pytest.mark.slow
 
