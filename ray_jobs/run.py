@@ -6,18 +6,21 @@ and an evaluation pass over everything generated.
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass
 
 from engine import storage
 from engine.diffusion.base_model import resolve_base_model
-from engine.hub import fingerprint
+from engine.hub import ModelError, fingerprint
 from engine.settings import Settings
 from engine.tracking import TrackingGroup, finish_group, start_group
 from ray_jobs import exit_status
+from ray_jobs.cluster import connect
 from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler, worker_slots
 from ray_jobs.metrics import RunMetrics
+from ray_jobs.passes.analyze import AnalyzeRequest, analyze
+from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
+from ray_jobs.passes.resources import ResourceShortfall
 from ray_jobs.progress import print_summary
 from ray_jobs.state.generations import assemble_generations
 from ray_jobs.state.manifest import SubjectsManifest, read_subjects_manifest
@@ -43,31 +46,6 @@ class FleetRequest:
     vlm_model: str = "tiny"
     metrics: RunMetrics | None = None
     verbose: bool = False
-
-
-def connect(address: str | None, verbose: bool = False) -> None:
-    """Join the cluster at `address`, or start a local one sized to this machine, unless Ray is already up.
-    Unless `verbose`, Ray's own console lines go to its log folder only (see console.py)."""
-    import ray
-
-    from ray_jobs.console import quiet_ray
-
-    if ray.is_initialized():
-        return
-    level = logging.INFO if verbose else logging.ERROR
-    if address:
-        ray.init(address=address, logging_level=level, log_to_driver=verbose)
-    else:
-        ray.init(include_dashboard=False, logging_level=level, log_to_driver=verbose)
-    if not verbose:
-        quiet_ray(_logs_dir())
-
-
-def _logs_dir() -> str | None:
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # no public API names the driver's log folder
-    return node.get_logs_dir_path() if node is not None else None
 
 
 def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple[str, str]]:
@@ -159,9 +137,6 @@ def start_tracking(run_uri: str, trackers: list[str]) -> TrackingGroup | None:
 
 def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The moderation pass of `dreamfleet run`: RUN/generations.parquet → RUN/moderation.parquet, resumable."""
-    from ray_jobs.passes.analyze import AnalyzeRequest, analyze
-    from ray_jobs.passes.resources import ResourceShortfall
-
     source = storage.join(run.uri, "generations.parquet")
     analysis = AnalyzeRequest(
         input=source, task="moderate", out=storage.join(run.uri, "moderation.parquet"),
@@ -177,10 +152,6 @@ def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
 def evaluate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The evaluation pass of `dreamfleet run`, where its models are at hand: a model that cannot be had (offline,
     not cached) skips it with a note; `dreamfleet evaluate RUN` scores the images later."""
-    from engine.hub import ModelError
-    from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
-    from ray_jobs.passes.resources import ResourceShortfall
-
     if not request.settings.evaluate:
         return exit_status.OK
     evaluation = EvaluateRequest(run=run.uri, settings=request.settings, address=request.address,

@@ -24,6 +24,7 @@ from engine.media.video import Video
 from engine.settings import Settings
 from engine.vlm.tasks.base import RowRequest
 from ray_jobs import exit_status
+from ray_jobs.cluster import connect
 from ray_jobs.passes.inputs import (
     VISUAL_COLUMNS,
     ImagesInput,
@@ -283,8 +284,6 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
               schema: pa.Schema, metrics) -> None:  # fmt: skip
     import ray
     from ray.data.datasource.partitioning import Partitioning
-
-    from ray_jobs.run import connect
 
     connect(request.address, request.verbose)
     settings = request.settings

@@ -33,6 +33,7 @@ from engine import storage
 from engine.media.images import ImageError, read_image
 from engine.settings import Settings
 from ray_jobs import exit_status
+from ray_jobs.cluster import connect
 from ray_jobs.passes.inputs import ImagesInput, check_images_manifest
 from ray_jobs.passes.output import PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
@@ -202,8 +203,6 @@ def forget_other_models(output: PassOutput, settings: Settings) -> None:
 def _run_pass(request: EvaluateRequest, generations: ImagesInput, output: PassOutput, photos: dict[str, SubjectPhotos],
               metrics) -> None:  # fmt: skip
     import ray
-
-    from ray_jobs.run import connect
 
     connect(request.address, request.verbose)
     settings = request.settings
