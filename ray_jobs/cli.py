@@ -20,7 +20,8 @@ from ray_jobs.metrics import RunMetrics
 from ray_jobs.passes.resources import ResourceShortfall
 from ray_jobs.report import run_report as report
 from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
-from ray_jobs.state.run_dir import RunConflictError
+from ray_jobs.state.run_dir import NotARunError, RunConflictError
+from ray_jobs.state.states import FAILED
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -101,15 +102,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ray_jobs.state.run_dir import RunDirectory, summarize
 
     run = RunDirectory(args.run)
-    record = run.read_run()
-    if record is None:
-        print(f"error: {args.run}: no run.json; not a dreamfleet run directory", file=sys.stderr)
-        return exit_status.NOT_RUN
+    record = run.require_run()
     statuses = run.read_statuses()
     print(f"run {run.uri}: manifest {record['manifest']}, base model {record['base_model']}, "
           f"started {record['started_at']}, ended {record['ended_at'] or '(running or interrupted)'}")  # fmt: skip
     failures = [(s.subject_id, s.error or "") for s in sorted(statuses.values(), key=lambda s: s.subject_id)
-                if s.state == "failed"]  # fmt: skip
+                if s.state == FAILED]  # fmt: skip
     failures += [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in run.read_rejected_rows()]
     print_summary(summarize(statuses), failures)
     print_evaluation({sid: s.evaluation for sid, s in statuses.items() if s.evaluation})
@@ -120,10 +118,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
     from ray_jobs.state.run_dir import RunDirectory
 
-    record = RunDirectory(args.run).read_run()
-    if record is None:
-        print(f"error: {args.run}: no run.json; not a dreamfleet run directory", file=sys.stderr)
-        return exit_status.NOT_RUN
+    record = RunDirectory(args.run).require_run()
     request = EvaluateRequest(run=args.run, settings=_settings(args, recorded=record["settings"]), address=args.address,
                               verbose=args.verbose, show_progress=not args.no_progress)  # fmt: skip
     with metrics_session(args) as metrics:
@@ -258,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ManifestError, SettingsError, RunConflictError, ModelError, TaskError, ResourceShortfall) as err:
+    except (ManifestError, SettingsError, NotARunError, RunConflictError, ModelError, TaskError, ResourceShortfall) as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_status.NOT_RUN
 

@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 
 from engine.vlm.tasks import TASKS
-from ray_jobs.state.run_dir import STATES
+from ray_jobs.state.states import STATES
 
 disable_created_metrics()  # the *_created series double every counter and no dashboard reads them
 

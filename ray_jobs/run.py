@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from engine import storage
 from engine.diffusion.base_model import resolve_base_model
 from engine.hub import ModelError, fingerprint
 from engine.settings import Settings
@@ -26,6 +25,7 @@ from ray_jobs.state.generations import assemble_generations
 from ray_jobs.state.manifest import SubjectsManifest, read_subjects_manifest
 from ray_jobs.state.plan import plan_fleet, row_has_own_folder
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
+from ray_jobs.state.states import DONE, FAILED, FINAL_STATE
 
 
 @dataclass
@@ -55,14 +55,11 @@ def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple
     rejected = []
     for error in manifest.errors:
         if row_has_own_folder(error, good_ids, bad_ids):
-            run.write_status(SubjectStatus(error.subject_id, state="failed", error=f"manifest row {error.row}: {error.reason}"))
+            run.write_status(SubjectStatus(error.subject_id, state=FAILED, error=f"manifest row {error.row}: {error.reason}"))
         else:
             rejected.append({"row": error.row, "subject_id": error.subject_id, "reason": error.reason})
     run.write_rejected_rows(rejected)
     return [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in rejected]
-
-
-FINAL_STATE = {"train": "trained", "generate": "done", "moderate": "done", "evaluate": "done"}
 
 
 def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, RunDirectory]:
@@ -111,12 +108,12 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
         assemble_generations(run, manifest.passthrough)
     counts = summarize(statuses)
     run.finish(counts)
-    failures = [(s.subject_id, s.error or "") for s in statuses.values() if s.state == "failed"] + rejected
+    failures = [(s.subject_id, s.error or "") for s in statuses.values() if s.state == FAILED] + rejected
     failures += [(sid, f"not trained yet (state {statuses[sid].state}); run `dreamfleet train` first")
-                 for sid in plan.not_trained if statuses[sid].state != "failed"]  # fmt: skip
+                 for sid in plan.not_trained if statuses[sid].state != FAILED]  # fmt: skip
     print_summary(counts, failures)
     final = FINAL_STATE[stages[-1]]
-    complete = all(statuses[s.subject_id].state in (final, "done") for s in manifest.subjects)
+    complete = all(statuses[s.subject_id].state in (final, DONE) for s in manifest.subjects)
     moderated = moderate_generations(run, request) if "moderate" in stages else exit_status.OK
     evaluated = evaluate_generations(run, request) if "evaluate" in stages else exit_status.OK
     run.check_and_clean()
@@ -137,9 +134,8 @@ def start_tracking(run_uri: str, trackers: list[str]) -> TrackingGroup | None:
 
 def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The moderation pass of `dreamfleet run`: RUN/generations.parquet → RUN/moderation.parquet, resumable."""
-    source = storage.join(run.uri, "generations.parquet")
     analysis = AnalyzeRequest(
-        input=source, task="moderate", out=storage.join(run.uri, "moderation.parquet"),
+        input=run.generations, task="moderate", out=run.moderation,
         settings=request.settings, vlm_model=request.vlm_model, address=request.address, verbose=request.verbose,
     )  # fmt: skip
     try:

@@ -34,6 +34,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from engine import storage
 from engine.diffusion.checkpoints import complete_steps
 from engine.diffusion.generation import render_shape
+from engine.diffusion.subject import CHECKPOINTS, IMAGES
 from engine.diffusion.train import pack_shape
 from engine.settings import Settings
 from engine.tracking import TrackingGroup
@@ -41,10 +42,8 @@ from ray_jobs.fleet.worker import SubjectWorker
 from ray_jobs.progress import FleetProgress
 from ray_jobs.state.plan import ClassSetJob, FleetPlan, SubjectJob
 from ray_jobs.state.run_dir import RunDirectory, subject_dir, summarize
+from ray_jobs.state.states import FAILED, STAGES
 
-RUNNING_STATE = {"train": "training", "generate": "generating"}
-FINISHED_STATE = {"train": "trained", "generate": "done"}
-BEFORE_STATE = {"train": "pending", "generate": "trained"}
 HISTORY_FIELDS = ("ok", "error", "resumed_from", "steps_run", "images", "images_generated", "seconds", "final_loss",
                   "pack", "pack_mates", "tracker_errors", "workers")  # fmt: skip
 RENDEZVOUS_SECONDS = 60.0  # an idle worker answers at once; one that does not is treated as dead
@@ -237,7 +236,7 @@ class FleetScheduler:
             else:
                 self.queue.append(job)
             # A subject that failed before, or was interrupted mid-stage, is back before that stage; history stays.
-            job.status.state = BEFORE_STATE[job.stage]
+            job.status.state = STAGES[job.stage].before
             self.run_dir.write_status(job.status)
 
     def _unrunnable(self, job: SubjectJob) -> str | None:
@@ -293,7 +292,7 @@ class FleetScheduler:
 
     def _begin_attempt(self, actor, job: SubjectJob, ranks: list | None = None) -> None:
         job.tries += 1
-        job.status.state = RUNNING_STATE[job.stage]
+        job.status.state = STAGES[job.stage].running
         job.status.attempts += 1
         job.status.worker = self.identities[actor]
         if ranks is not None:  # data-parallel: rank 0's worker, and every rank's
@@ -346,8 +345,8 @@ class FleetScheduler:
         """How far the subject's current stage has got, as RUN shows it: its newest checkpoint, or its images."""
         folder = subject_dir(self.run_dir.uri, job.subject.subject_id)
         if job.stage == "train":
-            return (complete_steps(storage.join(folder, "checkpoints")) or [0])[-1]
-        return sum(name.endswith(".png") for name in storage.listdir(storage.join(folder, "images")))
+            return (complete_steps(storage.join(folder, CHECKPOINTS)) or [0])[-1]
+        return sum(name.endswith(".png") for name in storage.listdir(storage.join(folder, IMAGES)))
 
     # -- outcomes ------------------------------------------------------------------------------------------------
 
@@ -428,7 +427,7 @@ class FleetScheduler:
         entry = {k: outcome.get(k) for k in HISTORY_FIELDS if k in outcome}
         status.history = [*(status.history or []), {"attempt": status.attempts, "stage": job.stage, **entry}]
         if outcome["ok"]:
-            status.state, status.error = FINISHED_STATE[job.stage], None
+            status.state, status.error = STAGES[job.stage].after, None
             self.run_dir.write_status(status)
             new_steps = job.settings.max_train_steps - self.start_step.get(job.subject.subject_id, 0)
             self.on_event(f"{job.stage}_attempt", {"outcome": "success", "new_steps": new_steps, **outcome})
@@ -449,14 +448,14 @@ class FleetScheduler:
             if kind == "oom" and job.stage == "train" and not packed_oom:
                 job.settings = oom_adjusted(job.settings)
             # Back to the state before this stage: a retried generation keeps its subject's "trained" state.
-            status.state, status.error = BEFORE_STATE[job.stage], outcome["error"]
+            status.state, status.error = STAGES[job.stage].before, outcome["error"]
             self.run_dir.write_status(status)
             self.queue.append(job)
             return
         self._fail(job, outcome["error"])
 
     def _fail(self, job: SubjectJob, reason: str) -> None:
-        job.status.state, job.status.error = "failed", reason
+        job.status.state, job.status.error = FAILED, reason
         self.run_dir.write_status(job.status)
         self.progress.finished(ok=False)
 

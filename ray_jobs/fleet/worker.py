@@ -30,7 +30,7 @@ from engine.diffusion.base_model import (
 from engine.diffusion.checkpoints import CheckpointError
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.generation import RenderJob, render_pack
-from engine.diffusion.subject import Subject
+from engine.diffusion.subject import IMAGES, WEIGHTS, Subject
 from engine.diffusion.train import PackTrainer, StepRecord
 from engine.diffusion.weights import attach_lora_pack, load_subject_weights
 from engine.hub import default_device
@@ -253,13 +253,13 @@ class SubjectWorker:
             for slot, (subject, settings) in enumerate(jobs):
                 folder = subject_dir(run, subject.subject_id)
                 try:
-                    before[subject.subject_id] = len(storage.listdir(storage.join(folder, "images")))
+                    before[subject.subject_id] = len(storage.listdir(storage.join(folder, IMAGES)))
                     if subject.prompts:
-                        load_subject_weights(self.base, settings, storage.join(folder, "weights"), slot=slot)
+                        load_subject_weights(self.base, settings, storage.join(folder, WEIGHTS), slot=slot)
                 except Exception as err:  # this subject's weights: it fails alone
                     outcomes[subject.subject_id] = _failure(err)
                     continue
-                render.append(RenderJob(subject, settings, storage.join(folder, "images"), slot))
+                render.append(RenderJob(subject, settings, storage.join(folder, IMAGES), slot))
             rows = render_pack(self.base, render) if render else {}
             tracker_errors: dict[str, list[str]] = {}
             for job in render:

@@ -39,11 +39,9 @@ from ray_jobs.passes.output import PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
 from ray_jobs.passes.stats import StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
-from ray_jobs.state.generations import GENERATIONS
 from ray_jobs.state.manifest import ManifestError, subjects_of_run
 from ray_jobs.state.run_dir import RunDirectory, now
 
-EVALUATION = "evaluation.parquet"
 INPUT_COLUMNS = ["id", "subject_id", "prompt", "prompt_index", "image_index", "image"]
 SCORES = ("dino", "clip_i", "clip_t")
 SCHEMA = pa.schema([
@@ -155,15 +153,13 @@ def evaluate(request: EvaluateRequest, metrics=None) -> int:
     from engine.evaluation import resolve_eval_model
 
     run = RunDirectory(request.run)
-    record = run.read_run()
-    if record is None:
-        raise ManifestError(f"{request.run}: no run.json; not a dreamfleet run directory")
-    source = storage.join(run.uri, GENERATIONS)
+    record = run.require_run()
+    source = run.generations
     if not storage.exists(source):
         raise ManifestError(f"{source}: nothing generated yet; run `dreamfleet generate` first")
     generations = check_images_manifest(source)
     if generations.num_rows == 0:
-        print(json.dumps({"output": storage.join(run.uri, EVALUATION), "rows": 0, "note": "nothing was generated"}))
+        print(json.dumps({"output": run.evaluation, "rows": 0, "note": "nothing was generated"}))
         return exit_status.OK
     settings = request.settings
     # Models are resolved here first: one not at hand fails the command before any cluster starts.
@@ -172,7 +168,7 @@ def evaluate(request: EvaluateRequest, metrics=None) -> int:
     subjects, notes = subjects_of_run(record)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    output = PassOutput(storage.join(run.uri, EVALUATION))
+    output = PassOutput(run.evaluation)
     output.prepare()
     forget_other_models(output, settings)
     if not output.holds_every_id(generations):
