@@ -26,11 +26,11 @@ from prometheus_client import (
 )
 
 from engine.vlm.tasks import TASKS
+from ray_jobs.fleet.outcome import ATTEMPT_KINDS, Outcome
 from ray_jobs.state.states import STATES
 
 disable_created_metrics()  # the *_created series double every counter and no dashboard reads them
 
-ATTEMPT_OUTCOMES = ("success", "oom", "worker_died", "error")  # what FleetScheduler reports per attempt
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 IMAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -89,7 +89,7 @@ class RunMetrics:
         for slots in ("used", "total"):
             self.pack_slots.labels(slots)
         for stage in ("train", "generate"):
-            for outcome in ATTEMPT_OUTCOMES:
+            for outcome in ATTEMPT_KINDS:
                 self.attempts.labels(stage, outcome)
         for task in TASKS:
             for outcome in ("ok", "error"):
@@ -120,19 +120,21 @@ class RunMetrics:
         elif kind == "worker_replaced":
             self.worker_restarts.inc()
         elif kind in ("train_attempt", "generate_attempt"):
-            stage = kind.removesuffix("_attempt")
-            self.attempts.labels(stage, data["outcome"]).inc()
-            if data.get("peak_gpu_memory_bytes"):
-                self.peak_gpu_memory = max(self.peak_gpu_memory, data["peak_gpu_memory_bytes"])
-                self.gpu_memory.set(self.peak_gpu_memory)
-            if stage == "train":
-                self.training_steps.inc(data.get("new_steps", 0))
-                for seconds in data.get("step_seconds", []):
-                    self.step_seconds.observe(seconds)
-            elif data.get("images_generated"):
-                self.images.inc(data["images_generated"])
-                for _ in range(data["images_generated"]):
-                    self.image_seconds.observe(data["seconds"] / data["images_generated"])
+            self._count_attempt(kind.removesuffix("_attempt"), data["outcome"], data["new_steps"])
+
+    def _count_attempt(self, stage: str, outcome: Outcome, new_steps: int) -> None:
+        self.attempts.labels(stage, outcome.kind).inc()
+        if outcome.peak_gpu_memory_bytes:
+            self.peak_gpu_memory = max(self.peak_gpu_memory, outcome.peak_gpu_memory_bytes)
+            self.gpu_memory.set(self.peak_gpu_memory)
+        if stage == "train":
+            self.training_steps.inc(new_steps)
+            for seconds in outcome.step_seconds:
+                self.step_seconds.observe(seconds)
+        elif outcome.images_generated:
+            for _ in range(outcome.images_generated):
+                self.image_seconds.observe(outcome.seconds / outcome.images_generated)
+            self.images.inc(outcome.images_generated)
 
     def on_vlm_pass(self, task: str, rows_left: int) -> None:
         """A pass starts with `rows_left` rows to answer, or ends (0)."""
