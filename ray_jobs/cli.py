@@ -7,6 +7,7 @@ Exit status, for every command: 0 everything succeeded; 1 the run finished but s
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,10 @@ from engine.vlm.tasks.base import TaskError
 from ray_jobs import exit_status
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.passes.resources import ResourceShortfall
-from ray_jobs.report import run_report as report
+from ray_jobs.report.any_path import write_report
+from ray_jobs.report.pages import ReportError
+from ray_jobs.report.run_report import write_run_report
+from ray_jobs.report.thumbnails import PDF_DPI
 from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.state.run_dir import NotARunError, RunConflictError
 from ray_jobs.state.states import FAILED
@@ -93,7 +97,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         code, run = run_manifest(request, STAGES[args.command])
     print(f"run directory: {run.uri}")
     if args.command == "run":
-        print(f"report: {report.write_run_report(run.uri)}")
+        print(f"report: {write_run_report(run.uri)}")
     return code
 
 
@@ -114,6 +118,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return exit_status.OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        print(write_report(args.path, args.out, args.pdf_dpi))
+    except (ReportError, NotARunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return exit_status.NOT_RUN
+    return exit_status.OK
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
     from ray_jobs.state.run_dir import RunDirectory
@@ -123,7 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               verbose=args.verbose, show_progress=not args.no_progress)  # fmt: skip
     with metrics_session(args) as metrics:
         code = evaluate(request, metrics)
-    print(f"report: {report.write_run_report(args.run)}")
+    print(f"report: {write_run_report(args.run)}")
     return code
 
 
@@ -163,6 +176,13 @@ def _add_pass_flags(parser: argparse.ArgumentParser, config_help: str = "YAML se
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     _add_metrics_flags(parser)
     _add_console_flags(parser)
+
+
+def _dpi(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive resolution")
+    return value
 
 
 def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
@@ -241,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pass_flags(evaluate, "YAML settings file (over the run's recorded settings)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
-    report.add_parser(commands)
+    report = commands.add_parser("report", help="an HTML report of a run directory or a VLM pass output")
+    report.add_argument("path", help="run directory, VLM pass output folder, or Parquet file (any fsspec URI)")
+    report.add_argument("--out", help="the report's HTML file (default: RUN/report.html, OUTPUT.report.html)")
+    report.add_argument("--pdf-dpi", type=_dpi, default=PDF_DPI,
+                        help=f"the pass's pdf_dpi, which its boxes on PDF pages are in pixels of (default {PDF_DPI:g})")
+    report.set_defaults(handler=cmd_report)
 
     status = commands.add_parser("status", help="per-state counts and failed subjects, read from RUN alone")
     status.add_argument("run", help="run directory (any fsspec URI)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -23,7 +22,8 @@ from PIL import Image, ImageDraw, ImageStat
 
 from engine import storage
 from engine.settings import load_settings
-from ray_jobs.report import run_report as report
+from ray_jobs.cli import main
+from ray_jobs.report import pages, run_report, table_report, thumbnails
 from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus
@@ -169,7 +169,7 @@ def write_parquet(uri: str, table: pa.Table) -> None:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> dict:
     built = build_run(str(tmp_path_factory.mktemp("report")))
-    built["report"] = Path(report.write_run_report(built["run"]))
+    built["report"] = Path(run_report.write_run_report(built["run"]))
     return built
 
 
@@ -279,7 +279,7 @@ def test_retries_failures_and_packs_are_counted_from_the_history_of_any_run(tmp_
     run.write_status(SubjectStatus("no-class-set", "failed", 0, "class images for 'a dog' could not be made"))
     for sid in mates:
         run.write_status(SubjectStatus(sid, "done", 2))
-    html = Path(report.write_run_report(run.uri)).read_text()
+    html = Path(run_report.write_run_report(run.uri)).read_text()
 
     assert headline(html, "big-pack") == "big-pack done"
     assert history(html, "big-pack")[0] == "1 train ok 20 steps · packed with m00, m01, m02, m03, m04, m05 and 3 more"
@@ -297,7 +297,7 @@ def test_thumbnails_are_files_beside_the_report_reused_by_a_rerun(small_run):
     thumbs = small_run["report"].parent / "report_files" / "thumbs"
     made = {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()}
     assert len(made) == 3 * 3 + 5  # every instance image and every generated one
-    assert all(Image.open(thumbs / name).size[0] <= report.THUMBNAIL_SIZE for name in made)
+    assert all(Image.open(thumbs / name).size[0] <= thumbnails.THUMBNAIL_SIZE for name in made)
     html = small_run["report"].read_text()
     assert "data:image" not in html and "base64" not in html
     srcs = [img["src"] for img in Elements(html).named("img")]
@@ -305,25 +305,25 @@ def test_thumbnails_are_files_beside_the_report_reused_by_a_rerun(small_run):
     assert 'href="subjects/alpha/images/p0000-i0000.png"' in html  # a thumbnail opens the full-size image
 
     time.sleep(0.01)
-    report.write_run_report(small_run["run"])
+    run_report.write_run_report(small_run["run"])
     assert {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()} == made
 
 
 def test_a_missing_image_and_a_changed_or_missing_manifest_are_noted_not_fatal(tmp_path):
     built = build_run(str(tmp_path))
     os.remove(tmp_path / "run" / "subjects" / "beta" / "images" / "p0000-i0000.png")
-    html = Path(report.write_run_report(built["run"])).read_text()
+    html = Path(run_report.write_run_report(built["run"])).read_text()
     assert "image unavailable" in html and "no such file" in html
     write_subjects_manifest(str(tmp_path / "subjects.parquet"), [
         {"subject_id": "alpha", "instance_images": built["instance"]["alpha"], "instance_prompt": "a photo of sks ball",
          "class_prompt": "a photo of a ball"},
     ])  # fmt: skip
-    html = Path(report.write_run_report(built["run"])).read_text()
+    html = Path(run_report.write_run_report(built["run"])).read_text()
     assert "changed since the run" in html
     assert len(Elements(html).with_class("instance")) == 3  # alpha's, as the manifest lists them now
 
     os.remove(tmp_path / "subjects.parquet")
-    html = Path(report.write_run_report(built["run"])).read_text()
+    html = Path(run_report.write_run_report(built["run"])).read_text()
     assert "manifest unreadable" in html
     assert Elements(html).with_class("instance") == []
     assert len(Elements(html).with_class("subject-card")) == 3
@@ -332,7 +332,7 @@ def test_a_missing_image_and_a_changed_or_missing_manifest_are_noted_not_fatal(t
 def test_a_run_on_an_object_store_gets_its_report_there(tmp_path):
     base = f"memory://{tmp_path.name}"
     built = build_run(base)
-    out = report.write_run_report(built["run"])
+    out = run_report.write_run_report(built["run"])
     assert out == f"{base}/run/report.html"
     html = storage.read_bytes(out).decode()
     assert len(Elements(html).with_class("generated")) == 5
@@ -350,7 +350,7 @@ def test_a_large_run_is_split_into_linked_pages_quickly(tmp_path):
     (tmp_path / "big" / "report-5.html").write_text("left by an earlier, larger report")
 
     began = time.perf_counter()
-    first = Path(report.write_run_report(run.uri))
+    first = Path(run_report.write_run_report(run.uri))
     assert time.perf_counter() - began < 10
 
     pages = sorted(p.name for p in first.parent.glob("report*.html"))
@@ -367,7 +367,7 @@ def test_a_large_run_is_split_into_linked_pages_quickly(tmp_path):
 
 
 def test_links_are_relative_inside_the_report_folder_and_never_scripts():
-    layout = report.ReportLayout("file:///runs/r1/report.html")
+    layout = pages.ReportLayout("file:///runs/r1/report.html")
     assert layout.link("/runs/r1/subjects/a b/images/p0.png") == "subjects/a%20b/images/p0.png"
     assert layout.link("file:///runs/r1/subjects/a/images/p0.png") == "subjects/a/images/p0.png"
     assert layout.link("/photos/dog.png") == "file:///photos/dog.png"
@@ -377,16 +377,16 @@ def test_links_are_relative_inside_the_report_folder_and_never_scripts():
 
 
 def test_loss_curve_skips_non_finite_losses_and_thins_long_logs():
-    assert report.loss_curve([]) is None
-    assert report.loss_curve([{"step": 1, "loss": float("nan")}]) is None
-    curve = report.loss_curve([{"step": s, "loss": 2.0 - s / 5000} for s in range(1, 5001)])
+    assert run_report.loss_curve([]) is None
+    assert run_report.loss_curve([{"step": 1, "loss": float("nan")}]) is None
+    curve = run_report.loss_curve([{"step": s, "loss": 2.0 - s / 5000} for s in range(1, 5001)])
     points = curve.points.split()
-    assert len(points) <= report.LOSS_MAX_POINTS + 1
+    assert len(points) <= run_report.LOSS_MAX_POINTS + 1
     assert (curve.first_step, curve.last_step, curve.final) == (1, 5000, 1.0)
     xs = [float(p.split(",")[0]) for p in points]
     ys = [float(p.split(",")[1]) for p in points]
     assert xs == sorted(xs) and ys == sorted(ys)  # falling loss is drawn going down the box, i.e. y increasing
-    assert xs[-1] == report.LOSS_WIDTH - 4
+    assert xs[-1] == run_report.LOSS_WIDTH - 4
 
 
 # -- evaluation scores (RUN/evaluation.parquet and each status.json's `evaluation`) ----------------------------------
@@ -410,7 +410,7 @@ SUBJECT_MEANS = {
 
 
 EVALUATED_AT = "2026-12-02T10:00:00+00:00"
-# The models whose scores the paper's floors hold for (report.FLOORS); other models are flagged by quartile alone.
+# The models whose scores the paper's floors hold for (run_report.FLOORS); other models are flagged by quartile alone.
 PAPER_MODELS = {"dino_model": "facebook/dino-vits16", "clip_model": "openai/clip-vit-large-patch14"}
 
 
@@ -449,7 +449,7 @@ def figure(html: str, image_id: str) -> str:
 def evaluated_run(tmp_path_factory) -> dict:
     built = build_run(str(tmp_path_factory.mktemp("evaluated")))
     add_evaluation(built)
-    built["report"] = Path(report.write_run_report(built["run"]))
+    built["report"] = Path(run_report.write_run_report(built["run"]))
     return built
 
 
@@ -492,9 +492,9 @@ def test_a_run_without_evaluation_shows_no_scores_and_a_broken_table_is_a_note(s
     for absent in ('id="scores"', "evaluation", "evaluated", "low score", "DINO", 'class="scores'):
         assert absent not in body
     built = build_run(str(tmp_path))
-    before = Path(report.write_run_report(built["run"])).read_text()
+    before = Path(run_report.write_run_report(built["run"])).read_text()
     add_evaluation(built, part_files=[b"PAR1 not really parquet"])
-    html = Path(report.write_run_report(built["run"])).read_text()
+    html = Path(run_report.write_run_report(built["run"])).read_text()
     assert "evaluation.parquet: unreadable, left out" in text("".join(re.findall(r'<div class="note">.*?</div>', html)))
     assert 'class="scores' not in html  # no image's scores...
     assert "DINO 0.710 CLIP-I 0.802" in text(card(html, "alpha"))  # ...but the means status.json holds
@@ -508,12 +508,12 @@ def test_a_run_without_evaluation_shows_no_scores_and_a_broken_table_is_a_note(s
     os.remove(tmp_path / "run" / "subjects" / "alpha" / "images" / "p0002-i0000.png")
     write_parquet(storage.join(built["run"], "generations.parquet"),
                   pa.Table.from_pylist(built["generations"], schema=GENERATIONS_SCHEMA))  # fmt: skip
-    assert Path(report.write_run_report(built["run"])).read_text() == before
+    assert Path(run_report.write_run_report(built["run"])).read_text() == before
 
 
 def test_scores_rank_and_flag_the_lowest_quarter_across_pages(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "SUBJECTS_PER_PAGE", 4)
-    monkeypatch.setattr(report, "WORST_LISTED", 5)
+    monkeypatch.setattr(run_report, "SUBJECTS_PER_PAGE", 4)
+    monkeypatch.setattr(run_report, "WORST_LISTED", 5)
     run = RunDirectory(str(tmp_path / "ranked"))
     run.start(command="run", manifest_uri=str(tmp_path / "gone.parquet"), manifest_fingerprint="0",
               settings=load_settings("tiny"), base_model="tiny", base_model_path="/x", extend=False)  # fmt: skip
@@ -530,7 +530,7 @@ def test_scores_rank_and_flag_the_lowest_quarter_across_pages(tmp_path, monkeypa
     run.write_status(SubjectStatus("u-other", "done", 2, evaluation={**stamp, "images": 4, "dino": 0.99, "clip_t": 0.3,
                                                                      "dino_model": "<b>dino-b8</b>"}))  # fmt: skip
     run.write_status(SubjectStatus("v-never", "done", 2))
-    html = Path(report.write_run_report(run.uri)).read_text()
+    html = Path(run_report.write_run_report(run.uri)).read_text()
     scores = html[html.index('<section id="scores">') :].split("</section>")[0]
     rows = re.split(r'<tr class="ranked[^"]*">', scores)[1:]
     assert [Elements(r).named("a")[0]["href"] for r in rows] == [
@@ -568,19 +568,19 @@ def test_the_moderation_table_report_counts_errors_and_categories(tmp_path):
     for k, start in enumerate(range(0, table.num_rows, 17)):
         pq.write_table(table.slice(start, 17), output / f"part-{k}.parquet")
 
-    page = Path(report.write_table_report(str(output)))
+    page = Path(table_report.write_table_report(str(output)))
     assert page == tmp_path / "moderated.report.html"
     html = page.read_text()
     assert "rows<b>50</b>" in html and "errors<b>20</b>" in html and "40.0%" in html
     assert "flagged<b>10</b>" in html and "safe<b>20</b>" in html
     top_rows = html.split('<tr class="top-error">')[1:]
-    assert len(top_rows) == report.TOP_ERRORS
+    assert len(top_rows) == table_report.TOP_ERRORS
     assert top_rows[0].startswith("<td>5</td><td><pre>image decode failed")
     assert top_rows[1].startswith("<td>3</td><td><pre>timeout")
     assert "(10 of 14 distinct)" in html
     assert '<tr class="category"><td>S1</td><td>10</td></tr>' in html
     assert '<tr class="category"><td>S12</td><td>10</td></tr>' in html
-    assert len(Elements(html).with_class("sample-image")) == report.SAMPLE_ROWS
+    assert len(Elements(html).with_class("sample-image")) == table_report.SAMPLE_ROWS
     assert len(list((tmp_path / "moderated.report_files" / "thumbs").iterdir())) == 1  # one image, one thumbnail
 
 
@@ -593,7 +593,7 @@ def test_the_ocr_table_report_shows_text_as_text(tmp_path, chromium):
     output = tmp_path / "ocr.parquet"
     pq.write_table(pa.Table.from_pylist(rows), output)
 
-    page = Path(report.write_table_report(str(output)))
+    page = Path(table_report.write_table_report(str(output)))
     dom = dump_dom(chromium, tmp_path, page)
     elements = Elements(dom)
     assert elements.named("script") == []
@@ -610,28 +610,21 @@ def test_the_ocr_table_report_shows_text_as_text(tmp_path, chromium):
 # -- the command -----------------------------------------------------------------------------------------------------
 
 
-def run_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dreamfleet")
-    report.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.handler(args)
-
-
 def test_the_report_command_takes_a_run_or_a_parquet_file_and_nothing_else(small_run, tmp_path, capsys):
-    assert run_command(["report", small_run["run"]]) == 0
-    assert capsys.readouterr().out.strip() == report.report_path_for(small_run["run"])
+    assert main(["report", small_run["run"]]) == 0
+    assert capsys.readouterr().out.strip() == pages.report_path_for(small_run["run"])
     out = tmp_path / "elsewhere" / "moderation.html"
-    assert run_command(["report", storage.join(small_run["run"], "moderation.parquet"), "--out", str(out)]) == 0
+    assert main(["report", storage.join(small_run["run"], "moderation.parquet"), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out) and out.exists()
 
     manifest = storage.join(small_run["run"], "..", "subjects.parquet")  # any Parquet file, even without VLM columns
-    assert run_command(["report", manifest]) == 0
+    assert main(["report", manifest]) == 0
     assert "rows<b>3</b>" in Path(capsys.readouterr().out.strip()).read_text()
 
     (tmp_path / "notes.txt").write_text("hello")
     for path, message in [(tmp_path / "notes.txt", "neither a run directory"), (tmp_path, "neither run.json nor Parquet part files"),
                           (tmp_path / "absent", "no such file")]:  # fmt: skip
-        assert run_command(["report", str(path)]) == 2
+        assert main(["report", str(path)]) == 2
         assert message in capsys.readouterr().err
 
 
@@ -745,7 +738,7 @@ def detections(tmp_path) -> dict:
     ]
     output = pass_output(tmp_path / "detected.parquet", rows,
                          [("categories", pa.string()), ("boxes", pa.list_(BOX))])  # fmt: skip
-    return {"output": output, "page": Path(report.write_table_report(str(output)))}
+    return {"output": output, "page": Path(table_report.write_table_report(str(output)))}
 
 
 def test_boxes_are_drawn_where_they_are_on_the_upright_photo(detections):
@@ -780,7 +773,7 @@ def test_boxes_on_a_pdf_page_are_in_pixels_of_the_page_at_the_pass_dpi(detection
     assert near(thumb.getpixel((48, 72)), YELLOW) and near(thumb.getpixel((10, 10)), (30, 30, 220))
     assert near(thumbnail(page, first).getpixel((10, 10)), (220, 30, 30))
     # Boxes from a pass run at another pdf_dpi are drawn in pixels of the page at that resolution.
-    other = Path(report.write_table_report(str(detections["output"]), str(tmp_path / "at72.html"), pdf_dpi=72))
+    other = Path(table_report.write_table_report(str(detections["output"]), str(tmp_path / "at72.html"), pdf_dpi=72))
     assert drawn_boxes(sample_row(other.read_text(), "doc", 2))[0] == "0 0 200 400"
     assert drawn_boxes(sample_row(other.read_text(), "photo"))[0] == "0 0 300 500"  # a photo is no PDF
 
@@ -802,7 +795,7 @@ def test_a_rerun_reuses_the_thumbnails_and_still_draws_the_boxes_in_place(detect
     made = {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()}
     assert len(made) == 4  # the photo, each page of the PDF, the bytes
     time.sleep(0.01)
-    html = Path(report.write_table_report(str(detections["output"]))).read_text()
+    html = Path(table_report.write_table_report(str(detections["output"]))).read_text()
     assert {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()} == made
     assert drawn_boxes(sample_row(html, "photo"))[0] == "0 0 300 500"
     assert drawn_boxes(sample_row(html, "doc", 2))[0] == "0 0 400 800"
@@ -812,7 +805,7 @@ def test_a_user_sees_each_box_around_its_patch(chromium, tmp_path):
     photo = exif_rotated_photo(tmp_path / "photo.jpg")
     rows = [{"id": "photo", "image": str(photo), "categories": "dog, cat", "boxes": [box("dog", DOG), box("cat", CAT)]}]
     output = pass_output(tmp_path / "one.parquet", rows, [("categories", pa.string()), ("boxes", pa.list_(BOX))])
-    page = Path(report.write_table_report(str(output)))
+    page = Path(table_report.write_table_report(str(output)))
     shot = tmp_path / "boxes.png"
     run_chromium(chromium, tmp_path, page.as_uri(), f"--screenshot={shot}", "--window-size=1000,1000",
                  "--hide-scrollbars", "--force-device-scale-factor=1")  # fmt: skip
@@ -850,7 +843,7 @@ def test_answers_show_their_questions_and_pages_and_videos_are_rows_of_their_own
         {"id": "broken", "image": str(broken), "question": "Anything?", "error": "not a readable PDF"},
     ]
     output = pass_output(tmp_path / "answered.parquet", rows, [("question", pa.string()), ("answer", pa.string())])
-    page = Path(report.write_table_report(str(output)))
+    page = Path(table_report.write_table_report(str(output)))
     dom = dump_dom(chromium, tmp_path, page)
     assert Elements(dom).named("script") == []
 
@@ -877,7 +870,7 @@ def test_an_answer_without_a_question_column_and_a_video_that_will_not_decode(tm
     (tmp_path / "noise.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     rows = [{"id": "clip", "video": str(tmp_path / "noise.mp4"), "answer": "No idea."}]
     output = pass_output(tmp_path / "asked.parquet", rows, [("answer", pa.string())])
-    page = Path(report.write_table_report(str(output)))
+    page = Path(table_report.write_table_report(str(output)))
     row = sample_row(page.read_text(), "clip")
     assert "A: No idea." in text(row) and 'class="question"' not in row
     assert "image unavailable" in row and "noise.mp4" in row
@@ -886,7 +879,7 @@ def test_an_answer_without_a_question_column_and_a_video_that_will_not_decode(tm
 def test_parsed_markdown_is_shown_as_preformatted_text_never_as_html(tmp_path, chromium):
     markdown = f"# Invoice\n\n| item | price |\n| --- | --- |\n| {INJECTED} | 3 |\n\n{SCRIPT}\n**total**\x00"
     rows = [{"id": f"page-{i}", "image_bytes": png((250, 250, 250), shift=i), "markdown": markdown} for i in range(2)]
-    page = Path(report.write_table_report(str(pass_output(tmp_path / "parsed.parquet", rows,
+    page = Path(table_report.write_table_report(str(pass_output(tmp_path / "parsed.parquet", rows,
                                                           [("markdown", pa.string())]))))  # fmt: skip
     dom = dump_dom(chromium, tmp_path, page)
     elements = Elements(dom)
@@ -902,19 +895,19 @@ def test_parsed_markdown_is_shown_as_preformatted_text_never_as_html(tmp_path, c
 
 def test_pdf_pages_are_refused_like_the_pass_refuses_them(tmp_path):
     pdf = str(two_page_pdf(tmp_path / "doc.pdf"))
-    layout = report.ReportLayout(report.canonical_uri(str(tmp_path / "r.html")))
-    few_pages = report.ThumbnailStore(layout, pdf_max_pages=1)
+    layout = pages.ReportLayout(pages.canonical_uri(str(tmp_path / "r.html")))
+    few_pages = thumbnails.ThumbnailStore(layout, pdf_max_pages=1)
     refused = few_pages.for_uri(pdf, page=1)
     few_pages.make_pending()
     assert refused.thumb is None and "the PDF has 2 pages, over the limit of 1 (pdf_max_pages)" in refused.problem
     # Page 2 at 144 dpi is 400 x 800 px; the thumbnail is rendered small, but the page is refused as the pass would,
     # and with it the whole document (the pass makes it one error row).
-    few_pixels = report.ThumbnailStore(layout, max_pixels=400 * 800 - 1)
+    few_pixels = thumbnails.ThumbnailStore(layout, max_pixels=400 * 800 - 1)
     big, small = few_pixels.for_uri(pdf, page=2), few_pixels.for_uri(pdf, page=1, sized=True)
     few_pixels.make_pending()
     assert big.thumb is None and "page 2 is 400x800 = 320000 pixels at 144 dpi, over the limit" in big.problem
     assert small.thumb is None and big.problem == small.problem
-    enough = report.ThumbnailStore(layout, max_pixels=400 * 800)
+    enough = thumbnails.ThumbnailStore(layout, max_pixels=400 * 800)
     page_one = enough.for_uri(pdf, page=1, sized=True)
     enough.make_pending()
     assert page_one.problem is None and page_one.size == (600, 400)
@@ -925,7 +918,7 @@ def test_a_mirrored_sideways_phone_video_gets_an_upright_thumbnail(tmp_path):
 
     video = write_video(tmp_path / "phone.mp4", width=48, height=80, rotation=90, hflip=True, seconds=0.5)
     rows = [{"id": "phone", "video": str(video), "answer": "A red corner."}]
-    page = Path(report.write_table_report(str(pass_output(tmp_path / "asked.parquet", rows, [("answer", pa.string())]))))
+    page = Path(table_report.write_table_report(str(pass_output(tmp_path / "asked.parquet", rows, [("answer", pa.string())]))))
     thumb = thumbnail(page, sample_row(page.read_text(), "phone")).convert("RGB")
     assert thumb.size == (48, 80)  # upright: portrait, as the phone showed it
     assert near(thumb.getpixel((6, 10)), (255, 0, 0)) and not near(thumb.getpixel((42, 10)), (255, 0, 0))
