@@ -1,10 +1,8 @@
-"""`dreamfleet report`: a static HTML report of a run directory or of a VLM pass output, read from its files alone.
+"""`dreamfleet report`: static HTML reports read from files alone, of a run directory (run_report.py) or of a VLM pass
+output (table_report.py); any_path.py picks which a path calls for. pages.py says where a report's files go and writes
+its pages from templates/ (Jinja2, autoescaped, no JavaScript); thumbnails.py makes the small upright JPEGs every image
+is shown as, once, beside the report. Links inside the report's folder are relative, so it can be copied or served.
 
-Pages are plain HTML and CSS (Jinja2 templates in templates/, autoescaped; no JavaScript: what a script would sort,
-page 1 lists already sorted, the evaluated subjects worst first). Every image is shown as a small JPEG thumbnail made
-once under `<report>_files/thumbs/` and linked to the full-size image; links inside the report's folder are relative,
-so the folder can be copied or served as it is.
-
-The folder: pages.py (where the files go, page writing), thumbnails.py, run_report.py (a run's report),
-table_report.py (a pass output's), paths.py... Imports engine and ray_jobs.state; no Ray.
+Imports engine (storage, media, settings) and ray_jobs.state and ray_jobs.fleet.outcome (what a run directory holds);
+no Ray, and nothing else of ray_jobs: the CLI, the run and the demo import the report, never the reverse.
 """
