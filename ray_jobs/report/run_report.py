@@ -60,8 +60,9 @@ def _score(value: Any) -> float | None:
 
 
 @dataclass(frozen=True)
-class ImageScores:
-    """A generated image's evaluation (a row of RUN/evaluation.parquet); scores are None when the row failed."""
+class EvaluationRow:
+    """A generated image's evaluation as the report reads it from its row of RUN/evaluation.parquet (with the floors
+    of the models that scored it); scores are None when the row failed."""
 
     dino: float | None
     clip_i: float | None
@@ -72,7 +73,7 @@ class ImageScores:
     clip_t_floor: float | None = None
 
     @classmethod
-    def of(cls, row: dict[str, Any]) -> ImageScores:
+    def of(cls, row: dict[str, Any]) -> EvaluationRow:
         dino, clip_i, clip_t = (_score(row.get(k)) for k in ("dino", "clip_i", "clip_t"))
         return cls(dino, clip_i, clip_t, printable(row.get("error")), row.get("class_prompt") is True,
                    FLOORS.get(("dino", row.get("dino_model"))), FLOORS.get(("clip_t", row.get("clip_model"))))
@@ -156,7 +157,7 @@ class GeneratedImage:
     seed: int | None
     picture: Picture
     verdict: Verdict | None  # None: not moderated
-    scores: ImageScores | None = None  # None: not evaluated
+    scores: EvaluationRow | None = None  # None: not evaluated
 
 
 @dataclass
@@ -370,17 +371,17 @@ def _verdicts(run_uri: str, notes: list[str]) -> dict[str, Verdict]:
     }
 
 
-def _image_scores(run_uri: str, notes: list[str]) -> dict[str, ImageScores]:
+def _evaluation_rows(run_uri: str, notes: list[str]) -> dict[str, EvaluationRow]:
     rows = _read_optional_table(
         RunDirectory(run_uri).evaluation,
         ["id", "dino", "clip_i", "clip_t", "error", "class_prompt", "dino_model", "clip_model"],
         notes,
     )
-    return {r["id"]: ImageScores.of(r) for r in rows if r.get("id") is not None}
+    return {r["id"]: EvaluationRow.of(r) for r in rows if r.get("id") is not None}
 
 
 def _prompt_groups(
-    rows: list[dict[str, Any]], verdicts: dict[str, Verdict], scores: dict[str, ImageScores], thumbs: ThumbnailStore
+    rows: list[dict[str, Any]], verdicts: dict[str, Verdict], scores: dict[str, EvaluationRow], thumbs: ThumbnailStore
 ) -> list[PromptGroup]:
     groups: dict[tuple[int, str], PromptGroup] = {}
     for row in sorted(rows, key=lambda r: (r.get("prompt_index") or 0, r.get("image_index") or 0)):
@@ -426,7 +427,7 @@ def write_run_report(run_uri: str, out: str | None = None) -> str:
     statuses = sorted(run.read_statuses().values(), key=lambda s: s.subject_id)
     instance = _instance_images(record, notes)
     verdicts = _verdicts(run.uri, notes)
-    image_scores = _image_scores(run.uri, notes)
+    evaluation_rows = _evaluation_rows(run.uri, notes)
     generations = defaultdict(list)
     wanted = ["id", "subject_id", "prompt", "prompt_index", "image_index", "seed", "image"]
     for row in _read_optional_table(run.generations, wanted, notes):
@@ -439,7 +440,7 @@ def write_run_report(run_uri: str, out: str | None = None) -> str:
             status=status,
             page=1 + index // SUBJECTS_PER_PAGE,
             instance_images=[thumbs.for_uri(uri) for uri in instance.get(status.subject_id, ())],
-            prompts=_prompt_groups(generations.get(status.subject_id, []), verdicts, image_scores, thumbs),
+            prompts=_prompt_groups(generations.get(status.subject_id, []), verdicts, evaluation_rows, thumbs),
             loss=curve,
             scores=SubjectScores.of(status.evaluation),
         )
