@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from engine import storage
 from engine.media.images import DEFAULT_MAX_IMAGE_PIXELS
+from ray_jobs.fleet.outcome import Outcome
 from ray_jobs.report.pages import READ_THREADS, ReportError, ReportLayout, canonical_uri, open_table, printable, \
     report_path_for, write_page
 from ray_jobs.report.thumbnails import Picture, ThumbnailStore
@@ -208,37 +209,37 @@ class PackStay:
 
 @dataclass(frozen=True)
 class Attempt:
-    """A row of a subject's history table: a recorded attempt, or one status.json counts without an outcome."""
+    """A row of a subject's history table: a recorded attempt and its outcome, or one status.json counts without."""
 
     number: int | None
     stage: str
-    outcome: str  # "ok", "failed", "interrupted", or "running or interrupted"
-    entry: dict[str, Any]
+    result: str  # "ok", "failed", "interrupted", or "running or interrupted"
+    outcome: Outcome | None = None  # None: no outcome recorded
 
     @property
     def ok(self) -> bool:
-        return self.outcome == "ok"
+        return self.result == "ok"
 
     @property
     def facts(self) -> list[str]:
         """What the attempt did, as short phrases (steps, images, seconds)."""
-        if self.outcome not in ("ok", "failed"):
+        if (o := self.outcome) is None:
             return ["no outcome recorded"]
-        e, facts = self.entry, []
-        if e.get("steps_run") is not None:
-            resumed = f" (resumed from step {e['resumed_from']})" if e.get("resumed_from") else ""
-            facts.append(f"{e['steps_run']} steps{resumed}")
-        if e.get("images_generated") is not None:
-            facts.append(f"{e['images_generated']} image{'s' if e['images_generated'] != 1 else ''}")
-        if isinstance(e.get("seconds"), int | float):
-            facts.append(f"{e['seconds']:.1f} s")
+        facts = []
+        if o.steps_run is not None:
+            resumed = f" (resumed from step {o.resumed_from})" if o.resumed_from else ""
+            facts.append(f"{o.steps_run} steps{resumed}")
+        if o.images_generated is not None:
+            facts.append(f"{o.images_generated} image{'s' if o.images_generated != 1 else ''}")
+        if isinstance(o.seconds, int | float):  # status.json is read as it is, not checked against the types
+            facts.append(f"{o.seconds:.1f} s")
         return facts
 
     @property
     def pack(self) -> PackStay | None:
-        if not self.entry.get("pack"):
+        if self.outcome is None or not self.outcome.pack:
             return None
-        return PackStay(str(self.entry["pack"]), [str(m) for m in self.entry.get("pack_mates") or []])
+        return PackStay(str(self.outcome.pack), [str(m) for m in self.outcome.pack_mates or []])
 
 
 @dataclass(frozen=True)
@@ -271,14 +272,17 @@ def attempt_summary(status: SubjectStatus) -> AttemptSummary:
     for entry in status.history or []:
         number, stage = entry.get("attempt"), str(entry.get("stage") or "")
         if isinstance(number, int):
-            rows += [Attempt(n, stage, "interrupted", {}) for n in range(expected, number)]
+            rows += [Attempt(n, stage, "interrupted") for n in range(expected, number)]
             expected = max(expected, number + 1)
-        rows.append(Attempt(number, stage, "ok" if entry.get("ok") else "failed", entry))
+        # `attempt` and `stage` are the scheduler's, the rest the attempt's outcome; an entry without `ok` (cut short,
+        # or written by hand) reads as failed, as it always has.
+        outcome = Outcome.from_history(status.subject_id, {**entry, "ok": bool(entry.get("ok"))})
+        rows.append(Attempt(number, stage, "ok" if outcome.ok else "failed", outcome))
     if status.state in STAGE_OF_STATE:
         for n in range(expected, status.attempts + 1):
             running = n == status.attempts and status.state in RUNNING_STATES
-            outcome = "running or interrupted" if running else "interrupted"
-            rows.append(Attempt(n, STAGE_OF_STATE[status.state], outcome, {}))
+            result = "running or interrupted" if running else "interrupted"
+            rows.append(Attempt(n, STAGE_OF_STATE[status.state], result))
     retries, last_ok = 0, {}
     for row in rows:
         if last_ok.get(row.stage) is False:  # an attempt after its stage's previous one failed
