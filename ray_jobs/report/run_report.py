@@ -21,6 +21,7 @@ from ray_jobs.fleet.outcome import Outcome
 from ray_jobs.report.pages import READ_THREADS, ReportError, ReportLayout, canonical_uri, open_table, printable, \
     report_path_for, write_page
 from ray_jobs.report.thumbnails import Picture, ThumbnailStore
+from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
 from ray_jobs.state.manifest import subjects_of_run
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
 from ray_jobs.state.states import FAILED, RUNNING_STATES, STAGE_OF_STATE
@@ -433,8 +434,7 @@ def write_run_report(run_uri: str, out: str | None = None) -> str:
     verdicts = _verdicts(run.uri, notes)
     evaluation_rows = _evaluation_rows(run.uri, notes)
     generations = defaultdict(list)
-    wanted = ["id", "subject_id", "prompt", "prompt_index", "image_index", "seed", "image"]
-    for row in _read_optional_table(run.generations, wanted, notes):
+    for row in _read_optional_table(run.generations, GENERATIONS_SCHEMA.names, notes):  # the manifest's extras left out
         generations[row["subject_id"]].append(row)
     with ThreadPoolExecutor(READ_THREADS) as pool:
         curves = list(pool.map(lambda s: _read_loss_curve(run.uri, s.subject_id), statuses))
