@@ -39,14 +39,14 @@ from ray_jobs.passes.output import PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
 from ray_jobs.passes.stats import BatchFigures, StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
+from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
 from ray_jobs.state.manifest import ManifestError, subjects_of_run
 from ray_jobs.state.run_dir import RunDirectory, now
 
 INPUT_COLUMNS = ["id", "subject_id", "prompt", "prompt_index", "image_index", "image"]
 SCORES = ("dino", "clip_i", "clip_t")
 SCHEMA = pa.schema([
-    ("id", pa.string()), ("subject_id", pa.string()), ("prompt", pa.string()), ("prompt_index", pa.int32()),
-    ("image_index", pa.int32()), ("image", pa.string()),
+    *(GENERATIONS_SCHEMA.field(name) for name in INPUT_COLUMNS),
     ("class_prompt", pa.bool_()),  # made from the subject's bare class prompt: counts towards PRES, not fidelity
     *((name, pa.float64()) for name in SCORES),  # null where the row failed
     ("error", pa.string()), ("dino_model", pa.string()), ("clip_model", pa.string()),
