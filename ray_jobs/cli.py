@@ -168,10 +168,15 @@ def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pushgateway", help="Pushgateway URL that receives the final values at the end")
 
 
-def _add_pass_flags(parser: argparse.ArgumentParser, config_help: str = "YAML settings file") -> None:
-    """What every Ray Data pass command takes: settings, the cluster, the progress bar, metrics and console."""
+def _add_settings_flags(
+    parser: argparse.ArgumentParser, config_help: str = "YAML settings file; flags override it"
+) -> None:
     parser.add_argument("--config", help=config_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+
+
+def _add_driver_flags(parser: argparse.ArgumentParser) -> None:
+    """What every command that drives Ray work takes: the cluster, the progress bar, metrics and console."""
     parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     _add_metrics_flags(parser)
@@ -198,18 +203,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", default="tiny",
                         help="tiny, tiny-sdxl, tiny-prior, a local diffusers directory, or a hub id (SD 1.x/2.x, "
                              "SDXL)")
-    parser.add_argument("--config", help="YAML settings file; flags override it")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    _add_settings_flags(parser)
     parser.add_argument("--gpus-per-job", type=float, default=1.0, help="GPU share per worker; 0.5 packs two per GPU")
     parser.add_argument("--cpus-per-job", type=float, default=1.0, help="CPUs reserved per worker")
     parser.add_argument("--workers", type=int, help="number of workers (default: as many as the cluster holds)")
     parser.add_argument("--extend", action="store_true", help="accept another manifest or settings for this RUN")
-    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     parser.add_argument("--vlm-model", default="tiny", help="VLM of the moderation pass of `run`")
     _add_eval_flags(parser)
-    _add_metrics_flags(parser)
-    _add_console_flags(parser)
+    _add_driver_flags(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("manifest", help="Parquet manifest (any fsspec URI); for images also a folder or glob")
     validate.add_argument("--kind", choices=["subjects", "images"], default="subjects")
     validate.add_argument("--base-model", default="tiny", help="decides which defaults apply to params checks")
-    validate.add_argument("--config", help="YAML settings file")
-    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    _add_settings_flags(validate)
     validate.add_argument("--skip-image-check", action="store_true", help="do not open every image URI")
     validate.set_defaults(handler=cmd_validate)
 
@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "'categories' (task detect)")
     analyze.add_argument("--vlm-model", default="tiny", help="tiny, a local directory, or a Qwen3-VL hub id")
     analyze.add_argument("--base-model", default="tiny", help="which preset's defaults apply (tiny: small budgets)")
-    _add_pass_flags(analyze)
+    _add_settings_flags(analyze)
+    _add_driver_flags(analyze)
     analyze.set_defaults(handler=cmd_analyze)
 
     demo = commands.add_parser("demo", help="the whole pipeline on a small synthetic manifest, tiny models, local Ray")
@@ -258,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="DINO, CLIP-I and CLIP-T of every generated image of RUN")
     evaluate.add_argument("run", help="run directory (any fsspec URI); rerunning scores only what is not scored")
     _add_eval_flags(evaluate)
-    _add_pass_flags(evaluate, "YAML settings file (over the run's recorded settings)")
+    _add_settings_flags(evaluate, "YAML settings file (over the run's recorded settings)")
+    _add_driver_flags(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     report = commands.add_parser("report", help="an HTML report of a run directory or a VLM pass output")

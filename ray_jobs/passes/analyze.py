@@ -34,7 +34,7 @@ from ray_jobs.passes.inputs import (
 )
 from ray_jobs.passes.output import DONE_PAGES, PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
-from ray_jobs.passes.stats import StatsRelay, send_batch_figures
+from ray_jobs.passes.stats import BatchFigures, StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
 from ray_jobs.state.manifest import ManifestError
 
@@ -238,7 +238,7 @@ class VLMPredictor:
             return
         errors = table.num_rows - table.column("error").null_count
         tokens = int(sum(t or 0 for t in table.column("num_output_tokens").to_pylist()))
-        send_batch_figures(self.inbox, (table.num_rows, errors, tokens, seconds))
+        send_batch_figures(self.inbox, BatchFigures(table.num_rows, errors, seconds, tokens=tokens))
 
 
 # -- the pass ---------------------------------------------------------------------------------------------------
@@ -248,11 +248,10 @@ class VLMPredictor:
 def vlm_stats_relay(metrics, task: str, progress: FleetProgress, rows_left: int) -> Iterator[StatsRelay]:
     """The pass's live figures: rows answered and failed into the progress bar, and the VLM series."""
 
-    def on_batch(figures: tuple[int, int, int, float]) -> None:
-        rows, errors, tokens, seconds = figures
-        progress.add(rows - errors, errors)
+    def on_batch(figures: BatchFigures) -> None:
+        progress.add(figures.rows - figures.errors, figures.errors)
         if metrics is not None:
-            metrics.on_vlm_batch(task, rows, errors, tokens, seconds)
+            metrics.on_vlm_batch(task, figures)
 
     if metrics is not None:
         metrics.on_vlm_pass(task, rows_left)

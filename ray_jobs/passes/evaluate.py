@@ -37,16 +37,16 @@ from ray_jobs.cluster import connect
 from ray_jobs.passes.inputs import ImagesInput, check_images_manifest
 from ray_jobs.passes.output import PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
-from ray_jobs.passes.stats import StatsRelay, send_batch_figures
+from ray_jobs.passes.stats import BatchFigures, StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
+from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
 from ray_jobs.state.manifest import ManifestError, subjects_of_run
 from ray_jobs.state.run_dir import RunDirectory, now
 
 INPUT_COLUMNS = ["id", "subject_id", "prompt", "prompt_index", "image_index", "image"]
 SCORES = ("dino", "clip_i", "clip_t")
 SCHEMA = pa.schema([
-    ("id", pa.string()), ("subject_id", pa.string()), ("prompt", pa.string()), ("prompt_index", pa.int32()),
-    ("image_index", pa.int32()), ("image", pa.string()),
+    *(GENERATIONS_SCHEMA.field(name) for name in INPUT_COLUMNS),
     ("class_prompt", pa.bool_()),  # made from the subject's bare class prompt: counts towards PRES, not fidelity
     *((name, pa.float64()) for name in SCORES),  # null where the row failed
     ("error", pa.string()), ("dino_model", pa.string()), ("clip_model", pa.string()),
@@ -141,7 +141,7 @@ class EvaluationScorer:
                           "clip_model": [self.evaluator.clip_model] * count}, schema=SCHEMA)  # fmt: skip
         failed = sum(e is not None for e in errors)
         kept = {name: [v for v in values if v is not None] for name, values in scores.items()}
-        send_batch_figures(self.inbox, (count, failed, time.perf_counter() - began, kept))
+        send_batch_figures(self.inbox, BatchFigures(count, failed, time.perf_counter() - began, scores=kept))
         return table
 
 
@@ -225,11 +225,10 @@ def _run_pass(request: EvaluateRequest, generations: ImagesInput, output: PassOu
 
 @contextmanager
 def eval_stats_relay(metrics, progress: FleetProgress) -> Iterator[StatsRelay]:
-    def on_batch(figures: tuple[int, int, float, dict[str, list[float]]]) -> None:
-        rows, errors, seconds, scores = figures
-        progress.add(rows - errors, errors)
+    def on_batch(figures: BatchFigures) -> None:
+        progress.add(figures.rows - figures.errors, figures.errors)
         if metrics is not None:
-            metrics.on_eval_batch(rows, errors, seconds, scores)
+            metrics.on_eval_batch(figures)
 
     with StatsRelay(on_batch) as relay:
         yield relay

@@ -12,23 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
+from engine.diffusion.generation import ROW_SCHEMA as SCHEMA
 from ray_jobs.state.run_dir import GENERATIONS, RunDirectory, subject_dir
 from ray_jobs.state.states import DONE
-
-SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),  # subject_id/file stem: makes this table an images manifest for `dreamfleet analyze`
-        ("subject_id", pa.string()),
-        ("prompt", pa.string()),
-        ("prompt_index", pa.int32()),
-        ("image_index", pa.int32()),
-        ("seed", pa.int64()),
-        ("image", pa.string()),
-        ("guidance_scale", pa.float64()),
-        ("num_inference_steps", pa.int32()),
-        ("scheduler", pa.string()),
-    ]
-)
 
 
 def write_subject_generations(folder: str, rows: list[dict[str, Any]]) -> None:

@@ -21,7 +21,7 @@ from engine.tracking import (
     start_group,
     wandb_run_id,
 )
-from tests.conftest import Interrupted, draw_subject
+from tests.helpers.subjects import draw_subject
 from tests.helpers.tracking_readers import (
     mlflow_children,
     mlflow_curves,
@@ -29,6 +29,7 @@ from tests.helpers.tracking_readers import (
     tensorboard_hparams,
     wandb_sessions,
 )  # fmt: skip
+from tests.helpers.training import Interrupted
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 STEPS = 4
@@ -185,7 +186,7 @@ def test_each_tool_sees_every_subjects_run_through_a_resume_with_its_curves_sett
 
 
 def test_a_tracker_that_fails_is_reported_and_the_training_finishes(base, tools, class_uris, monkeypatch):
-    from tests.ray_jobs.conftest import free_port
+    from tests.helpers.services import free_port
 
     down = f"http://127.0.0.1:{free_port()}"  # an MLflow server that is not running
     monkeypatch.setenv("MLFLOW_TRACKING_URI", down)

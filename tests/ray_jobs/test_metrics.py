@@ -18,9 +18,9 @@ import pytest
 from ray_jobs.cli import main
 from ray_jobs.metrics import EXPORTED_NAMES
 from ray_jobs.state.manifest import write_subjects_manifest
-from tests.ray_jobs.conftest import free_port, make_subject_rows
+from tests.helpers.services import free_port
+from tests.helpers.subjects import make_subject_rows
 
-pytestmark = pytest.mark.slow
 STEPS = 12
 
 

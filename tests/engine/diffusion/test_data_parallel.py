@@ -19,7 +19,8 @@ from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import train_subject
 from engine.settings import Settings, load_settings
-from tests.conftest import Interrupted, draw_subject, stop_at
+from tests.helpers.subjects import draw_subject
+from tests.helpers.training import Interrupted, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 

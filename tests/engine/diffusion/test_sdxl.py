@@ -21,8 +21,8 @@ from engine.diffusion.weights import load_subject_weights
 from engine.hub import ModelError, fingerprint
 from engine.settings import load_settings
 from engine.tiny.sd import build_tiny_sdxl
-from tests.conftest import Interrupted, draw_subject, stop_at
-from tests.engine.diffusion.test_train import _assert_same_training
+from tests.helpers.subjects import draw_subject
+from tests.helpers.training import Interrupted, assert_same_training, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 
@@ -175,7 +175,7 @@ def test_a_packed_pair_trains_like_each_subject_alone(sdxl, tmp_path):
     for job in jobs:
         alone = train_subject(sdxl, job.subject, job.settings, str(tmp_path / "alone" / job.subject.subject_id),
                               job.class_image_uris)  # fmt: skip
-        _assert_same_training(alone, next(e.result for e in ended if e.subject == job.subject))
+        assert_same_training(alone, next(e.result for e in ended if e.subject == job.subject))
 
 
 def test_killed_and_resumed_training_equals_uninterrupted(sdxl, subject_images, tmp_path):

@@ -11,7 +11,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 
 from engine import storage
@@ -19,9 +18,7 @@ from ray_jobs.cli import main
 from ray_jobs.fleet.worker import SubjectWorker
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
-from tests.ray_jobs.conftest import make_subject_rows
-
-pytestmark = pytest.mark.slow
+from tests.helpers.subjects import make_subject_rows
 
 FAST = ["--set", "max_train_steps=12", "--set", "checkpointing_steps=4", "--set", "num_class_images=2", "--no-progress"]
 
