@@ -1,176 +1,26 @@
-"""`dreamfleet report`: run directories and VLM outputs built by hand (no Ray), their reports opened in Chromium."""
+"""The run report (ray_jobs/report/run_report.py): cards, history, pages, notes and evaluation scores, read as a user
+reads them (Chromium for what only a browser shows)."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 import re
 import shutil
-import subprocess
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
-import av
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageDraw, ImageStat
+from PIL import Image, ImageStat
 
 from engine import storage
 from engine.settings import load_settings
-from ray_jobs.cli import main
-from ray_jobs.report import pages, run_report, table_report, thumbnails
+from ray_jobs.report import run_report
 from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus
-
-SCRIPT = "<script>alert(1)</script>"
-# Would change the page if it ever reached the DOM as markup (and scripts ran); the report must show it as text.
-INJECTED = "<img src=x onerror=\"document.title='pwned'\">"
-SCRIPT_PROMPT = f"a photo of sks ball {SCRIPT}"
-FAILURE = "<b>CUDA</b> out of memory after 3 attempts"
-PACK = "node1-42-1"  # a pack id as the worker makes them: node, pid, the worker's nth pack
-MODERATION_COLUMNS = [("error", pa.string()), ("model", pa.string()), ("num_output_tokens", pa.int32()),
-                      ("reasoning", pa.string()), ("safe", pa.bool_()), ("categories", pa.list_(pa.string())),
-                      ("score", pa.float64())]  # fmt: skip
-
-
-# -- Chromium, as a user's browser ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.fail("chromium is not installed: `apt-get install -y chromium` (CI installs it in .ci/run)")
-    return found
-
-
-def run_chromium(chromium: str, tmp_path: Path, url: str, *flags: str) -> str:
-    profile = tmp_path / f"chromium-profile-{time.monotonic_ns()}"
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", *flags, url]  # fmt: skip
-    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=90)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-def dump_dom(chromium: str, tmp_path: Path, page: Path) -> str:
-    return run_chromium(chromium, tmp_path, page.as_uri(), "--dump-dom")
-
-
-class Elements(HTMLParser):
-    """Every start tag of a page with its attributes, and the text inside elements of a given class."""
-
-    def __init__(self, html: str):
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str]]] = []
-        self.feed(html)
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, {k: v or "" for k, v in attrs}))
-
-    def with_class(self, css: str) -> list[dict[str, str]]:
-        return [attrs for _, attrs in self.tags if css in attrs.get("class", "").split()]
-
-    def named(self, tag: str) -> list[dict[str, str]]:
-        return [attrs for t, attrs in self.tags if t == tag]
-
-
-# -- a run directory, built by hand ----------------------------------------------------------------------------------
-
-
-def png(colour: tuple[int, int, int], size: tuple[int, int] = (64, 64), shift: int = 0) -> bytes:
-    image = Image.new("RGB", size, colour)
-    ImageDraw.Draw(image).ellipse((8 + shift, 8, 40 + shift, 40), fill=(240, 200, 20))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def build_run(base: str) -> dict:
-    """A finished run of three subjects: alpha (two prompts, one with a script in it), beta, and gamma (failed)."""
-    run_uri = storage.join(base, "run")
-    settings = load_settings("tiny")
-    instance = {}
-    for n, sid in enumerate(("alpha", "beta", "gamma")):
-        instance[sid] = [storage.join(base, "photos", f"{sid}-{i}.png") for i in range(3)]
-        for i, uri in enumerate(instance[sid]):
-            storage.write_bytes(uri, png((30 + 80 * n, 60, 200), shift=i))
-    manifest = storage.join(base, "subjects.parquet")
-    write_subjects_manifest(manifest, [
-        {"subject_id": "alpha", "instance_images": instance["alpha"], "instance_prompt": "a photo of sks ball",
-         "class_prompt": "a photo of a ball", "prompts": ["a photo of sks ball on a table", SCRIPT_PROMPT]},
-        {"subject_id": "beta", "instance_images": instance["beta"], "instance_prompt": "a photo of sks cup",
-         "class_prompt": "a photo of a cup", "prompts": ["a photo of sks cup"]},
-        {"subject_id": "gamma", "instance_images": instance["gamma"], "instance_prompt": "a photo of sks hat",
-         "class_prompt": "a photo of a hat", "prompts": ["a photo of sks hat"]},
-    ])  # fmt: skip
-    run = RunDirectory(run_uri)
-    fingerprint = hashlib.sha256(storage.read_bytes(manifest)).hexdigest()
-    run.start(command="run", manifest_uri=manifest, manifest_fingerprint=fingerprint, settings=settings,
-              base_model="tiny", base_model_path="/cache/tiny", extend=False)  # fmt: skip
-    prompts = {"alpha": ["a photo of sks ball on a table", SCRIPT_PROMPT], "beta": ["a photo of sks cup"]}
-    rows = []
-    # alpha trained and rendered first time, in a pack with beta; beta's worker died in that pack, the driver was
-    # killed during its second attempt (no outcome recorded), and its third trained it alone.
-    run.write_status(SubjectStatus("alpha", "done", 2, history=[
-        {"attempt": 1, "stage": "train", "ok": True, "steps_run": 20, "seconds": 3.5, "pack": PACK,
-         "pack_mates": ["beta"]},
-        {"attempt": 2, "stage": "generate", "ok": True, "images_generated": 2, "seconds": 1.0},
-    ]))  # fmt: skip
-    run.write_status(SubjectStatus("beta", "done", 4, history=[
-        {"attempt": 1, "stage": "train", "ok": False, "error": "worker process died: ActorDiedError", "pack": PACK,
-         "pack_mates": ["alpha"]},
-        {"attempt": 3, "stage": "train", "ok": True, "steps_run": 10, "resumed_from": 10, "seconds": 2.0,
-         "pack": "node2-77-1", "pack_mates": []},
-        {"attempt": 4, "stage": "generate", "ok": True, "images_generated": 1, "seconds": 1.0},
-    ]))  # fmt: skip
-    for sid, subject_prompts in prompts.items():
-        log = [{"step": s, "loss": 1.0 / s + 0.1, "instance_loss": 0.5, "prior_loss": 0.5, "lr": 1e-4, "seconds": 0.1}
-               for s in range(1, 21)]  # fmt: skip
-        storage.write_bytes(storage.join(run_uri, "subjects", sid, "train_log.jsonl"),
-                            "".join(json.dumps(r) + "\n" for r in log).encode())  # fmt: skip
-        for p, prompt in enumerate(subject_prompts):
-            for i in range(2 if sid == "alpha" else 1):
-                image = storage.join(run_uri, "subjects", sid, "images", f"p{p:04d}-i{i:04d}.png")
-                storage.write_bytes(image, png((200, 40 * p, 40 * i), size=(96, 96)))
-                rows.append({"id": f"{sid}/p{p:04d}-i{i:04d}", "subject_id": sid, "prompt": prompt, "prompt_index": p,
-                             "image_index": i, "seed": 1000 * p + i, "image": image, "guidance_scale": 7.5,
-                             "num_inference_steps": 10, "scheduler": "ddim"})  # fmt: skip
-    run.write_status(SubjectStatus("gamma", "failed", 3, FAILURE, history=[
-        {"attempt": a, "stage": "train", "ok": False, "error": FAILURE} for a in (1, 2, 3)]))  # fmt: skip
-    run.write_rejected_rows([{"row": 3, "subject_id": "bad id", "reason": "invalid subject_id 'bad id'"}])
-    write_parquet(storage.join(run_uri, "generations.parquet"), pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
-    verdicts = [(False, ["S1", "S10"], 0.91, None), (True, [], 0.02, None), (True, [], 0.05, None),
-                (None, None, None, "image decode failed"), (True, [], 0.01, None)]  # fmt: skip
-    moderation = [{**row, "error": error, "model": "tiny", "num_output_tokens": 6, "reasoning": None, "safe": safe,
-                   "categories": categories, "score": score}
-                  for row, (safe, categories, score, error) in zip(rows, verdicts)]  # fmt: skip
-    schema = pa.schema([*GENERATIONS_SCHEMA, *MODERATION_COLUMNS])
-    table = pa.Table.from_pylist(moderation, schema=schema)
-    for k in range(2):  # a pass output: a folder of part files
-        write_parquet(storage.join(run_uri, "moderation.parquet", f"part-{k}.parquet"), table.slice(3 * k, 3))
-    run.finish({"done": 2, "failed": 1})
-    return {"run": run_uri, "generations": rows, "instance": instance}
-
-
-def write_parquet(uri: str, table: pa.Table) -> None:
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    storage.write_bytes(uri, buffer.getvalue().to_pybytes())
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory) -> dict:
-    built = build_run(str(tmp_path_factory.mktemp("report")))
-    built["report"] = Path(run_report.write_run_report(built["run"]))
-    return built
+from tests.helpers.report_inputs import PACK, SCRIPT, build_run, png, write_parquet
+from tests.helpers.report_pages import Elements, dump_dom, run_chromium, text
 
 
 # -- the run report --------------------------------------------------------------------------------------------------
@@ -216,11 +66,6 @@ def card(html: str, subject_id: str) -> str:
     """A subject's card, as the page's HTML."""
     start = html.index(f'id="subject-{subject_id}"')
     return html[start : html.index("</article>", start)]
-
-
-def text(html: str) -> str:
-    """What a reader sees of an HTML fragment: block tags as spaces, inline ones dropped, whitespace collapsed."""
-    return " ".join(re.sub(r"<[^>]+>", "", re.sub(r"</?(?:tr|td|th|pre|div|h3|p)\b[^>]*>", " ", html)).split())
 
 
 def headline(html: str, subject_id: str) -> str:
@@ -293,22 +138,6 @@ def test_retries_failures_and_packs_are_counted_from_the_history_of_any_run(tmp_
     assert headline(html, "m00") == "m00 done"
 
 
-def test_thumbnails_are_files_beside_the_report_reused_by_a_rerun(small_run):
-    thumbs = small_run["report"].parent / "report_files" / "thumbs"
-    made = {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()}
-    assert len(made) == 3 * 3 + 5  # every instance image and every generated one
-    assert all(Image.open(thumbs / name).size[0] <= thumbnails.THUMBNAIL_SIZE for name in made)
-    html = small_run["report"].read_text()
-    assert "data:image" not in html and "base64" not in html
-    srcs = [img["src"] for img in Elements(html).named("img")]
-    assert srcs and all(src.startswith("report_files/thumbs/") for src in srcs)  # relative: the folder can move
-    assert 'href="subjects/alpha/images/p0000-i0000.png"' in html  # a thumbnail opens the full-size image
-
-    time.sleep(0.01)
-    run_report.write_run_report(small_run["run"])
-    assert {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()} == made
-
-
 def test_a_missing_image_and_a_changed_or_missing_manifest_are_noted_not_fatal(tmp_path):
     built = build_run(str(tmp_path))
     os.remove(tmp_path / "run" / "subjects" / "beta" / "images" / "p0000-i0000.png")
@@ -366,16 +195,6 @@ def test_a_large_run_is_split_into_linked_pages_quickly(tmp_path):
     assert 'href="report-3.html#subject-s0400"' in (first.parent / "report.html").read_text()
 
 
-def test_links_are_relative_inside_the_report_folder_and_never_scripts():
-    layout = pages.ReportLayout("file:///runs/r1/report.html")
-    assert layout.link("/runs/r1/subjects/a b/images/p0.png") == "subjects/a%20b/images/p0.png"
-    assert layout.link("file:///runs/r1/subjects/a/images/p0.png") == "subjects/a/images/p0.png"
-    assert layout.link("/photos/dog.png") == "file:///photos/dog.png"
-    assert layout.link("s3://bucket/photos/dog.png") == "s3://bucket/photos/dog.png"
-    assert layout.link("javascript://%0aalert(1)") is None
-    assert layout.thumb_link("abc.jpg") == "report_files/thumbs/abc.jpg"
-
-
 def test_loss_curve_skips_non_finite_losses_and_thins_long_logs():
     assert run_report.loss_curve([]) is None
     assert run_report.loss_curve([{"step": 1, "loss": float("nan")}]) is None
@@ -390,6 +209,7 @@ def test_loss_curve_skips_non_finite_losses_and_thins_long_logs():
 
 
 # -- evaluation scores (RUN/evaluation.parquet and each status.json's `evaluation`) ----------------------------------
+
 
 EVALUATION_SCHEMA = pa.schema([("id", pa.string()), ("subject_id", pa.string()), ("prompt", pa.string()),
                                ("prompt_index", pa.int32()), ("image_index", pa.int32()), ("image", pa.string()),
@@ -407,8 +227,6 @@ SUBJECT_MEANS = {
     "beta": {"images": 1, "errors": 0, "dino": 0.38, "clip_i": 0.611, "clip_t": 0.15, "pres": None,
              "class_images": 0},
 }  # fmt: skip
-
-
 EVALUATED_AT = "2026-12-02T10:00:00+00:00"
 # The models whose scores the paper's floors hold for (run_report.FLOORS); other models are flagged by quartile alone.
 PAPER_MODELS = {"dino_model": "facebook/dino-vits16", "clip_model": "openai/clip-vit-large-patch14"}
@@ -547,378 +365,3 @@ def test_scores_rank_and_flag_the_lowest_quarter_across_pages(tmp_path, monkeypa
     assert "under 0.50" not in scores  # the paper's floors hold for the paper's models only
     page2 = (tmp_path / "ranked" / "report-2.html").read_text()
     assert 'id="scores"' not in page2 and headline(page2, "s6") == "s6 done ⚑ low score"
-
-
-# -- the table report ------------------------------------------------------------------------------------------------
-
-
-def test_the_moderation_table_report_counts_errors_and_categories(tmp_path):
-    image = tmp_path / "img.png"
-    image.write_bytes(png((20, 120, 20)))
-    errors = ["image decode failed"] * 5 + ["timeout"] * 3 + [f"rare error {i}" for i in range(12)]
-    rows = [{"id": f"e{i}", "image": str(image), "error": e, "model": "tiny", "num_output_tokens": 0, "reasoning": None,
-             "safe": None, "categories": None, "score": None} for i, e in enumerate(errors)]  # fmt: skip
-    rows += [{"id": f"ok{i}", "image": str(image), "error": None, "model": "tiny", "num_output_tokens": 6,
-              "reasoning": None, "safe": i % 3 != 0, "categories": ["S1", "S12"] if i % 3 == 0 else [],
-              "score": 0.9 if i % 3 == 0 else 0.1} for i in range(30)]  # fmt: skip
-    output = tmp_path / "moderated.parquet"  # a pass output: part files in a folder named like a file
-    output.mkdir()
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("image", pa.string()),
-                                                         *MODERATION_COLUMNS]))  # fmt: skip
-    for k, start in enumerate(range(0, table.num_rows, 17)):
-        pq.write_table(table.slice(start, 17), output / f"part-{k}.parquet")
-
-    page = Path(table_report.write_table_report(str(output)))
-    assert page == tmp_path / "moderated.report.html"
-    html = page.read_text()
-    assert "rows<b>50</b>" in html and "errors<b>20</b>" in html and "40.0%" in html
-    assert "flagged<b>10</b>" in html and "safe<b>20</b>" in html
-    top_rows = html.split('<tr class="top-error">')[1:]
-    assert len(top_rows) == table_report.TOP_ERRORS
-    assert top_rows[0].startswith("<td>5</td><td><pre>image decode failed")
-    assert top_rows[1].startswith("<td>3</td><td><pre>timeout")
-    assert "(10 of 14 distinct)" in html
-    assert '<tr class="category"><td>S1</td><td>10</td></tr>' in html
-    assert '<tr class="category"><td>S12</td><td>10</td></tr>' in html
-    assert len(Elements(html).with_class("sample-image")) == table_report.SAMPLE_ROWS
-    assert len(list((tmp_path / "moderated.report_files" / "thumbs").iterdir())) == 1  # one image, one thumbnail
-
-
-def test_the_ocr_table_report_shows_text_as_text(tmp_path, chromium):
-    text = f"TOTAL 12.50 EUR\n{SCRIPT}\n{INJECTED}\x00end"
-    rows = [{"id": f"doc-{i}", "image_bytes": png((250, 250, 250), shift=i), "error": None, "model": "tiny",
-             "num_output_tokens": 40, "reasoning": None, "text": text} for i in range(3)]  # fmt: skip
-    rows.append({"id": SCRIPT, "image_bytes": b"not an image", "error": "cannot decode image", "model": "tiny",
-                 "num_output_tokens": 0, "reasoning": None, "text": None})  # fmt: skip
-    output = tmp_path / "ocr.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), output)
-
-    page = Path(table_report.write_table_report(str(output)))
-    dom = dump_dom(chromium, tmp_path, page)
-    elements = Elements(dom)
-    assert elements.named("script") == []
-    assert not [attrs for _, attrs in elements.tags if "onerror" in attrs]
-    assert "<title>dreamfleet VLM output" in dom and "pwned" not in dom.split("</title>")[0]
-    shown = "TOTAL 12.50 EUR\n&lt;script&gt;alert(1)&lt;/script&gt;\n&lt;img src=x onerror=\"document.title='pwned'\"&gt;\ufffdend"
-    assert dom.count(f'<pre class="ocr-text">{shown}</pre>') == 3
-    assert "<td><code>&lt;script&gt;alert(1)&lt;/script&gt;</code></td>" in dom  # the id, too
-    assert "\x00" not in page.read_text()
-    assert len(list((tmp_path / "ocr.report_files" / "thumbs").iterdir())) == 3  # the bad row's image has none
-    assert "errors<b>1</b>" in dom and "25.0%" in dom
-
-
-# -- the command -----------------------------------------------------------------------------------------------------
-
-
-def test_the_report_command_takes_a_run_or_a_parquet_file_and_nothing_else(small_run, tmp_path, capsys):
-    assert main(["report", small_run["run"]]) == 0
-    assert capsys.readouterr().out.strip() == pages.report_path_for(small_run["run"])
-    out = tmp_path / "elsewhere" / "moderation.html"
-    assert main(["report", storage.join(small_run["run"], "moderation.parquet"), "--out", str(out)]) == 0
-    assert capsys.readouterr().out.strip() == str(out) and out.exists()
-
-    manifest = storage.join(small_run["run"], "..", "subjects.parquet")  # any Parquet file, even without VLM columns
-    assert main(["report", manifest]) == 0
-    assert "rows<b>3</b>" in Path(capsys.readouterr().out.strip()).read_text()
-
-    (tmp_path / "notes.txt").write_text("hello")
-    for path, message in [(tmp_path / "notes.txt", "neither a run directory"), (tmp_path, "neither run.json nor Parquet part files"),
-                          (tmp_path / "absent", "no such file")]:  # fmt: skip
-        assert main(["report", str(path)]) == 2
-        assert message in capsys.readouterr().err
-
-
-# -- answers, boxes, pages and videos (vqa, detect, parse; PDF and video rows) ----------------------------------------
-
-BOX = pa.struct([("label", pa.string()), ("x1", pa.float64()), ("y1", pa.float64()), ("x2", pa.float64()),
-                 ("y2", pa.float64())])  # fmt: skip
-VLM_COLUMNS = [("id", pa.string()), ("image", pa.string()), ("image_bytes", pa.binary()), ("video", pa.string()),
-               *MODERATION_COLUMNS[:4], ("page", pa.int32())]  # fmt: skip
-YELLOW, CYAN, GREY = (255, 230, 0), (0, 220, 255), (128, 128, 128)
-# Where the test photo's patches are, in pixels of the photo as it is seen (upright): it is 300 x 500 upright.
-PHOTO_SIZE = (300, 500)
-DOG, CAT = (40.0, 300.0, 160.0, 450.0), (180.0, 40.0, 280.0, 140.0)
-
-
-def exif_rotated_photo(path: Path) -> Path:
-    """A portrait photo stored on its side with EXIF orientation 6 (rotate 90° clockwise to view), as phones save it:
-    a yellow patch at DOG and a cyan one at CAT once it is upright."""
-    upright = Image.new("RGB", PHOTO_SIZE, GREY)
-    ImageDraw.Draw(upright).rectangle(DOG, fill=YELLOW)
-    ImageDraw.Draw(upright).rectangle(CAT, fill=CYAN)
-    stored = upright.transpose(Image.Transpose.ROTATE_90)  # counter-clockwise: the viewer turns it back clockwise
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    stored.save(path, "JPEG", quality=95, exif=exif)
-    return path
-
-
-def two_page_pdf(path: Path) -> Path:
-    """Page 1: 300 x 200 pt, red. Page 2: 200 x 400 pt, blue with a yellow patch at (50, 100)-(150, 200) pt."""
-    first = Image.new("RGB", (300, 200), (220, 30, 30))
-    second = Image.new("RGB", (200, 400), (30, 30, 220))
-    ImageDraw.Draw(second).rectangle((50, 100, 150, 200), fill=YELLOW)
-    first.save(path, "PDF", save_all=True, append_images=[second], resolution=72)  # 1 px = 1 pt
-    return path
-
-
-def red_video(path: Path) -> Path:
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-        for _ in range(10):
-            frame = av.VideoFrame.from_ndarray(np.full((64, 96, 3), (220, 30, 30), np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def pass_output(path: Path, rows: list[dict], task_columns: list[tuple[str, pa.DataType]]) -> Path:
-    """A pass output folder of two part files, in the SPEC's shapes: every input column, the standard ones, page."""
-    schema = pa.schema([*VLM_COLUMNS, *task_columns])
-    table = pa.Table.from_pylist([{"model": "tiny", "num_output_tokens": 5, **r} for r in rows], schema=schema)
-    path.mkdir()
-    half = (table.num_rows + 1) // 2
-    pq.write_table(table.slice(0, half), path / "part-0.parquet")
-    pq.write_table(table.slice(half), path / "part-1.parquet")
-    return path
-
-
-def sample_row(html: str, row_id: str, page: int | None = None) -> str:
-    """The sample table's row of `row_id` (and `page`), as the page's HTML."""
-    for row in html.split('<tr class="row">')[1:]:
-        row = row.split("</tr>\n<tr class=\"row\">")[0]
-        head = row.split("</td>")[0]
-        if f"<code>{row_id}</code>" in head and (page is None or f"page {page}</span>" in head):
-            return row
-    raise AssertionError(f"no sample row {row_id!r} page {page}")
-
-
-def thumbnail(page: Path, row_html: str) -> Image.Image:
-    src = Elements(row_html).named("img")[0]["src"]
-    return Image.open(page.parent / src).convert("RGB")
-
-
-def near(pixel: tuple[int, ...], colour: tuple[int, int, int], tolerance: int = 60) -> bool:
-    return sum(abs(a - b) for a, b in zip(pixel, colour)) <= tolerance
-
-
-def drawn_boxes(row_html: str) -> tuple[str, list[dict[str, str]], list[str]]:
-    """A row's SVG overlay: its viewBox, its rects' attributes, and the labels written on them."""
-    elements = Elements(row_html)
-    (svg,) = elements.named("svg")
-    labels = re.findall(r"<text [^>]*>([^<]*)</text>", row_html)
-    return svg["viewbox"], elements.named("rect"), labels
-
-
-def rect_box(rect: dict[str, str]) -> tuple[float, float, float, float]:
-    x, y, w, h = (float(rect[k]) for k in ("x", "y", "width", "height"))
-    return x, y, x + w, y + h
-
-
-def box(label: str, corners: tuple[float, float, float, float]) -> dict:
-    return {"label": label, **dict(zip(("x1", "y1", "x2", "y2"), corners))}
-
-
-@pytest.fixture
-def detections(tmp_path) -> dict:
-    photo = exif_rotated_photo(tmp_path / "photo.jpg")
-    pdf = two_page_pdf(tmp_path / "doc.pdf")
-    small = io.BytesIO()
-    Image.new("RGB", (64, 32), CYAN).save(small, "PNG")
-    rows = [
-        {"id": "photo", "image": str(photo), "categories": "dog, cat", "boxes": [box("dog", DOG), box("cat", CAT)]},
-        {"id": "doc", "image": str(pdf), "page": 1, "categories": "dog", "boxes": []},
-        # Page 2 at the pass's 144 dpi is 400 x 800 px; its patch is at (100, 200)-(300, 400) px.
-        {"id": "doc", "image": str(pdf), "page": 2, "categories": "dog", "boxes": [box("dog", (100, 200, 300, 400))]},
-        {"id": "bytes", "image_bytes": small.getvalue(), "categories": "cat", "boxes": [box("cat", (0, 0, 32, 32))]},
-        {"id": "bad", "image": str(tmp_path / "gone.jpg"), "categories": "dog", "error": "no such file"},
-    ]
-    output = pass_output(tmp_path / "detected.parquet", rows,
-                         [("categories", pa.string()), ("boxes", pa.list_(BOX))])  # fmt: skip
-    return {"output": output, "page": Path(table_report.write_table_report(str(output)))}
-
-
-def test_boxes_are_drawn_where_they_are_on_the_upright_photo(detections):
-    page = detections["page"]
-    html = page.read_text()
-    row = sample_row(html, "photo")
-    view_box, rects, labels = drawn_boxes(row)
-    # The photo is stored 500 x 300 on its side: the boxes are drawn in its upright 300 x 500 pixels.
-    assert view_box == "0 0 300 500"
-    assert [rect_box(r) for r in rects] == [DOG, CAT]
-    assert labels == ["dog", "cat"]
-    assert rects[0]["stroke"] != rects[1]["stroke"]
-    # The thumbnail under them is upright too, scaled: each box's middle, scaled to the thumbnail, is its patch.
-    thumb = thumbnail(page, row)
-    assert thumb.size == (115, 192)
-    for (x1, y1, x2, y2), colour in ((DOG, YELLOW), (CAT, CYAN)):
-        middle = ((x1 + x2) / 2 * thumb.width / 300, (y1 + y2) / 2 * thumb.height / 500)
-        assert near(thumb.getpixel(middle), colour)
-    assert "2 boxes: cat × 1, dog × 1" in text(row)
-    assert "(looked for: dog, cat)" in text(row)
-
-
-def test_boxes_on_a_pdf_page_are_in_pixels_of_the_page_at_the_pass_dpi(detections, tmp_path):
-    page = detections["page"]
-    html = page.read_text()
-    first, second = sample_row(html, "doc", 1), sample_row(html, "doc", 2)
-    assert "no box found" in text(first) and "<svg" not in first
-    view_box, rects, labels = drawn_boxes(second)
-    assert view_box == "0 0 400 800" and [rect_box(r) for r in rects] == [(100, 200, 300, 400)] and labels == ["dog"]
-    thumb = thumbnail(page, second)
-    assert thumb.size == (96, 192)  # page 2 itself, upright, not page 1 (landscape)
-    assert near(thumb.getpixel((48, 72)), YELLOW) and near(thumb.getpixel((10, 10)), (30, 30, 220))
-    assert near(thumbnail(page, first).getpixel((10, 10)), (220, 30, 30))
-    # Boxes from a pass run at another pdf_dpi are drawn in pixels of the page at that resolution.
-    other = Path(table_report.write_table_report(str(detections["output"]), str(tmp_path / "at72.html"), pdf_dpi=72))
-    assert drawn_boxes(sample_row(other.read_text(), "doc", 2))[0] == "0 0 200 400"
-    assert drawn_boxes(sample_row(other.read_text(), "photo"))[0] == "0 0 300 500"  # a photo is no PDF
-
-
-def test_boxes_are_counted_per_label_and_the_categories_text_is_not_a_moderation_count(detections):
-    html = detections["page"].read_text()
-    assert "rows<b>5</b>" in html and "errors<b>1</b>" in html and "boxes<b>4</b>" in html
-    assert "PDF pages<b>2</b>" in html
-    assert '<tr class="box-label"><td>cat</td><td>2</td><td>2</td></tr>' in html
-    assert '<tr class="box-label"><td>dog</td><td>2</td><td>2</td></tr>' in html
-    assert "4 boxes in 4 answered rows" in html
-    assert "Moderation categories" not in html  # detect's `categories` is its input's labels, not verdict codes
-    assert drawn_boxes(sample_row(html, "bytes"))[0] == "0 0 64 32"
-    assert "<svg" not in sample_row(html, "bad") and "image unavailable" in sample_row(html, "bad")
-
-
-def test_a_rerun_reuses_the_thumbnails_and_still_draws_the_boxes_in_place(detections):
-    thumbs = detections["page"].parent / "detected.report_files" / "thumbs"
-    made = {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()}
-    assert len(made) == 4  # the photo, each page of the PDF, the bytes
-    time.sleep(0.01)
-    html = Path(table_report.write_table_report(str(detections["output"]))).read_text()
-    assert {p.name: p.stat().st_mtime_ns for p in thumbs.iterdir()} == made
-    assert drawn_boxes(sample_row(html, "photo"))[0] == "0 0 300 500"
-    assert drawn_boxes(sample_row(html, "doc", 2))[0] == "0 0 400 800"
-
-
-def test_a_user_sees_each_box_around_its_patch(chromium, tmp_path):
-    photo = exif_rotated_photo(tmp_path / "photo.jpg")
-    rows = [{"id": "photo", "image": str(photo), "categories": "dog, cat", "boxes": [box("dog", DOG), box("cat", CAT)]}]
-    output = pass_output(tmp_path / "one.parquet", rows, [("categories", pa.string()), ("boxes", pa.list_(BOX))])
-    page = Path(table_report.write_table_report(str(output)))
-    shot = tmp_path / "boxes.png"
-    run_chromium(chromium, tmp_path, page.as_uri(), f"--screenshot={shot}", "--window-size=1000,1000",
-                 "--hide-scrollbars", "--force-device-scale-factor=1")  # fmt: skip
-    image = Image.open(shot).convert("RGB")
-    pixels = np.asarray(image, dtype=np.int32)
-    rects = drawn_boxes(sample_row(page.read_text(), "photo"))[1]
-    for patch, rect in zip((YELLOW, CYAN), rects):
-        stroke = tuple(int(rect["stroke"][i : i + 2], 16) for i in (1, 3, 5))
-        # The patch as the screenshot shows it (the photo's thumbnail is the only place with its colour)...
-        ys, xs = np.nonzero(np.abs(pixels - np.array(patch)).sum(axis=2) <= 40)
-        left, top, right, bottom = xs.min(), ys.min(), xs.max(), ys.max()
-        middle_x, middle_y = (left + right) // 2, (top + bottom) // 2
-        # ...has the box's stroke on each of its four edges (the label is written inside, at the top left).
-        edges = {"left": [(left + d, middle_y) for d in range(-3, 4)],
-                 "right": [(right + d, middle_y) for d in range(-3, 4)],
-                 "top": [(middle_x, top + d) for d in range(-3, 4)],
-                 "bottom": [(middle_x, bottom + d) for d in range(-3, 4)]}  # fmt: skip
-        for edge, around in edges.items():
-            assert any(near(image.getpixel(p), stroke, 90) for p in around), (patch, edge)
-
-
-def test_answers_show_their_questions_and_pages_and_videos_are_rows_of_their_own(tmp_path, chromium):
-    photo = exif_rotated_photo(tmp_path / "photo.jpg")
-    pdf = two_page_pdf(tmp_path / "doc.pdf")
-    video = red_video(tmp_path / "clip.mp4")
-    broken = tmp_path / "broken.pdf"
-    broken.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 50)
-    rows = [
-        {"id": "photo", "image": str(photo), "question": "What is at the top right?",
-         "answer": f"A cyan square {SCRIPT}"},
-        {"id": "doc", "image": str(pdf), "page": 1, "question": "What colour is this page?", "answer": "Red."},
-        {"id": "doc", "image": str(pdf), "page": 2, "question": "What colour is this page?", "answer": "Blue."},
-        {"id": "clip", "video": str(video), "question": "What happens?", "answer": "The screen stays red."},
-        {"id": "short", "image": str(pdf), "page": 3, "question": "And this one?", "answer": "Green."},
-        {"id": "broken", "image": str(broken), "question": "Anything?", "error": "not a readable PDF"},
-    ]
-    output = pass_output(tmp_path / "answered.parquet", rows, [("question", pa.string()), ("answer", pa.string())])
-    page = Path(table_report.write_table_report(str(output)))
-    dom = dump_dom(chromium, tmp_path, page)
-    assert Elements(dom).named("script") == []
-
-    photo_row = sample_row(dom, "photo")
-    assert "Q: What is at the top right? A: A cyan square &lt;script&gt;alert(1)&lt;/script&gt;" in text(photo_row)
-    assert thumbnail(page, photo_row).size == (115, 192)  # upright
-    first, second = sample_row(dom, "doc", 1), sample_row(dom, "doc", 2)
-    assert "A: Red." in text(first) and "A: Blue." in text(second)
-    assert '<span class="page">page 1</span>' in first and '<span class="page">page 2</span>' in second
-    assert near(thumbnail(page, first).getpixel((5, 5)), (220, 30, 30))
-    assert near(thumbnail(page, second).getpixel((5, 5)), (30, 30, 220))
-
-    clip = sample_row(dom, "clip")
-    assert "A: The screen stays red." in text(clip)
-    assert 'href="clip.mp4"' in clip and f"<code>{video}</code>" in clip  # the video's URI, linked
-    assert near(thumbnail(page, clip).getpixel((20, 20)), (220, 30, 30))  # its first frame
-    # A page the PDF does not have and a PDF PDFium cannot open are notes on their rows, not a failed report.
-    assert "image unavailable" in sample_row(dom, "short") and "has 2 pages, no page 3" in sample_row(dom, "short")
-    assert "cannot open the PDF: it is truncated or damaged beyond repair" in sample_row(dom, "broken")
-    assert "rows<b>6</b>" in dom and "errors<b>1</b>" in dom and "PDF pages<b>3</b>" in dom and "videos<b>1</b>" in dom
-
-
-def test_an_answer_without_a_question_column_and_a_video_that_will_not_decode(tmp_path):
-    (tmp_path / "noise.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
-    rows = [{"id": "clip", "video": str(tmp_path / "noise.mp4"), "answer": "No idea."}]
-    output = pass_output(tmp_path / "asked.parquet", rows, [("answer", pa.string())])
-    page = Path(table_report.write_table_report(str(output)))
-    row = sample_row(page.read_text(), "clip")
-    assert "A: No idea." in text(row) and 'class="question"' not in row
-    assert "image unavailable" in row and "noise.mp4" in row
-
-
-def test_parsed_markdown_is_shown_as_preformatted_text_never_as_html(tmp_path, chromium):
-    markdown = f"# Invoice\n\n| item | price |\n| --- | --- |\n| {INJECTED} | 3 |\n\n{SCRIPT}\n**total**\x00"
-    rows = [{"id": f"page-{i}", "image_bytes": png((250, 250, 250), shift=i), "markdown": markdown} for i in range(2)]
-    page = Path(table_report.write_table_report(str(pass_output(tmp_path / "parsed.parquet", rows,
-                                                          [("markdown", pa.string())]))))  # fmt: skip
-    dom = dump_dom(chromium, tmp_path, page)
-    elements = Elements(dom)
-    assert elements.named("script") == [] and elements.named("strong") == []
-    assert len(elements.named("h1")) == 1  # the report's own title; the markdown's heading is text
-    assert not [attrs for _, attrs in elements.tags if "onerror" in attrs]
-    shown = ("# Invoice\n\n| item | price |\n| --- | --- |\n"
-             "| &lt;img src=x onerror=\"document.title='pwned'\"&gt; | 3 |\n\n&lt;script&gt;alert(1)&lt;/script&gt;\n"
-             "**total**\ufffd")
-    assert dom.count(f'<pre class="markdown">{shown}</pre>') == 2
-    assert "pwned" not in dom.split("</title>")[0]
-
-
-def test_pdf_pages_are_refused_like_the_pass_refuses_them(tmp_path):
-    pdf = str(two_page_pdf(tmp_path / "doc.pdf"))
-    layout = pages.ReportLayout(pages.canonical_uri(str(tmp_path / "r.html")))
-    few_pages = thumbnails.ThumbnailStore(layout, pdf_max_pages=1)
-    refused = few_pages.for_uri(pdf, page=1)
-    few_pages.make_pending()
-    assert refused.thumb is None and "the PDF has 2 pages, over the limit of 1 (pdf_max_pages)" in refused.problem
-    # Page 2 at 144 dpi is 400 x 800 px; the thumbnail is rendered small, but the page is refused as the pass would,
-    # and with it the whole document (the pass makes it one error row).
-    few_pixels = thumbnails.ThumbnailStore(layout, max_pixels=400 * 800 - 1)
-    big, small = few_pixels.for_uri(pdf, page=2), few_pixels.for_uri(pdf, page=1, sized=True)
-    few_pixels.make_pending()
-    assert big.thumb is None and "page 2 is 400x800 = 320000 pixels at 144 dpi, over the limit" in big.problem
-    assert small.thumb is None and big.problem == small.problem
-    enough = thumbnails.ThumbnailStore(layout, max_pixels=400 * 800)
-    page_one = enough.for_uri(pdf, page=1, sized=True)
-    enough.make_pending()
-    assert page_one.problem is None and page_one.size == (600, 400)
-
-
-def test_a_mirrored_sideways_phone_video_gets_an_upright_thumbnail(tmp_path):
-    from samples.media_files import write_video
-
-    video = write_video(tmp_path / "phone.mp4", width=48, height=80, rotation=90, hflip=True, seconds=0.5)
-    rows = [{"id": "phone", "video": str(video), "answer": "A red corner."}]
-    page = Path(table_report.write_table_report(str(pass_output(tmp_path / "asked.parquet", rows, [("answer", pa.string())]))))
-    thumb = thumbnail(page, sample_row(page.read_text(), "phone")).convert("RGB")
-    assert thumb.size == (48, 80)  # upright: portrait, as the phone showed it
-    assert near(thumb.getpixel((6, 10)), (255, 0, 0)) and not near(thumb.getpixel((42, 10)), (255, 0, 0))
