@@ -18,15 +18,16 @@ from ray_jobs.state.run_dir import RunDirectory
 
 # Reading images and train logs is storage round trips and decoding, not Python work: overlap them.
 READ_THREADS = 16
-
+# What a page may link to (a URI from user data could be `javascript:` or the like).
 LINKED_SCHEMES = frozenset({"file", "http", "https", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
 
 class ReportError(ValueError):
     """The path is not something a report can be made of; the message says why."""
 
 
-# -- where the report's files go ---------------------------------------------------------------------------------
+# -- where the report's files go ------------------------------------------------------------------------------------
 
 
 def canonical_uri(uri: str) -> str:
@@ -81,7 +82,7 @@ class ReportLayout:
         return target if target.split("://", 1)[0].lower() in LINKED_SCHEMES else None
 
 
-# -- rendering ----------------------------------------------------------------------------------------------------
+# -- writing pages and reading tables --------------------------------------------------------------------------------
 
 
 @functools.cache

@@ -27,17 +27,13 @@ from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
 from ray_jobs.state.states import FAILED
 
 SUBJECTS_PER_PAGE = 200  # a page of a 1,000-subject run still opens at once; images load lazily
-
 LOSS_WIDTH, LOSS_HEIGHT, LOSS_MAX_POINTS = 320, 96, 400
-
 # A subject's mean under these is flagged whatever the rest of the run scored: every method in the DreamBooth paper's
 # Table 1 scores above them (textual inversion, the lowest, has DINO 0.569 and CLIP-T 0.255). They hold for the
 # paper's models only (other models, the tiny random ones above all, score on other scales): (metric, model) → floor.
 FLOORS = {("dino", "facebook/dino-vits16"): 0.5, ("clip_t", "openai/clip-vit-large-patch14"): 0.2}
 QUARTILE_MIN_SUBJECTS = 4  # fewer evaluated subjects have no meaningful bottom quarter
 WORST_LISTED = SUBJECTS_PER_PAGE  # rows of page 1's worst-first table; every card carries its own flag
-
-# -- the run report -----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,6 @@ SAMPLE_COLUMNS = ("id", "page", "image", "image_bytes", "video", "question", "er
 BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#008080", "#f032e6", "#9a6324")
 NO_LABEL = "(no label)"
 
-# -- the table report ---------------------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class Box:

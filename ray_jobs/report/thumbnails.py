@@ -23,12 +23,9 @@ from ray_jobs.report.pages import READ_THREADS, ReportLayout, canonical_uri
 
 THUMBNAIL_SIZE = 192  # longest side, px
 THUMBNAIL_QUALITY = 85
-
 PDF_DPI = Settings.model_fields["pdf_dpi"].default  # the pass's default; boxes on pages are in pixels at its dpi
 PDF_MAX_PAGES = Settings.model_fields["pdf_max_pages"].default
 PDFIUM = threading.Lock()  # PDFium is not thread-safe: one document open at a time in this process
-
-# -- thumbnails ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
