@@ -27,7 +27,7 @@ class ReportError(ValueError):
     """The path is not something a report can be made of; the message says why."""
 
 
-# -- where the report's files go ------------------------------------------------------------------------------------
+# -- where the report's files go -------------------------------------------------------------------------------------
 
 
 def canonical_uri(uri: str) -> str:
