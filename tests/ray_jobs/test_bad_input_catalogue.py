@@ -18,8 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from engine import storage
+from engine.settings import Settings
 from ray_jobs.cli import main
-from ray_jobs.state.manifest import write_subjects_manifest
+from ray_jobs.state.manifest import read_subjects_manifest, write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
 from tests.helpers import media_files
 from tests.conftest import draw_subject
@@ -405,3 +407,27 @@ def test_a_bad_set_flag_stops_the_command(tmp_path, capsys, assignment, message)
     write_subjects_manifest(str(manifest), make_subject_rows(tmp_path / "images", 1))
     assert main(["train", str(manifest), "--out", str(run), "--set", assignment]) == 2
     assert message in capsys.readouterr().err and not run.exists()
+
+
+# -- image URIs a new user writes: relative to the manifest, percent-encoded file:// URIs --------------------------
+
+
+def test_relative_and_percent_encoded_image_uris_are_read(tmp_path, capsys, monkeypatch):
+    """A relative path resolves against the manifest's folder (not the working directory); a `file://` URI as
+    `Path.as_uri()` writes it (spaces and non-ASCII percent-encoded) names the file it encodes."""
+    folder = tmp_path / "shoot 1"
+    (folder / "photos").mkdir(parents=True)
+    near = draw_subject(folder / "photos" / "ball.png")
+    far = draw_subject(folder / "photos" / "bällchen 2.png", shift=2)
+    rows = [{"subject_id": "s0", "instance_images": ["photos/ball.png", far.as_uri()],
+             "instance_prompt": "a photo of sks ball", "class_prompt": "a photo of a ball"}]  # fmt: skip
+    manifest = folder / "subjects.parquet"
+    write_subjects_manifest(str(manifest), rows)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert "%20" in far.as_uri() and "%C3%A4" in far.as_uri()
+    assert main(["validate", str(manifest)]) == 0, capsys.readouterr()
+    subject = read_subjects_manifest(str(manifest), Settings(preset="tiny")).subjects[0]
+    assert subject.instance_images[0] == str(near)
+    assert storage.read_bytes(subject.instance_images[1]) == far.read_bytes()
