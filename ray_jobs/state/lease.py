@@ -165,6 +165,12 @@ class LeaseStore:
             return None
         return self._write_and_check(data)
 
+    def delete(self, tag: str) -> None:
+        """Remove the lease file if it is still the version `tag` names."""
+        current = self.read()
+        if current is not None and current[1] == tag:
+            self.fs.rm(self.path)
+
     def _write_and_check(self, data: bytes) -> str | None:
         self.fs.pipe_file(self.path, data)
         current = self.read()
@@ -173,6 +179,8 @@ class LeaseStore:
 
 class LocalLeaseStore(LeaseStore):
     """A local or network disk: create by hard link (atomic and exclusive, also on NFS), swap under flock."""
+
+    created_folder = False  # whether creating the lease made its folder (RUN), to be removed with it
 
     def read(self) -> tuple[bytes, str] | None:
         try:
@@ -183,7 +191,9 @@ class LocalLeaseStore(LeaseStore):
         return data, hashlib.sha256(data).hexdigest()
 
     def create(self, data: bytes) -> str | None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        folder = os.path.dirname(self.path) or "."
+        self.created_folder = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
         tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
@@ -206,6 +216,15 @@ class LocalLeaseStore(LeaseStore):
                 return None
             storage.write_bytes(self.path, data)  # temporary file, fsync, rename: never torn
             return hashlib.sha256(data).hexdigest()
+
+    def delete(self, tag: str) -> None:
+        # Only a live holder deletes, and nobody swaps a live lease: neither the file nor its lock is in use.
+        super().delete(tag)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{self.path}.lock")
+        if self.created_folder:
+            with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
+                os.rmdir(os.path.dirname(self.path))
 
 
 _MEMORY_LOCK = threading.Lock()
@@ -247,6 +266,14 @@ class S3LeaseStore(LeaseStore):
 
     def create(self, data: bytes) -> str | None:
         return self._put(data, IfNoneMatch="*")
+
+    def delete(self, tag: str) -> None:
+        try:
+            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=tag)
+        except (FileNotFoundError, OSError):  # gone, or replaced meanwhile: not ours to delete any more
+            pass
+        finally:
+            self.fs.invalidate_cache(self.path)
 
     def swap(self, data: bytes, tag: str) -> str | None:
         return self._put(data, IfMatch=tag)
@@ -382,12 +409,17 @@ class Lease:
             raise LeaseLost(f"the lease on {self.uri} was not renewed for {self.ttl:.0f} s; another driver may "
                             "have taken it over")  # fmt: skip
 
-    def release(self) -> None:
+    def release(self, ran: bool = True) -> None:
         """Stop renewing and mark the lease released (the file stays: it keeps the epoch growing, and says who ran
-        last). A lease already lost is left to its new holder."""
+        last). A lease already lost is left to its new holder. `ran=False`: the command wrote nothing, so a lease
+        it created (there was none before) is removed, and a refused command leaves no trace."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        with self._lock:
+            if not ran and not self._lost and self.holder is not None and self.holder.epoch == 1:
+                self.store.delete(self._tag)
+                return
         with contextlib.suppress(LeaseLost):
             self._update(released=time.time())
 

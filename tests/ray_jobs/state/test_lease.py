@@ -168,3 +168,14 @@ def test_a_holder_that_cannot_renew_knows_it_lost(lease_uri):
         lease.check()
     lease.release()  # leaves the new holder's lease alone
     assert read_holder(lease_uri).epoch == 9 and read_holder(lease_uri).released is None
+
+
+def test_a_command_that_ran_nothing_leaves_no_lease_behind(lease_uri):
+    run = lease_uri.rsplit("/", 1)[0]
+    Lease(lease_uri, "dreamfleet train bad.parquet").acquire().release(ran=False)
+    assert not storage.exists(lease_uri) and not storage.exists(run)
+    first = Lease(lease_uri, "dreamfleet train m.parquet").acquire()
+    first.release()
+    again = Lease(lease_uri, "dreamfleet train bad.parquet").acquire()
+    again.release(ran=False)  # a lease that was there before stays, released, and keeps its epoch
+    assert read_holder(lease_uri).epoch == 2 and read_holder(lease_uri).released is not None
