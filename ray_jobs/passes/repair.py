@@ -51,9 +51,10 @@ def repair_output(fs: fsspec.AbstractFileSystem, data_dir: str, checkpoint_dir: 
     `finished`: the pass has ended, so a part still pending is debris too; before a pass starts, pending parts are
     left to Ray Data, which deletes them as it loads the checkpoint."""
     repair = Repair()
-    if not fs.isdir(data_dir):
-        return repair
-    checkpoints = fs.ls(checkpoint_dir, detail=False) if fs.isdir(checkpoint_dir) else []
+    fs.invalidate_cache()  # listings cached by s3fs predate what the pass's workers wrote
+    if not fs.isdir(data_dir) or not fs.isdir(checkpoint_dir):
+        return repair  # no checkpoint at all: nothing tells a committed part from another; leave OUT as it is
+    checkpoints = fs.ls(checkpoint_dir, detail=False)
     pending = {posixpath.basename(f).removesuffix(PENDING_SUFFIX): f for f in checkpoints if f.endswith(PENDING_SUFFIX)}
     committed = {posixpath.basename(f).removesuffix(".parquet"): f for f in checkpoints
                  if f.endswith(".parquet") and not f.endswith(PENDING_SUFFIX)}  # fmt: skip
