@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from ray_jobs.cli import main
@@ -43,6 +44,7 @@ def _refused(argv: list[str], capsys, holder_command: str) -> None:
     assert f"`{holder_command}" in err and "s ago" in err, err
 
 
+@pytest.mark.slow
 def test_a_second_driver_exits_2_naming_the_holder_and_the_first_writes_every_row_once(ray_cluster, tmp_path,
                                                                                         capsys):  # fmt: skip
     rows = make_subject_rows(tmp_path / "images", 2)
