@@ -313,12 +313,17 @@ def test_a_manifest_file_that_cannot_be_used_stops_the_command(tmp_path, capsys,
 
 IMAGES_FILES = [
     ("no-id-column", [{"image": "a.png"}], "no 'id' column"),
-    ("duplicate-ids", [{"id": "a", "image": "a.png"}, {"id": "a", "image": "b.png"}], "duplicate ids, e.g. ['a']"),
+    ("duplicate-ids", [{"id": "a", "image": "a.png"}, {"id": "a", "image": "b.png"}],
+     "duplicate ids, e.g. ['a'] ('a' in 2 rows of {manifest})"),
     ("no-image-column", [{"id": "a", "text": "hello"}], "needs an 'image' (URI), 'image_bytes' or 'video' (URI) column"),
-    ("image-column-not-text", [{"id": "a", "image": 42}], "column 'image' has type int64"),
+    ("image-column-not-text", [{"id": "a", "image": 42}],
+     "column 'image' must be string (a URI), got int64"),
+    ("bytes-column-of-text", [{"id": "a", "image_bytes": "a.png"}],
+     "column 'image_bytes' must be binary (the encoded file), got string"),
     # A folder of files: each list is one file
-    ("duplicate-ids-across-files", [[{"id": "a", "image": "a.png"}], [{"id": "a", "image": "b.png"}]],
-     "duplicate ids, e.g. ['a']"),
+    ("duplicate-ids-across-files", [[{"id": "a", "image": "a.png"}], [{"id": "b", "image": "b.png"}, {"id": "a",
+     "image": "c.png"}, {"id": "a", "image": "d.png"}]],
+     "duplicate ids, e.g. ['a'] ('a' in {manifest}/part-0.parquet and {manifest}/part-1.parquet (2 rows))"),
     ("files-with-other-columns", [[{"id": "a", "image": "a.png"}], [{"id": "b", "image_bytes": b"x"}]],
      "its columns differ from"),
     ("empty-folder", [], "no Parquet files (*.parquet) found"),
@@ -336,10 +341,12 @@ def test_an_images_manifest_that_cannot_be_used_stops_the_pass(tmp_path, capsys,
         manifest.mkdir()
         for k, file_rows in enumerate(rows):
             pq.write_table(pa.Table.from_pylist(file_rows), manifest / f"part-{k}.parquet")
+    message = message.replace("{manifest}", str(manifest))  # the files holding a duplicate are named
     assert main(["validate", str(manifest), "--kind", "images"]) == 2
     assert message in capsys.readouterr().err
     assert main(["analyze", str(manifest), "--task", "ocr", "--out", str(out)]) == 2
     assert message in capsys.readouterr().err and not out.exists() and not Path(f"{out}.checkpoint").exists()
+    assert not Path(f"{out}.lease.json").exists()  # a refused command leaves no lease behind
 
 
 def test_an_images_manifest_with_non_utf8_ids_stops_the_pass(tmp_path, capsys):
