@@ -77,6 +77,8 @@ class SubjectStatus:
     attempts: int = 0
     error: str | None = None
     history: list[dict[str, Any]] | None = None  # one entry per attempt: outcome, error, resumed_from, steps run
+    # What the subject's input costs it without failing it: a prompt its base's text encoder cuts, and by how much
+    warnings: list[str] | None = None
     worker: dict[str, Any] | None = None  # pid, node and GPU ids of the worker of the latest attempt
     # The evaluation pass's per-subject means (ray_jobs/evaluate.py): images, dino, clip_i, clip_t, pres, ...
     evaluation: dict[str, Any] | None = None

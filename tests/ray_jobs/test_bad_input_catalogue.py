@@ -21,6 +21,7 @@ from PIL import Image
 from engine import storage
 from engine.settings import Settings
 from ray_jobs.cli import main
+from ray_jobs.report.run_report import write_run_report
 from ray_jobs.state.manifest import read_subjects_manifest, write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
 from samples import media_files
@@ -105,6 +106,7 @@ def _subject_rows(good: dict, images: dict[str, str], folder: Path) -> list[tupl
         ("params-run-only-key", {"params": '{"max_attempts": 9}'}, "'max_attempts' can only be set for the whole run"),
         ("prompt-100000-chars", {"instance_prompt": "sks " * 25_000}, "100000 characters long, more than 10000"),
         ("negative-seed", {"seed": -1}, "seed must be between 0 and 2**63 - 1"),
+        ("prompt-over-77-tokens", {"instance_prompt": "a photo of sks ball " * 6}, None),  # trains, with a warning
     ]  # fmt: skip
     rows = [(case, {**good, "subject_id": f"case-{case}", **change}, expect) for case, change, expect in cases]
     for case, _, _, expect in IMAGES:  # one subject per image, that image its only instance image
@@ -161,6 +163,11 @@ def test_each_bad_subject_row_gets_its_reason_and_every_good_row_trains(ray_clus
         else:
             assert state in ("failed", "rejected") and expect in reason, (case, expect, state, reason)
     assert statuses["s0"].state == statuses["s1"].state == "trained"
+    # a prompt the text encoder cuts is not refused, nor silently cut: its subject and the report say by how much
+    cut = "instance_prompt is 92 tokens long, over the 77 its text encoder reads: its last 15 tokens are cut"
+    assert statuses["case-prompt-over-77-tokens"].warnings == [cut] and not statuses["s0"].warnings
+    assert f"subject case-prompt-over-77-tokens: {cut}" in capsys.readouterr().err
+    assert cut in Path(write_run_report(run.uri)).read_text()
 
 
 # -- images manifest rows (a VLM pass) -----------------------------------------------------------------------
