@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def test_racing_threads_one_holder(lease_uri):
         [t.start() for t in threads]
         [t.join() for t in threads]
         assert len(winners) == 1 and len(refused) == 5, refused
-        assert f"pid {os.getpid()}" in refused[0] and "renewed 0 s ago" in refused[0]
+        assert f"pid {os.getpid()}" in refused[0] and re.search(r"renewed \d+ s ago", refused[0])
         assert winners[0].epoch == round_ + 1
         winners[0].release()
     assert read_holder(lease_uri).released is not None
@@ -97,15 +98,16 @@ def test_racing_processes_one_holder(lease_uri, tmp_path):
 
 
 def test_renewal_keeps_it_and_release_frees_it(lease_uri):
-    said = []
-    with held(lease_uri, "dreamfleet analyze in.parquet", ttl=0.5, say=said.append) as first:
-        started = read_holder(lease_uri).renewed
-        time.sleep(1.2)  # 2.4 times the time to live: only renewal keeps it
-        assert read_holder(lease_uri).renewed > started
+    said, ttl = [], 1.0
+    with held(lease_uri, "dreamfleet analyze in.parquet", ttl=ttl, say=said.append) as first:
+        started, deadline = read_holder(lease_uri).renewed, time.monotonic() + 60
+        while read_holder(lease_uri).renewed < started + 1.5 * ttl:  # alive past its time to live: renewed
+            assert time.monotonic() < deadline, "never renewed"
+            time.sleep(0.05)
         with pytest.raises(LeaseHeld, match="dreamfleet analyze in.parquet"):
-            Lease(lease_uri, "dreamfleet analyze in.parquet", ttl=0.5).acquire()
+            Lease(lease_uri, "dreamfleet analyze in.parquet", ttl=ttl).acquire()
         first.check()
-    with held(lease_uri, "dreamfleet analyze in.parquet", ttl=0.5, say=said.append) as second:
+    with held(lease_uri, "dreamfleet analyze in.parquet", ttl=ttl, say=said.append) as second:
         assert second.epoch == first.epoch + 1 and second.previous is None
     assert said == []  # a released lease is simply acquired again
 
@@ -119,14 +121,14 @@ def test_a_dead_hosts_lease_is_taken_over_after_it_expires(lease_uri):
     with pytest.raises(LeaseHeld) as refused:
         Lease(lease_uri, "dreamfleet run m.parquet --out RUN").acquire()
     message = str(refused.value)
-    assert "host gpu-node-7 pid 4242, Ray job 02000000" in message and "renewed 5 s ago" in message, message
+    assert "host gpu-node-7 pid 4242, Ray job 02000000" in message and re.search(r"renewed [5-9] s ago", message)
 
     storage.write_bytes(lease_uri, json.dumps({**json.loads(crashed.to_bytes()), "renewed": now - 75}).encode())
     said = []
     with held(lease_uri, "dreamfleet run m.parquet --out RUN", say=said.append) as lease:
         assert lease.epoch == 4 and lease.previous.host == "gpu-node-7"
     assert len(said) == 1 and "taking over" in said[0] and "host gpu-node-7 pid 4242" in said[0]
-    assert "not renewed for 75 s (time to live 60 s)" in said[0] and "started 10 min ago" in said[0], said
+    assert re.search(r"not renewed for 7\d s \(time to live 60 s\)", said[0]) and "started 10 min ago" in said[0]
 
 
 def test_killed_holder_taken_over_at_once_and_stalled_holder_loses(lease_uri, tmp_path):
