@@ -3,7 +3,7 @@ started under is still the current one, so the workers of a dead driver never co
 
 Ray Data commits a part by renaming its checkpoint from `<part>.pending.parquet` to `<part>.parquet` (two-phase,
 ray.data.checkpoint), through the checkpoint filesystem the pass configures. That filesystem is wrapped here: the
-rename first reads the lease, and when its epoch is no longer the pass's, the task withdraws its part (deletes its
+rename first reads the lease, and when it is no longer the pass's (a later epoch, or gone), the task withdraws its part (deletes its
 data files and its pending checkpoint) and fails instead of committing. The check and the rename are two requests,
 not one: a commit racing the take-over within that gap can still land; the successor's repair (repair.py) removes any
 row such a commit doubles.
@@ -17,7 +17,7 @@ import fsspec
 import pyarrow.fs as pafs
 from pyarrow.fs import FSSpecHandler
 
-from ray_jobs.state.lease import LeaseLost, read_holder
+from ray_jobs.state.lease import Lease, LeaseLost, read_holder
 
 PENDING_SUFFIX = ".pending.parquet"  # Ray Data's name for a checkpoint not yet committed (checkpoint_writer.py)
 
@@ -25,16 +25,17 @@ PENDING_SUFFIX = ".pending.parquet"  # Ray Data's name for a checkpoint not yet 
 class FencedCommits(FSSpecHandler):
     """An fsspec filesystem for Ray Data's checkpoint whose commits check the lease first."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, lease_uri: str, epoch: int, data_dir: str):
+    def __init__(self, fs: fsspec.AbstractFileSystem, lease_uri: str, epoch: int, token: str, data_dir: str):
         super().__init__(fs)
         self.lease_uri = lease_uri
         self.epoch = epoch
+        self.token = token  # the acquisition's own id: an epoch can repeat once a refused command's lease is gone
         self.data_dir = data_dir
 
     def move(self, src: str, dest: str) -> None:
         if src.endswith(PENDING_SUFFIX):
             holder = read_holder(self.lease_uri)
-            if holder is None or holder.epoch != self.epoch:
+            if holder is None or holder.token != self.token:
                 self.withdraw(src)
                 now = "gone" if holder is None else f"epoch {holder.epoch}, held by {holder.describe()}"
                 raise LeaseLost(f"a write task of epoch {self.epoch} withdrew {posixpath.basename(src)} instead of "
@@ -52,9 +53,10 @@ class FencedCommits(FSSpecHandler):
             self.fs.rm(pending)
 
     def __reduce__(self):  # the handler travels to every write task with the pass's checkpoint configuration
-        return FencedCommits, (self.fs, self.lease_uri, self.epoch, self.data_dir)
+        return FencedCommits, (self.fs, self.lease_uri, self.epoch, self.token, self.data_dir)
 
 
-def fenced_filesystem(fs: fsspec.AbstractFileSystem, lease_uri: str, epoch: int, data_dir: str) -> pafs.FileSystem:
-    """The pyarrow filesystem of a pass's checkpoint, its commits fenced by the lease at `lease_uri`."""
-    return pafs.PyFileSystem(FencedCommits(fs, lease_uri, epoch, data_dir))
+def fenced_filesystem(fs: fsspec.AbstractFileSystem, lease: Lease, data_dir: str) -> pafs.FileSystem:
+    """The pyarrow filesystem of a pass's checkpoint, its commits fenced by the driver's `lease`."""
+    assert lease.holder is not None, "fencing needs a lease that is held"
+    return pafs.PyFileSystem(FencedCommits(fs, lease.uri, lease.holder.epoch, lease.holder.token, data_dir))

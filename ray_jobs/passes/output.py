@@ -179,7 +179,7 @@ class PassOutput:
             checkpoint_path=self.checkpoint_path,
             delete_checkpoint_on_success=False,
             override_filesystem=self.arrow_filesystem() if self.lease is None else
-            fenced_filesystem(self.fs, self.lease.uri, self.lease.epoch, self.path),
+            fenced_filesystem(self.fs, self.lease, self.path),
             checkpoint_manager_cls=PageCheckpointManager,
             checkpoint_filter_cls=PageAwareFilter,
         )

@@ -33,7 +33,7 @@ def _write_part(out: str, name: str) -> None:
 def test_an_orphan_of_an_older_epoch_withdraws_its_part(out_uri):
     fs, path = storage.filesystem(out_uri)
     lease = Lease(output_lease_uri(out_uri), "dreamfleet analyze in.parquet").acquire()
-    checkpoint_fs = pickle.loads(pickle.dumps(fenced_filesystem(fs, lease.uri, lease.epoch, path)))  # as a task gets it
+    checkpoint_fs = pickle.loads(pickle.dumps(fenced_filesystem(fs, lease, path)))  # as a task gets it
     _write_part(out_uri, "first_000000")
     checkpoint_fs.move(f"{path}.checkpoint/first_000000.pending.parquet", f"{path}.checkpoint/first_000000.parquet")
     assert storage.exists(f"{out_uri}.checkpoint/first_000000.parquet")
