@@ -68,6 +68,16 @@ class LeaseHeld(RuntimeError):
         )
 
 
+class LeaseUnreadable(LeaseHeld):
+    """The lease file holds what no driver wrote (a torn copy on a best-effort store, a hand edit): nobody can tell
+    whether its driver lives, so nothing takes it over by itself."""
+
+    def __init__(self, uri: str, err: Exception):
+        self.holder = None
+        RuntimeError.__init__(self, f"{uri} is not a lease dreamfleet can read ({type(err).__name__}: {err}); if no "
+                                    "driver is running on this RUN or output, remove the file and run again")  # fmt: skip
+
+
 class LeaseLost(RuntimeError):
     """This driver's lease was taken over (it stalled past its time to live) or could not be renewed: stop writing."""
 
@@ -107,9 +117,12 @@ class Holder:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Holder:
+    def from_bytes(cls, data: bytes, uri: str = "") -> Holder:
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(data).items() if k in fields})
+        try:
+            return cls(**{k: v for k, v in json.loads(data).items() if k in fields})
+        except (ValueError, TypeError, AttributeError) as err:
+            raise LeaseUnreadable(uri, err) from None
 
 
 def _since(then: float, now: float) -> str:
@@ -343,7 +356,7 @@ class Lease:
                 tag = self.store.create((mine := self._holder(epoch=1, now=now)).to_bytes())
                 previous = None
             else:
-                previous = Holder.from_bytes(current[0])
+                previous = Holder.from_bytes(current[0], self.uri)
                 if previous.released is None and not previous.expired(now) and not previous.gone():
                     raise LeaseHeld(self.uri, previous, now)
                 tag = self.store.swap((mine := self._holder(previous.epoch + 1, now)).to_bytes(), current[1])
@@ -356,7 +369,7 @@ class Lease:
                     self.say(f"taking over {self.uri} from {previous.describe()}, started "
                              f"{_since(previous.started, now)} ago: {why}")  # fmt: skip
                 return self
-        raise LeaseHeld(self.uri, Holder.from_bytes(self.store.read()[0]), time.time())
+        raise LeaseHeld(self.uri, Holder.from_bytes(self.store.read()[0], self.uri), time.time())
 
     def _holder(self, epoch: int, now: float) -> Holder:
         return Holder(host=socket.gethostname(), pid=os.getpid(), command=self.command, started=now, renewed=now,

@@ -181,3 +181,10 @@ def test_a_command_that_ran_nothing_leaves_no_lease_behind(lease_uri):
     again = Lease(lease_uri, "dreamfleet train bad.parquet").acquire()
     again.release(ran=False)  # a lease that was there before stays, released, and keeps its epoch
     assert read_holder(lease_uri).epoch == 2 and read_holder(lease_uri).released is not None
+
+
+def test_a_lease_file_no_driver_wrote_is_left_alone_with_a_reason(lease_uri):
+    storage.write_bytes(lease_uri, b'{"host": "vm", "pid": ')  # torn, or edited by hand
+    with pytest.raises(LeaseHeld, match="is not a lease dreamfleet can read .* remove the file and run again"):
+        Lease(lease_uri, "dreamfleet run m.parquet").acquire()
+    assert storage.read_bytes(lease_uri) == b'{"host": "vm", "pid": '
