@@ -401,7 +401,10 @@ class Lease:
             tag = self.store.swap(changed.to_bytes(), self._tag)
             if tag is None:
                 current = self.store.read()
-                other = Holder.from_bytes(current[0]).describe() if current else "nobody (the lease file is gone)"
+                try:
+                    other = Holder.from_bytes(current[0]).describe() if current else "nobody (the lease file is gone)"
+                except LeaseUnreadable:
+                    other = "a file no driver wrote"
                 self._lost = f"the lease on {self.uri} (epoch {self.holder.epoch}) was taken over by {other}"
                 raise LeaseLost(self._lost)
             self.holder, self._tag, self._renewed_at = changed, tag, time.monotonic()
