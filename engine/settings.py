@@ -73,6 +73,9 @@ class Settings(BaseModel):
 
     # Fleet
     max_attempts: int = Field(3, ge=1)
+    # Seconds a driver's lease on its RUN or pass output lives without renewal (renewed every quarter of it): a
+    # driver silent that long is taken for dead, and the next command takes its RUN over (ray_jobs/state/lease.py).
+    lease_ttl: float = Field(60.0, gt=0)
     # LoRA subjects one worker trains (and renders) at once in one UNet batch. 8: measured best on the CPU for the
     # tiny preset (1.48x subjects per CPU-hour, bench/RESULTS.md); for real models on a GPU a prediction until
     # bench/gpu_pack_train.py has run (a pack that does not fit is halved by the fleet at its first OOM).
@@ -184,7 +187,7 @@ EVAL_SETTINGS = frozenset(
      "eval_cpus_per_actor"}
 )
 RUN_ONLY_SETTINGS = frozenset(
-    {"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet", "trackers"}
+    {"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet", "trackers", "lease_ttl"}
 ) | VLM_SETTINGS | EVAL_SETTINGS
 
 # The literature's rates for real models (DreamBooth paper, diffusers' scripts); for the tiny random models, the

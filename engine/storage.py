@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +51,24 @@ def join(base: str, *parts: str) -> str:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(uri)
+    fs, path = fsspec.core.url_to_fs(_decoded_file_uri(uri))
+    return fs, path
+
+
+def _decoded_file_uri(uri: str) -> str:
+    """A `file://` URI as a path fsspec opens. URIs are percent-encoded (`Path.as_uri()` writes `a%20b.png` for
+    `a b.png`, and escapes every non-ASCII byte), but fsspec takes the text after `file://` literally. A name that
+    really holds `%20` still opens when only its literal spelling exists."""
+    if not uri.startswith("file://") or "::" in uri:
+        return uri
+    rest = uri.removeprefix("file://")
+    rest = rest.removeprefix("localhost")  # file://localhost/a is file:///a (RFC 8089)
+    if "%" not in rest:
+        return "file://" + rest
+    decoded = urllib.parse.unquote(rest)
+    if not os.path.exists(decoded) and os.path.exists(rest):
+        return "file://" + rest
+    return "file://" + decoded
 
 
 def is_local(uri: str) -> bool:

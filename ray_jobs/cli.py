@@ -1,7 +1,8 @@
 """The `dreamfleet` command line (also `python -m ray_jobs`): parses arguments and hands each command to its module.
 
-Exit status, for every command: 0 everything succeeded; 1 the run finished but some subjects or rows failed;
-2 nothing was run (bad arguments, unreadable or invalid manifest).
+Exit status, for every command: 0 everything succeeded; 1 the run finished but some subjects or rows failed (or its
+driver lost its lease to another); 2 nothing was run (bad arguments, unreadable or invalid manifest, another driver
+holds the RUN or pass output).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from ray_jobs.report.any_path import write_report
 from ray_jobs.report.pages import ReportError
 from ray_jobs.report.run_report import write_run_report
 from ray_jobs.report.thumbnails import PDF_DPI
+from ray_jobs.state.lease import (
+    Lease,
+    LeaseHeld,
+    LeaseLost,
+    output_lease_uri,
+    run_lease_uri,
+)
 from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.state.run_dir import NotARunError, RunConflictError
 from ray_jobs.state.states import FAILED
@@ -92,6 +100,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
         vlm_model=args.vlm_model,
         verbose=args.verbose,
+        lease=args.lease,
     )
     with metrics_session(args) as request.metrics:
         code, run = run_manifest(request, STAGES[args.command])
@@ -133,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     record = RunDirectory(args.run).require_run()
     request = EvaluateRequest(run=args.run, settings=_settings(args, recorded=record["settings"]), address=args.address,
-                              verbose=args.verbose, show_progress=not args.no_progress)  # fmt: skip
+                              verbose=args.verbose, show_progress=not args.no_progress, lease=args.lease)  # fmt: skip
     with metrics_session(args) as metrics:
         code = evaluate(request, metrics)
     print(f"report: {write_run_report(args.run)}")
@@ -146,7 +155,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     request = AnalyzeRequest(
         input=args.input, task=args.task, out=args.out, settings=_settings(args), vlm_model=args.vlm_model,
         schema_file=args.schema, policy_file=args.policy, question=args.question, categories=args.categories,
-        address=args.address, verbose=args.verbose, show_progress=not args.no_progress,
+        address=args.address, verbose=args.verbose, show_progress=not args.no_progress, lease=args.lease,
     )  # fmt: skip
     with metrics_session(args) as metrics:
         return analyze(request, metrics)
@@ -276,13 +285,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What stops a command before it runs anything: exit 2, with the reason.
+REFUSALS = (ManifestError, SettingsError, NotARunError, RunConflictError, ModelError, TaskError, ResourceShortfall,
+            LeaseHeld)  # fmt: skip
+
+
+def _leased(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(lease URI, how the holder is named) for a command that writes a RUN or a pass output; None for readers."""
+    if args.command in ("train", "generate", "run"):
+        return run_lease_uri(args.out), f"dreamfleet {args.command} {args.manifest} --out {args.out}"
+    if args.command == "evaluate":
+        return run_lease_uri(args.run), f"dreamfleet evaluate {args.run}"
+    if args.command == "analyze":
+        return output_lease_uri(args.out), f"dreamfleet analyze {args.input} --out {args.out}"
+    return None
+
+
+@contextmanager
+def one_driver(args: argparse.Namespace) -> Iterator[Lease | None]:
+    """The lease on the RUN or pass output the command writes, held (and renewed) while it runs: a second driver
+    gets LeaseHeld at once; a dead one's lease is taken over, saying so (SPEC "Commands"). A command refused before
+    it ran leaves no lease it created behind."""
+    leased = _leased(args)
+    if leased is None:
+        yield None
+        return
+    uri, command = leased
+    ttl = _settings(args).lease_ttl
+    lease = Lease(uri, command, ttl=ttl, say=lambda line: print(f"note: {line}", file=sys.stderr)).acquire()
+    try:
+        yield lease
+    except REFUSALS:
+        lease.release(ran=False)
+        raise
+    except BaseException:
+        lease.release()
+        raise
+    lease.release()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
-    except (ManifestError, SettingsError, NotARunError, RunConflictError, ModelError, TaskError, ResourceShortfall) as err:
+        with one_driver(args) as args.lease:
+            return args.handler(args)
+    except REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_status.NOT_RUN
+    except LeaseLost as err:  # what ran stands; the driver that took RUN over goes on from there
+        print(f"error: {err}", file=sys.stderr)
+        return exit_status.SOME_FAILED
 
 
 if __name__ == "__main__":

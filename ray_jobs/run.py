@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.diffusion.base_model import resolve_base_model
+from engine.diffusion.prompts import base_tokenizers, prompt_warnings
 from engine.hub import ModelError, fingerprint
 from engine.settings import Settings
 from engine.tracking import TrackingGroup, finish_group, start_group
@@ -22,6 +24,7 @@ from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
 from ray_jobs.passes.resources import ResourceShortfall
 from ray_jobs.progress import print_summary
 from ray_jobs.state.generations import assemble_generations
+from ray_jobs.state.lease import Lease
 from ray_jobs.state.manifest import SubjectsManifest, read_subjects_manifest
 from ray_jobs.state.plan import plan_fleet, row_has_own_folder
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
@@ -46,6 +49,7 @@ class FleetRequest:
     vlm_model: str = "tiny"
     metrics: RunMetrics | None = None
     verbose: bool = False
+    lease: Lease | None = None  # the driver's lease on RUN (cli.py holds it for the command)
 
 
 def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple[str, str]]:
@@ -62,10 +66,29 @@ def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple
     return [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in rejected]
 
 
+def record_prompt_warnings(run: RunDirectory, manifest: SubjectsManifest, statuses: dict[str, SubjectStatus],
+                           base_path: Path) -> None:  # fmt: skip
+    """A prompt longer than the base's text encoder reads is cut, not refused: say so now, and keep it in the
+    subject's status.json (`warnings`), which the report shows."""
+    tokenizers = base_tokenizers(base_path)
+    if not tokenizers:
+        return
+    for subject in manifest.subjects:
+        prompts = {"instance_prompt": subject.instance_prompt, "class_prompt": subject.class_prompt,
+                   **{f"prompts[{i}]": p for i, p in enumerate(subject.prompts)}}  # fmt: skip
+        warnings = prompt_warnings(tokenizers, {column: p for column, p in prompts.items() if p})
+        for warning in warnings:
+            print(f"warning: subject {subject.subject_id}: {warning}", file=sys.stderr)
+        status = statuses[subject.subject_id]
+        if (status.warnings or []) != warnings:
+            status.warnings = warnings or None
+            run.write_status(status)
+
+
 def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, RunDirectory]:
     """Take every subject of the manifest through `stages`, skipping what RUN shows done. Returns (exit, run)."""
     manifest = read_subjects_manifest(request.manifest, request.settings, check_images=False)
-    run = RunDirectory(request.out)
+    run = RunDirectory(request.out, request.lease)
     run.check_and_clean()
     base_path = resolve_base_model(request.base_model)
     run.start(
@@ -80,8 +103,9 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
     rejected = record_bad_rows(run, manifest)
     existing = run.read_statuses([s.subject_id for s in manifest.subjects])
     plan = plan_fleet(manifest.subjects, manifest.errors, existing, request.settings, fingerprint(base_path), stages)
+    record_prompt_warnings(run, manifest, plan.statuses, base_path)
     if plan.subjects:
-        connect(request.address, request.verbose)
+        connect(request.address, request.verbose, request.lease)
         num_workers, gpus_per_job = worker_slots(
             request.gpus_per_job, request.cpus_per_job, request.workers, local=request.address is None
         )
@@ -137,6 +161,7 @@ def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
     analysis = AnalyzeRequest(
         input=run.generations, task="moderate", out=run.moderation,
         settings=request.settings, vlm_model=request.vlm_model, address=request.address, verbose=request.verbose,
+        lease=request.lease,
     )  # fmt: skip
     try:
         return analyze(analysis, request.metrics)
@@ -151,7 +176,8 @@ def evaluate_generations(run: RunDirectory, request: FleetRequest) -> int:
     if not request.settings.evaluate:
         return exit_status.OK
     evaluation = EvaluateRequest(run=run.uri, settings=request.settings, address=request.address,
-                                 verbose=request.verbose, show_progress=request.show_progress)  # fmt: skip
+                                 verbose=request.verbose, show_progress=request.show_progress,
+                                 lease=request.lease)  # fmt: skip
     try:
         return evaluate(evaluation, request.metrics)
     except ModelError as err:

@@ -36,6 +36,7 @@ from ray_jobs.passes.output import DONE_PAGES, PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
 from ray_jobs.passes.stats import BatchFigures, StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
+from ray_jobs.state.lease import Lease
 from ray_jobs.state.manifest import ManifestError
 
 STANDARD_COLUMNS = pa.schema(
@@ -65,6 +66,7 @@ class AnalyzeRequest:
     address: str | None = None
     verbose: bool = False
     show_progress: bool = True
+    lease: Lease | None = None  # the driver's lease on OUT (or on the RUN holding it): fences the pass's commits
 
     def task_args(self) -> dict[str, Any]:
         return {"name": self.task, "schema_file": self.schema_file, "policy_file": self.policy_file,
@@ -270,7 +272,7 @@ def analyze(request: AnalyzeRequest, metrics=None) -> int:
     task = make_task(settings=request.settings, **task_args)  # bad schema or policy files fail here, before Ray
     task.check_input(images.schema.names)
     schema = output_schema(images.schema, task)
-    output = PassOutput(request.out)
+    output = PassOutput(request.out, request.lease)
     output.prepare()
     if not output.holds_every_id(images):  # a finished pass needs no cluster to learn that nothing is left
         _run_pass(request, images, output, task_args, schema, metrics)
@@ -284,7 +286,7 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
     import ray
     from ray.data.datasource.partitioning import Partitioning
 
-    connect(request.address, request.verbose)
+    connect(request.address, request.verbose, request.lease)
     settings = request.settings
     gpus, actor_cpus = model_actor_resources("vlm", settings.vlm_concurrency, settings.vlm_gpus_per_actor,
                                              settings.vlm_cpus_per_actor, output.resuming())  # fmt: skip

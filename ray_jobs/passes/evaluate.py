@@ -40,6 +40,7 @@ from ray_jobs.passes.resources import model_actor_resources
 from ray_jobs.passes.stats import BatchFigures, StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
 from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
+from ray_jobs.state.lease import Lease
 from ray_jobs.state.manifest import ManifestError, subjects_of_run
 from ray_jobs.state.run_dir import RunDirectory, now
 
@@ -62,6 +63,7 @@ class EvaluateRequest:
     address: str | None = None
     verbose: bool = False
     show_progress: bool = True
+    lease: Lease | None = None  # the driver's lease on RUN: fences the pass's commits and the status writes
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def evaluate(request: EvaluateRequest, metrics=None) -> int:
     """Score every generated image of RUN not scored yet, then each subject's means. Returns the exit status."""
     from engine.evaluation import resolve_eval_model
 
-    run = RunDirectory(request.run)
+    run = RunDirectory(request.run, request.lease)
     record = run.require_run()
     source = run.generations
     if not storage.exists(source):
@@ -168,7 +170,7 @@ def evaluate(request: EvaluateRequest, metrics=None) -> int:
     subjects, notes = subjects_of_run(record)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    output = PassOutput(run.evaluation)
+    output = PassOutput(run.evaluation, request.lease)
     output.prepare()
     forget_other_models(output, settings)
     if not output.holds_every_id(generations):
@@ -200,7 +202,7 @@ def _run_pass(request: EvaluateRequest, generations: ImagesInput, output: PassOu
               metrics) -> None:  # fmt: skip
     import ray
 
-    connect(request.address, request.verbose)
+    connect(request.address, request.verbose, request.lease)
     settings = request.settings
     gpus, actor_cpus = model_actor_resources("eval", settings.eval_concurrency, settings.eval_gpus_per_actor,
                                              settings.eval_cpus_per_actor, output.resuming())  # fmt: skip

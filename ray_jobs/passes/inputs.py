@@ -36,6 +36,9 @@ COLUMN_KINDS = {
     "question": _TEXT,
     "categories": _TEXT,
 }
+# What each column must hold, as the SPEC's table says it ("Images manifest").
+EXPECTED_TYPES = {"id": "string", "image": "string (a URI)", "image_bytes": "binary (the encoded file)",
+                  "video": "string (a URI)", "question": "string", "categories": "string (comma-separated labels)"}
 SCAN_BATCH_ROWS = 65_536
 
 
@@ -136,7 +139,7 @@ def open_images_input(uri: str) -> ImagesInput:
         raise ManifestError(f"{uri}: needs an 'image' (URI), 'image_bytes' or 'video' (URI) column")
     for name, kinds in COLUMN_KINDS.items():
         if name in first.names and not any(k(first.field(name).type) for k in kinds):
-            raise ManifestError(f"{uri}: column '{name}' has type {first.field(name).type}")
+            raise ManifestError(f"{uri}: column '{name}' must be {EXPECTED_TYPES[name]}, got {first.field(name).type}")
     schema = pa.schema([*first, *(pa.field(p, pa.string()) for p in partitions)])
     return ImagesInput(uri, fs, tuple(files), base, schema, tuple(partitions), rows)
 
@@ -189,21 +192,32 @@ def check_ids(images: ImagesInput) -> None:
     if repeated_hashes.size:
         repeated = _repeated_ids(images, repeated_hashes)
         if repeated:
-            raise ManifestError(f"{images.uri}: duplicate ids, e.g. {repeated[:5]}")
+            examples = list(repeated)[:5]
+            where = "; ".join(f"{i!r} in {_files(images, repeated[i])}" for i in examples[:3])
+            raise ManifestError(f"{images.uri}: duplicate ids, e.g. {examples} ({where})")
 
 
-def _repeated_ids(images: ImagesInput, candidates: np.ndarray) -> list[str]:
-    """The ids that really repeat among those whose hash is in `candidates` (few: a second, exact pass)."""
-    seen: set[str] = set()
-    repeated: list[str] = []
-    for batch in images.batches(["id"]):
-        ids = batch.column("id").to_numpy(zero_copy_only=False)
-        hits = np.isin(pd.util.hash_array(ids, categorize=False), candidates)
-        for value in ids[hits]:
-            if value in seen and value not in repeated:
-                repeated.append(value)
-            seen.add(value)
-    return repeated
+def _repeated_ids(images: ImagesInput, candidates: np.ndarray) -> dict[str, list[str]]:
+    """The ids that really repeat among those whose hash is in `candidates` (few: a second, exact pass), each with
+    the file of every row holding it."""
+    where: dict[str, list[str]] = {}
+    try:
+        for tagged in images.scanner(["id"]).scan_batches():
+            ids = tagged.record_batch.column("id").to_numpy(zero_copy_only=False)
+            for value in ids[np.isin(pd.util.hash_array(ids, categorize=False), candidates)]:
+                where.setdefault(value, []).append(tagged.fragment.path)
+    except (pa.ArrowException, OSError) as err:
+        raise ManifestError(f"{images.uri}: not readable ({type(err).__name__}: {err})") from None
+    return {value: files for value, files in where.items() if len(files) > 1}
+
+
+def _files(images: ImagesInput, paths: list[str]) -> str:
+    """Where an id's rows are: 'a.parquet and b.parquet', or '2 rows of a.parquet'."""
+    names = [_name(images.filesystem, p) for p in dict.fromkeys(paths)]
+    counts = {p: paths.count(p) for p in dict.fromkeys(paths)}
+    if len(names) == 1:
+        return f"{len(paths)} rows of {names[0]}"
+    return " and ".join(f"{_name(images.filesystem, p)}" + (f" ({n} rows)" if n > 1 else "") for p, n in counts.items())
 
 
 def check_images_manifest(uri: str) -> ImagesInput:

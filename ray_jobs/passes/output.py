@@ -35,6 +35,9 @@ from ray.data.checkpoint.checkpoint_filter import (
 )
 
 from engine import storage
+from ray_jobs.passes.fencing import fenced_filesystem
+from ray_jobs.passes.repair import repair_output
+from ray_jobs.state.lease import Lease
 from ray_jobs.state.manifest import ManifestError
 
 FOOTER_READ_THREADS = 16  # reading footers is storage round trips: overlap them
@@ -100,13 +103,15 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
 class PassOutput:
     """OUT and OUT.checkpoint, on any fsspec filesystem a whole cluster can see."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, lease: Lease | None = None):
+        """`lease`: the lease of the driver writing OUT (or the RUN holding it); its epoch fences every commit."""
         if uri.startswith("memory://"):
             raise ManifestError(f"{uri}: memory:// is private to one process; Ray's workers cannot write it")
         self.uri = uri.rstrip("/")
         self.fs, path = storage.filesystem(self.uri)
         self.path = self.fs._strip_protocol(path).rstrip("/")  # what Ray's pyarrow filesystem calls it
         self.checkpoint_path = f"{self.path}.checkpoint"
+        self.lease = lease
 
     def arrow_filesystem(self) -> pafs.FileSystem:
         return arrow_filesystem(self.fs)
@@ -120,6 +125,12 @@ class PassOutput:
             )
         if self.fs.exists(self.checkpoint_path) and not self.data_files():
             self.fs.rm(self.checkpoint_path, recursive=True)
+        self.repair(finished=False)
+
+    def repair(self, finished: bool) -> None:
+        """Remove rows held twice and parts no checkpoint commits (repair.py), saying so."""
+        for line in repair_output(self.fs, self.path, self.checkpoint_path, finished).describe(self.uri):
+            print(f"warning: {line}", file=sys.stderr)
 
     def _checkpoint_files(self) -> tuple[list[str], list[str]]:
         """(committed, pending) files of Ray Data's checkpoint."""
@@ -167,7 +178,8 @@ class PassOutput:
             id_column="id",
             checkpoint_path=self.checkpoint_path,
             delete_checkpoint_on_success=False,
-            override_filesystem=self.arrow_filesystem(),
+            override_filesystem=self.arrow_filesystem() if self.lease is None else
+            fenced_filesystem(self.fs, self.lease, self.path),
             checkpoint_manager_cls=PageCheckpointManager,
             checkpoint_filter_cls=PageAwareFilter,
         )
@@ -191,6 +203,7 @@ class PassOutput:
         checkpoint commit: the most a killed driver loses, beside the batches in flight."""
         ds.write_parquet(self.path, filesystem=self.arrow_filesystem(), min_rows_per_file=rows_per_file,
                          max_rows_per_file=rows_per_file)  # fmt: skip
+        self.repair(finished=True)  # what a dead predecessor's workers left, written after this pass began
 
     def committed_rows(self) -> int:
         """Ids Ray Data's checkpoint records as written (its committed files' footers)."""

@@ -4,6 +4,9 @@ and writing one with the SPEC's Arrow types."""
 from __future__ import annotations
 
 import hashlib
+import os
+import posixpath
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +15,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from engine import storage
 from engine.diffusion.subject import SUBJECT_ID_PATTERN, Subject
@@ -77,6 +81,10 @@ def read_subjects_manifest(uri: str, settings: Settings, check_images: bool = Tr
     table = _read_table(uri, data)
     table, bad_text = _drop_invalid_text(table)
     rows = table.to_pylist()
+    in_manifest_folder = _relative_to(uri)
+    for row in rows:
+        if row["instance_images"]:
+            row["instance_images"] = [in_manifest_folder(image) for image in row["instance_images"]]
     image_problems = _check_images(rows, settings) if check_images else {}
     first_seen: dict[str, int] = {}
     subjects, errors, passthrough = [], [], {}
@@ -125,6 +133,23 @@ def write_subjects_manifest(uri: str, rows: list[dict]) -> None:
 
 
 # --- the file as a whole ---
+
+
+def _relative_to(manifest_uri: str) -> Callable[[str | None], str | None]:
+    """A function giving an image URI as written in the manifest at `manifest_uri` its full form: a relative path
+    resolves against the manifest's folder (SPEC), not the driver's working directory, which no worker shares."""
+    fs, path = storage.filesystem(manifest_uri)
+    local = isinstance(fs, LocalFileSystem)
+    folder = os.path.dirname(os.path.abspath(path)) if local else posixpath.dirname(path)
+
+    def resolve(image: str | None) -> str | None:
+        if not image or "::" in image or fsspec.core.split_protocol(image)[0] is not None or image.startswith("/"):
+            return image
+        if local:
+            return os.path.normpath(os.path.join(folder, image))
+        return fs.unstrip_protocol(posixpath.normpath(posixpath.join(folder, image)))
+
+    return resolve
 
 
 def _read_file(uri: str) -> bytes:

@@ -19,10 +19,12 @@ from typing import Any
 from engine import storage
 from engine.diffusion.subject import TRAIN_LOG
 from engine.settings import EVAL_SETTINGS, Settings
+from ray_jobs.state.lease import Lease
 from ray_jobs.state.states import PENDING, STATES, TRAINED_STATES
 
 # Settings that may differ between invocations on the same RUN without changing what a subject is.
-OPERATIONAL_SETTINGS = frozenset({"max_attempts", "pack_subjects", "compile_unet"}) | EVAL_SETTINGS  # how, not what
+# How a run goes, not what it makes: a rerun may change them freely.
+OPERATIONAL_SETTINGS = frozenset({"max_attempts", "pack_subjects", "compile_unet", "lease_ttl"}) | EVAL_SETTINGS
 # The run directory's files (SPEC: "Run directory"); a subject's own folder holds what engine.diffusion.subject names.
 RUN_JSON = "run.json"
 SUBJECTS = "subjects"
@@ -75,6 +77,8 @@ class SubjectStatus:
     attempts: int = 0
     error: str | None = None
     history: list[dict[str, Any]] | None = None  # one entry per attempt: outcome, error, resumed_from, steps run
+    # What the subject's input costs it without failing it: a prompt its base's text encoder cuts, and by how much
+    warnings: list[str] | None = None
     worker: dict[str, Any] | None = None  # pid, node and GPU ids of the worker of the latest attempt
     # The evaluation pass's per-subject means (ray_jobs/evaluate.py): images, dino, clip_i, clip_t, pres, ...
     evaluation: dict[str, Any] | None = None
@@ -92,8 +96,15 @@ class SubjectStatus:
 
 
 class RunDirectory:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, lease: Lease | None = None):
+        """`lease`: the driver's lease on RUN; run.json and every status are written only while it holds it."""
         self.uri = uri.rstrip("/")
+        self.lease = lease
+
+    def _write_json(self, uri: str, value: Any) -> None:
+        if self.lease is not None:
+            self.lease.check()  # LeaseLost: another driver has taken RUN over, so this one must not write
+        storage.write_json(uri, value)
 
     @property
     def run_json(self) -> str:
@@ -165,7 +176,7 @@ class RunDirectory:
             record["settings"] = settings.model_dump()
             record["manifest_fingerprint"] = manifest_fingerprint
         record["invocations"].append(invocation)
-        storage.write_json(self.run_json, record)
+        self._write_json(self.run_json, record)
         return record
 
     def _check_compatible(self, record: dict, fingerprint: str, settings: Settings, base_model: str) -> None:
@@ -212,7 +223,7 @@ class RunDirectory:
         record = self.read_run()
         record["ended_at"] = record["invocations"][-1]["ended_at"] = now()
         record["invocations"][-1]["summary"] = summary
-        storage.write_json(self.run_json, record)
+        self._write_json(self.run_json, record)
 
     def status_uri(self, subject_id: str) -> str:
         return storage.join(subject_dir(self.uri, subject_id), STATUS)
@@ -225,7 +236,7 @@ class RunDirectory:
 
     def write_status(self, status: SubjectStatus) -> None:
         status.updated_at = now()
-        storage.write_json(self.status_uri(status.subject_id), status.to_json())
+        self._write_json(self.status_uri(status.subject_id), status.to_json())
 
     def read_statuses(self, subject_ids: list[str] | None = None) -> dict[str, SubjectStatus]:
         """Statuses of `subject_ids` (default: every subject folder in RUN) that exist."""
@@ -241,7 +252,7 @@ class RunDirectory:
 
     def write_rejected_rows(self, rows: list[dict[str, Any]]) -> None:
         """Manifest rows that could not become subjects at all (e.g. an invalid subject_id): they have no folder."""
-        storage.write_json(self.rejected_rows_uri, rows)
+        self._write_json(self.rejected_rows_uri, rows)
 
     def read_rejected_rows(self) -> list[dict[str, Any]]:
         return storage.read_json(self.rejected_rows_uri) if storage.exists(self.rejected_rows_uri) else []

@@ -18,8 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from engine import storage
+from engine.settings import Settings
 from ray_jobs.cli import main
-from ray_jobs.state.manifest import write_subjects_manifest
+from ray_jobs.report.run_report import write_run_report
+from ray_jobs.state.manifest import read_subjects_manifest, write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
 from samples import media_files
 from tests.helpers.subjects import draw_subject, make_subject_rows
@@ -103,6 +106,7 @@ def _subject_rows(good: dict, images: dict[str, str], folder: Path) -> list[tupl
         ("params-run-only-key", {"params": '{"max_attempts": 9}'}, "'max_attempts' can only be set for the whole run"),
         ("prompt-100000-chars", {"instance_prompt": "sks " * 25_000}, "100000 characters long, more than 10000"),
         ("negative-seed", {"seed": -1}, "seed must be between 0 and 2**63 - 1"),
+        ("prompt-over-77-tokens", {"instance_prompt": "a photo of sks ball " * 6}, None),  # trains, with a warning
     ]  # fmt: skip
     rows = [(case, {**good, "subject_id": f"case-{case}", **change}, expect) for case, change, expect in cases]
     for case, _, _, expect in IMAGES:  # one subject per image, that image its only instance image
@@ -159,6 +163,11 @@ def test_each_bad_subject_row_gets_its_reason_and_every_good_row_trains(ray_clus
         else:
             assert state in ("failed", "rejected") and expect in reason, (case, expect, state, reason)
     assert statuses["s0"].state == statuses["s1"].state == "trained"
+    # a prompt the text encoder cuts is not refused, nor silently cut: its subject and the report say by how much
+    cut = "instance_prompt is 92 tokens long, over the 77 its text encoder reads: its last 15 tokens are cut"
+    assert statuses["case-prompt-over-77-tokens"].warnings == [cut] and not statuses["s0"].warnings
+    assert f"subject case-prompt-over-77-tokens: {cut}" in capsys.readouterr().err
+    assert cut in Path(write_run_report(run.uri)).read_text()
 
 
 # -- images manifest rows (a VLM pass) -----------------------------------------------------------------------
@@ -311,12 +320,17 @@ def test_a_manifest_file_that_cannot_be_used_stops_the_command(tmp_path, capsys,
 
 IMAGES_FILES = [
     ("no-id-column", [{"image": "a.png"}], "no 'id' column"),
-    ("duplicate-ids", [{"id": "a", "image": "a.png"}, {"id": "a", "image": "b.png"}], "duplicate ids, e.g. ['a']"),
+    ("duplicate-ids", [{"id": "a", "image": "a.png"}, {"id": "a", "image": "b.png"}],
+     "duplicate ids, e.g. ['a'] ('a' in 2 rows of {manifest})"),
     ("no-image-column", [{"id": "a", "text": "hello"}], "needs an 'image' (URI), 'image_bytes' or 'video' (URI) column"),
-    ("image-column-not-text", [{"id": "a", "image": 42}], "column 'image' has type int64"),
+    ("image-column-not-text", [{"id": "a", "image": 42}],
+     "column 'image' must be string (a URI), got int64"),
+    ("bytes-column-of-text", [{"id": "a", "image_bytes": "a.png"}],
+     "column 'image_bytes' must be binary (the encoded file), got string"),
     # A folder of files: each list is one file
-    ("duplicate-ids-across-files", [[{"id": "a", "image": "a.png"}], [{"id": "a", "image": "b.png"}]],
-     "duplicate ids, e.g. ['a']"),
+    ("duplicate-ids-across-files", [[{"id": "a", "image": "a.png"}], [{"id": "b", "image": "b.png"}, {"id": "a",
+     "image": "c.png"}, {"id": "a", "image": "d.png"}]],
+     "duplicate ids, e.g. ['a'] ('a' in {manifest}/part-0.parquet and {manifest}/part-1.parquet (2 rows))"),
     ("files-with-other-columns", [[{"id": "a", "image": "a.png"}], [{"id": "b", "image_bytes": b"x"}]],
      "its columns differ from"),
     ("empty-folder", [], "no Parquet files (*.parquet) found"),
@@ -334,10 +348,12 @@ def test_an_images_manifest_that_cannot_be_used_stops_the_pass(tmp_path, capsys,
         manifest.mkdir()
         for k, file_rows in enumerate(rows):
             pq.write_table(pa.Table.from_pylist(file_rows), manifest / f"part-{k}.parquet")
+    message = message.replace("{manifest}", str(manifest))  # the files holding a duplicate are named
     assert main(["validate", str(manifest), "--kind", "images"]) == 2
     assert message in capsys.readouterr().err
     assert main(["analyze", str(manifest), "--task", "ocr", "--out", str(out)]) == 2
     assert message in capsys.readouterr().err and not out.exists() and not Path(f"{out}.checkpoint").exists()
+    assert not Path(f"{out}.lease.json").exists()  # a refused command leaves no lease behind
 
 
 def test_an_images_manifest_with_non_utf8_ids_stops_the_pass(tmp_path, capsys):
@@ -404,3 +420,27 @@ def test_a_bad_set_flag_stops_the_command(tmp_path, capsys, assignment, message)
     write_subjects_manifest(str(manifest), make_subject_rows(tmp_path / "images", 1))
     assert main(["train", str(manifest), "--out", str(run), "--set", assignment]) == 2
     assert message in capsys.readouterr().err and not run.exists()
+
+
+# -- image URIs a new user writes: relative to the manifest, percent-encoded file:// URIs --------------------------
+
+
+def test_relative_and_percent_encoded_image_uris_are_read(tmp_path, capsys, monkeypatch):
+    """A relative path resolves against the manifest's folder (not the working directory); a `file://` URI as
+    `Path.as_uri()` writes it (spaces and non-ASCII percent-encoded) names the file it encodes."""
+    folder = tmp_path / "shoot 1"
+    (folder / "photos").mkdir(parents=True)
+    near = draw_subject(folder / "photos" / "ball.png")
+    far = draw_subject(folder / "photos" / "bällchen 2.png", shift=2)
+    rows = [{"subject_id": "s0", "instance_images": ["photos/ball.png", far.as_uri()],
+             "instance_prompt": "a photo of sks ball", "class_prompt": "a photo of a ball"}]  # fmt: skip
+    manifest = folder / "subjects.parquet"
+    write_subjects_manifest(str(manifest), rows)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert "%20" in far.as_uri() and "%C3%A4" in far.as_uri()
+    assert main(["validate", str(manifest)]) == 0, capsys.readouterr()
+    subject = read_subjects_manifest(str(manifest), Settings(preset="tiny")).subjects[0]
+    assert subject.instance_images[0] == str(near)
+    assert storage.read_bytes(subject.instance_images[1]) == far.read_bytes()

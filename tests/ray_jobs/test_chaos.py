@@ -24,6 +24,7 @@ from PIL import Image
 from engine import storage
 from engine.diffusion.checkpoints import complete_steps
 from ray_jobs.cli import main
+from ray_jobs.state.lease import output_lease_uri, read_holder
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
 from tests.helpers.subjects import make_subject_rows
@@ -208,9 +209,10 @@ def test_a_driver_killed_in_training_and_again_in_the_vlm_pass_resumes_and_finis
     assert not [p for p in Path(run).rglob("*") if ".tmp-" in p.name]
 
 
-def test_an_analyze_driver_killed_again_and_again_mid_pass_writes_every_id_once(ray_cluster, tmp_path):
+def test_an_analyze_driver_killed_again_and_again_mid_pass_writes_every_id_once(ray_cluster, tmp_path, capsys):
     """`analyze` over a folder of many files, its driver SIGKILLed three times as soon as more part files are
-    committed (other write tasks are then mid-write or mid-commit), then run to the end."""
+    committed (other write tasks are then mid-write or mid-commit), each time rerun at once (its workers may still
+    be committing: the rerun takes the dead driver's lease over, which fences them), then run to the end."""
     images = tmp_path / "images"
     images.mkdir()
     docs = tmp_path / "docs"
@@ -245,7 +247,11 @@ def test_an_analyze_driver_killed_again_and_again_mid_pass_writes_every_id_once(
         process.wait()
     assert committed() < len(ids)  # killed mid-pass each time
 
+    capsys.readouterr()
     assert main(args) == 0
+    assert "taking over" in capsys.readouterr().err  # the last killed driver's lease, its process gone
     written = pq.read_table(out).column("id").to_pylist()
     assert sorted(written) == sorted(ids)  # every id, once
     assert not list(checkpoint.glob("*.pending.parquet"))
+    lease = read_holder(output_lease_uri(str(out)))
+    assert lease.epoch == 4 and lease.released is not None  # three killed drivers and the last, one after another

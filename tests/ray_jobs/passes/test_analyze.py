@@ -162,6 +162,31 @@ def test_a_write_killed_before_its_commit_is_redone_once_not_twice(ray_cluster, 
     assert set(victim_ids) <= set(ids)
 
 
+def test_a_rerun_repairs_an_output_holding_rows_twice_and_reports_no_more_rows_than_the_input(ray_cluster, tmp_path,
+                                                                                                   capsys):  # fmt: skip
+    """What two drivers on one OUT left before leases (each committing its own copy of a part), and what a dead
+    driver's worker can leave (a part file no checkpoint commits): the rerun says so and keeps one row per id."""
+    rows, _ = _rows(tmp_path / "images")
+    good = [r for r in rows if r["id"] in ("png", "jpeg", "bytes", "webp", "tiff")]
+    docs, out = _write_folder(tmp_path / "docs", good, files=5), tmp_path / "ocr.parquet"
+    args = ["analyze", docs, "--task", "ocr", "--out", str(out), "--set", "vlm_batch_size=1", "--set", "vlm_rows_per_file=1"]
+    assert main(args) == 0
+    checkpoint = Path(f"{out}.checkpoint")
+    part = sorted(checkpoint.glob("*.parquet"))[0].name.removesuffix(".parquet")
+    (checkpoint / f"twin_{part}.parquet").write_bytes((checkpoint / f"{part}.parquet").read_bytes())
+    for data in out.glob(f"{part}*.parquet"):
+        (out / f"twin_{data.name}").write_bytes(data.read_bytes())  # the second driver's copy, committed too
+        (out / f"debris_{data.name}").write_bytes(data.read_bytes())  # a dead driver's worker's, never committed
+    assert pq.read_table(out).num_rows == len(good) + 2
+
+    capsys.readouterr()
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert f"{out} held 1 row(s) twice" in captured.err and "removed 1 part file(s) (1 rows)" in captured.err
+    assert json.loads(captured.out.splitlines()[-1])["rows"] == len(good)
+    assert sorted(pq.read_table(out).column("id").to_pylist()) == sorted(r["id"] for r in good)
+
+
 @pytest.mark.parametrize("rows, message", [
     ([{"image": "x.png"}], "no 'id' column"),
     ([{"id": "a", "image": "x.png"}, {"id": "a", "image": "y.png"}], "duplicate ids"),

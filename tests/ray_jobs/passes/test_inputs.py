@@ -67,7 +67,7 @@ def test_the_s3_api_server_serves_folders_and_globs(s3_endpoint):
     ({"a.parquet": _rows("x", 2), "b.parquet": [{"id": "y", "image": "/i.png", "extra": 1}]}, "its columns differ"),
     ({"a.parquet": [{"id": "y", "path": "/i.png"}]}, "needs an 'image' (URI), 'image_bytes' or 'video' (URI) column"),
     ({"a.parquet": [{"image": "/i.png"}]}, "no 'id' column"),
-    ({"a.parquet": [{"id": 1, "image": "/i.png"}]}, "column 'id' has type int64"),
+    ({"a.parquet": [{"id": 1, "image": "/i.png"}]}, "column 'id' must be string, got int64"),
     ({"notes.txt": None}, "no Parquet files"),
 ])  # fmt: skip
 def test_file_level_problems_are_found_across_all_files(tmp_path, layout, message):
