@@ -221,12 +221,7 @@ def measure_generation(base: BaseModel, k: int, settings: Settings, instance, wo
 def build_sdxl_random(path: Path, device: torch.device) -> None:
     """Write an SDXL-base-1.0-shaped pipeline with random weights at `path` (initialised on `device`, saved in bf16:
     half the disk and load time of fp32, and what the frozen weights train in)."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = build_clip_tokenizer()

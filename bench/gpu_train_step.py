@@ -67,12 +67,7 @@ GOALS = {"lora": {"s_per_step": 0.05, "peak_gb": 6.0}, "full": {"s_per_step": 0.
 
 def build_sd15_random(path: Path, device: torch.device) -> None:
     """Write an SD1.5-shaped pipeline with random weights at `path` (weights initialised on `device`, for speed)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_clip_tokenizer()

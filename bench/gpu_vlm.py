@@ -86,12 +86,7 @@ from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.media.documents import render_pages  # noqa: E402
 from engine.media.video import Video  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
-from engine.tiny.vlm import (  # noqa: E402
-    SPECIAL_TOKENS,
-    build_config,
-    build_processor,
-    build_tokenizer,
-)
+from engine.tiny.vlm import SPECIAL_TOKENS, build_config, build_processor, build_tokenizer  # noqa: E402
 from engine.vlm.model import VLM, pixel_budget  # noqa: E402
 from engine.vlm.tasks import make_task  # noqa: E402
 

@@ -24,13 +24,7 @@ from ray_jobs.report.any_path import write_report
 from ray_jobs.report.pages import ReportError
 from ray_jobs.report.run_report import write_run_report
 from ray_jobs.report.thumbnails import PDF_DPI
-from ray_jobs.state.lease import (
-    Lease,
-    LeaseHeld,
-    LeaseLost,
-    output_lease_uri,
-    run_lease_uri,
-)
+from ray_jobs.state.lease import Lease, LeaseHeld, LeaseLost, output_lease_uri, run_lease_uri
 from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.state.run_dir import NotARunError, RunConflictError
 from ray_jobs.state.states import FAILED

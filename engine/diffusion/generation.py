@@ -42,11 +42,7 @@ ROW_SCHEMA = pa.schema(
 
 
 def make_scheduler(name: str, config: dict):
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-    )
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
     if name == "ddim":
         return DDIMScheduler.from_config(config)

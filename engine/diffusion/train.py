@@ -35,12 +35,7 @@ import torch.nn.functional as F
 from engine import storage
 from engine.diffusion import data_parallel
 from engine.diffusion.base_model import BaseModel
-from engine.diffusion.checkpoints import (
-    CheckpointError,
-    TrainingState,
-    load_latest_checkpoint,
-    save_checkpoint,
-)
+from engine.diffusion.checkpoints import CheckpointError, TrainingState, load_latest_checkpoint, save_checkpoint
 from engine.diffusion.instance_data import (
     PromptEmbeddings,
     TrainingExamples,
@@ -49,11 +44,7 @@ from engine.diffusion.instance_data import (
     unet_added_conditions,
 )
 from engine.diffusion.subject import CHECKPOINTS, TRAIN_LOG, WEIGHTS, Subject
-from engine.diffusion.weights import (
-    attach_lora_pack,
-    export_weights,
-    trained_components,
-)
+from engine.diffusion.weights import attach_lora_pack, export_weights, trained_components
 from engine.settings import Settings
 
 # Settings that change the optimisation itself; a checkpoint made with other values cannot be resumed.

@@ -42,12 +42,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from engine.library_logging import quiet_libraries
-from engine.tiny.common import (
-    build_clip_tokenizer,
-    build_once,
-    default_cache_dir,
-    tiny_clip_config,
-)
+from engine.tiny.common import build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
 from engine.tiny.sd import sd_scheduler
 
 # Bump when the dataset, the training or its length changes, so stale caches are rebuilt rather than reused.

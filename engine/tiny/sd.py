@@ -11,12 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.tiny.common import (
-    build_clip_tokenizer,
-    build_once,
-    default_cache_dir,
-    tiny_clip_config,
-)
+from engine.tiny.common import build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
 
 # Bump when the architecture or construction changes, so stale caches are rebuilt rather than reused.
 TINY_SD_VERSION = 1
@@ -84,11 +79,7 @@ def build_tiny_sd(path: Path, seed: int = 0) -> None:
 def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
     """Write a complete tiny Stable Diffusion XL pipeline directory at `path`: SDXL's layout and conditioning (two
     text encoders, pooled embeddings, size/crop time ids), at tiny SD's size and speed."""
-    from diffusers import (
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     quiet_libraries()

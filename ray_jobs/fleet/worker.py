@@ -21,11 +21,7 @@ import torch
 
 from engine import storage
 from engine.diffusion import data_parallel
-from engine.diffusion.base_model import (
-    frozen_weights_dtype,
-    load_base_model,
-    resolve_base_model,
-)
+from engine.diffusion.base_model import frozen_weights_dtype, load_base_model, resolve_base_model
 from engine.diffusion.checkpoints import CheckpointError
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.generation import RenderJob, render_pack

@@ -25,13 +25,7 @@ from engine.settings import Settings
 from engine.vlm.tasks.base import RowRequest
 from ray_jobs import exit_status
 from ray_jobs.cluster import connect
-from ray_jobs.passes.inputs import (
-    VISUAL_COLUMNS,
-    ImagesInput,
-    RowVisual,
-    check_images_manifest,
-    row_visuals,
-)
+from ray_jobs.passes.inputs import VISUAL_COLUMNS, ImagesInput, RowVisual, check_images_manifest, row_visuals
 from ray_jobs.passes.output import DONE_PAGES, PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
 from ray_jobs.passes.stats import BatchFigures, StatsRelay, send_batch_figures

@@ -9,7 +9,6 @@ from ray_jobs.fleet.outcome import Outcome
 from ray_jobs.state.run_dir import SubjectStatus
 from ray_jobs.state.states import FAILED, RUNNING_STATES, STAGE_OF_STATE
 
-
 STAGE_NAMES = {"train": "training", "generate": "generation"}
 MATES_SHOWN = 6  # pack mates named in a history row; the rest are counted
 

@@ -18,8 +18,16 @@ import pyarrow as pa
 from engine import storage
 from engine.media.images import DEFAULT_MAX_IMAGE_PIXELS
 from ray_jobs.report.attempts import AttemptSummary, attempt_summary
-from ray_jobs.report.pages import READ_THREADS, ReportError, ReportLayout, canonical_uri, open_table, printable, \
-    report_path_for, write_page
+from ray_jobs.report.pages import (
+    READ_THREADS,
+    ReportError,
+    ReportLayout,
+    canonical_uri,
+    open_table,
+    printable,
+    report_path_for,
+    write_page,
+)
 from ray_jobs.report.thumbnails import Picture, ThumbnailStore
 from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
 from ray_jobs.state.manifest import subjects_of_run

@@ -14,8 +14,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_jobs.report.pages import ReportError, ReportLayout, canonical_uri, open_table, printable, \
-    table_report_path_for, write_page
+from ray_jobs.report.pages import (
+    ReportError,
+    ReportLayout,
+    canonical_uri,
+    open_table,
+    printable,
+    table_report_path_for,
+    write_page,
+)
 from ray_jobs.report.thumbnails import PDF_DPI, Picture, ThumbnailStore
 
 SAMPLE_ROWS = 50

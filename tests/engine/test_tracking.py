@@ -14,13 +14,7 @@ from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import PackTrainer
 from engine.settings import load_settings
-from engine.tracking import (
-    SCALARS,
-    SubjectTracker,
-    TrackingGroup,
-    start_group,
-    wandb_run_id,
-)
+from engine.tracking import SCALARS, SubjectTracker, TrackingGroup, start_group, wandb_run_id
 from tests.helpers.subjects import draw_subject
 from tests.helpers.tracking_readers import (
     mlflow_children,

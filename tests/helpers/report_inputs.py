@@ -18,7 +18,6 @@ from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus
 
-
 SCRIPT = "<script>alert(1)</script>"
 # Would change the page if it ever reached the DOM as markup (and scripts ran); the report must show it as text.
 INJECTED = "<img src=x onerror=\"document.title='pwned'\">"

@@ -8,9 +8,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from re import (
-    _parser as regex_parser,  # the standard parser's getwidth() bounds a pattern's length; no public API does
-)
+from re import _parser as regex_parser  # the standard parser's getwidth() bounds a pattern's length; no public API does
 from typing import Any
 
 import jsonschema

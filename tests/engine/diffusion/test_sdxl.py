@@ -99,11 +99,7 @@ def test_tiny_sdxl_is_deterministic_and_round_trips_through_stock_from_pretraine
 
 def test_training_conditions_the_unet_as_the_stock_pipeline_does(sdxl):
     from engine.diffusion.generation import make_pipeline
-    from engine.diffusion.instance_data import (
-        encode_prompts,
-        tokenize,
-        unet_added_conditions,
-    )
+    from engine.diffusion.instance_data import encode_prompts, tokenize, unet_added_conditions
 
     with torch.no_grad():
         ours = encode_prompts(sdxl, tokenize(sdxl, PROMPT))

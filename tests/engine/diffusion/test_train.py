@@ -13,12 +13,7 @@ from engine.diffusion.instance_data import load_pixels
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import NonFiniteLossError, train_subject
 from engine.settings import load_settings
-from tests.helpers.training import (
-    Interrupted,
-    assert_same_training,
-    lora_weights,
-    stop_at,
-)
+from tests.helpers.training import Interrupted, assert_same_training, lora_weights, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 

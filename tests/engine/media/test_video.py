@@ -9,13 +9,7 @@ import numpy as np
 import pytest
 
 from engine.media.images import ImageError
-from engine.media.video import (
-    VideoError,
-    decode_video,
-    frame_size,
-    read_video,
-    sample_indices,
-)
+from engine.media.video import VideoError, decode_video, frame_size, read_video, sample_indices
 from samples import media_files
 from samples.media_files import frame_index_of
 

@@ -11,12 +11,7 @@ from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
 from tests.helpers.services import free_port
 from tests.helpers.subjects import make_subject_rows
-from tests.helpers.tracking_readers import (
-    mlflow_children,
-    mlflow_curves,
-    tensorboard_events,
-    wandb_sessions,
-)
+from tests.helpers.tracking_readers import mlflow_children, mlflow_curves, tensorboard_events, wandb_sessions
 
 STEPS = 4
 ARGS = ["--workers", "1", "--no-progress", "--set", f"max_train_steps={STEPS}", "--set", "checkpointing_steps=2",

@@ -22,7 +22,6 @@ from ray_jobs.state.run_dir import RunDirectory, SubjectStatus
 from tests.helpers.report_inputs import PACK, SCRIPT, build_run, png, write_parquet
 from tests.helpers.report_pages import Elements, dump_dom, run_chromium, text
 
-
 # -- the run report --------------------------------------------------------------------------------------------------
 
 

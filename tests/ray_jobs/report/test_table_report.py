@@ -16,10 +16,19 @@ import pytest
 from PIL import Image, ImageDraw
 
 from ray_jobs.report import table_report
-from tests.helpers.report_inputs import BOX, CYAN, GREY, INJECTED, MODERATION_COLUMNS, SCRIPT, YELLOW, pass_output, png, \
-    two_page_pdf
+from tests.helpers.report_inputs import (
+    BOX,
+    CYAN,
+    GREY,
+    INJECTED,
+    MODERATION_COLUMNS,
+    SCRIPT,
+    YELLOW,
+    pass_output,
+    png,
+    two_page_pdf,
+)
 from tests.helpers.report_pages import Elements, dump_dom, near, run_chromium, sample_row, text, thumbnail
-
 
 # -- moderation and OCR outputs --------------------------------------------------------------------------------------
 

@@ -17,12 +17,7 @@ from PIL import Image
 
 from engine.diffusion.subject import Subject
 from engine.settings import Settings, load_settings
-from ray_jobs.state.manifest import (
-    ManifestError,
-    RowError,
-    read_subjects_manifest,
-    write_subjects_manifest,
-)
+from ray_jobs.state.manifest import ManifestError, RowError, read_subjects_manifest, write_subjects_manifest
 
 LONG = "x" * 10_001
 
