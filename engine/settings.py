@@ -123,6 +123,12 @@ class Settings(BaseModel):
     eval_gpus_per_actor: float = Field(1.0, ge=0)
     eval_cpus_per_actor: float | None = Field(None, ge=0)  # None: 1 where the cluster has it to spare, else 0
 
+    # What `run` delivers: images its moderation pass marks unsafe are withheld (kept, flagged, never deleted)
+    withhold_unsafe: bool = True
+    # When set, an image is unsafe when its moderation score (the probability of "unsafe") reaches this, whatever
+    # the model's verdict; None: the model's verdict decides
+    moderation_threshold: float | None = Field(None, ge=0)
+
     @model_validator(mode="after")
     def _pixel_budget_ordered(self) -> Settings:
         if self.vlm_min_pixels > self.vlm_max_pixels:
@@ -183,9 +189,10 @@ EVAL_SETTINGS = frozenset(
     {"evaluate", "eval_dino_model", "eval_clip_model", "eval_batch_size", "eval_concurrency", "eval_gpus_per_actor",
      "eval_cpus_per_actor"}
 )
+LOOP_SETTINGS = frozenset({"withhold_unsafe", "moderation_threshold"})
 RUN_ONLY_SETTINGS = frozenset(
     {"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet", "trackers"}
-) | VLM_SETTINGS | EVAL_SETTINGS
+) | VLM_SETTINGS | EVAL_SETTINGS | LOOP_SETTINGS
 
 # The literature's rates for real models (DreamBooth paper, diffusers' scripts); for the tiny random models, the
 # rates at which 100 steps visibly move generations towards the subject (sweep in bench/RESULTS.md).

@@ -110,8 +110,18 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if s.state == FAILED]  # fmt: skip
     failures += [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in run.read_rejected_rows()]
     print_summary(summarize(statuses), failures)
+    print_withheld(run)
     print_evaluation({sid: s.evaluation for sid, s in statuses.items() if s.evaluation})
     return exit_status.OK
+
+
+def print_withheld(run) -> None:
+    """How many generated images are withheld as unsafe (their files stay in RUN), once there are generations."""
+    from engine import storage
+    from ray_jobs.state.withheld import count_withheld
+
+    if storage.exists(run.generations):
+        print(f"images withheld (marked unsafe by moderation, kept in RUN): {count_withheld(run.generations)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

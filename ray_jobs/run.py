@@ -21,11 +21,12 @@ from ray_jobs.passes.analyze import AnalyzeRequest, analyze
 from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
 from ray_jobs.passes.resources import ResourceShortfall
 from ray_jobs.progress import print_summary
-from ray_jobs.state.generations import assemble_generations
+from ray_jobs.state.generations import assemble_generations, mark_withheld
 from ray_jobs.state.manifest import SubjectsManifest, read_subjects_manifest
 from ray_jobs.state.plan import plan_fleet, row_has_own_folder
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
 from ray_jobs.state.states import DONE, FAILED, FINAL_STATE
+from ray_jobs.state.withheld import WITHHELD
 
 
 @dataclass
@@ -105,7 +106,7 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
                 print(f"warning: experiment tracking: {error}", file=sys.stderr)
     statuses = {**plan.statuses, **run.read_statuses()}  # planned subjects may have no status file yet
     if "generate" in stages:
-        assemble_generations(run, manifest.passthrough)
+        assemble_generations(run, manifest.passthrough, request.settings)
     counts = summarize(statuses)
     run.finish(counts)
     failures = [(s.subject_id, s.error or "") for s in statuses.values() if s.state == FAILED] + rejected
@@ -115,6 +116,8 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
     final = FINAL_STATE[stages[-1]]
     complete = all(statuses[s.subject_id].state in (final, DONE) for s in manifest.subjects)
     moderated = moderate_generations(run, request) if "moderate" in stages else exit_status.OK
+    if "moderate" in stages:
+        withhold_unsafe(run, request)
     evaluated = evaluate_generations(run, request) if "evaluate" in stages else exit_status.OK
     run.check_and_clean()
     succeeded = complete and not manifest.errors and moderated == evaluated == exit_status.OK
@@ -135,7 +138,7 @@ def start_tracking(run_uri: str, trackers: list[str]) -> TrackingGroup | None:
 def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The moderation pass of `dreamfleet run`: RUN/generations.parquet → RUN/moderation.parquet, resumable."""
     analysis = AnalyzeRequest(
-        input=run.generations, task="moderate", out=run.moderation,
+        input=run.generations, task="moderate", out=run.moderation, leave_out=(WITHHELD.name,),
         settings=request.settings, vlm_model=request.vlm_model, address=request.address, verbose=request.verbose,
     )  # fmt: skip
     try:
@@ -143,6 +146,17 @@ def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
     except ResourceShortfall as err:  # training and generation stand; the same command moderates once it can
         print(f"error: moderation pass: {err}", file=sys.stderr)
         return exit_status.SOME_FAILED
+
+
+def withhold_unsafe(run: RunDirectory, request: FleetRequest) -> None:
+    """After the moderation pass: the images it marked unsafe are withheld (`withheld` in RUN/generations.parquet),
+    said on the console and in the metrics; their files stay where they are."""
+    withheld = mark_withheld(run, request.settings)
+    if request.metrics is not None:
+        request.metrics.images_withheld.set(withheld)
+    if withheld:
+        print(f"withheld: {withheld} generated image(s) the moderation pass marked unsafe (kept in RUN, "
+              "`withheld` in generations.parquet; `dreamfleet report --show-withheld` shows them)")
 
 
 def evaluate_generations(run: RunDirectory, request: FleetRequest) -> int:

@@ -440,6 +440,7 @@ class GeneratedImage:
     picture: Picture
     verdict: Verdict | None  # None: not moderated
     scores: ImageScores | None = None  # None: not evaluated
+    withheld: bool = False  # shown only when the report is asked to show withheld images
 
 
 @dataclass
@@ -671,7 +672,8 @@ def _prompt_groups(
         group = groups.setdefault(key, PromptGroup(*key))
         row_id = row.get("id")
         picture = thumbs.for_uri(row["image"])
-        group.images.append(GeneratedImage(row_id, row.get("seed"), picture, verdicts.get(row_id), scores.get(row_id)))
+        group.images.append(GeneratedImage(row_id, row.get("seed"), picture, verdicts.get(row_id), scores.get(row_id),
+                                           bool(row.get("withheld"))))  # fmt: skip
     return list(groups.values())
 
 
@@ -700,8 +702,9 @@ def _wall_time(record: dict[str, Any]) -> str | None:
     return str(datetime.timedelta(seconds=round((ended - started).total_seconds())))
 
 
-def write_run_report(run_uri: str, out: str | None = None) -> str:
-    """Write the report of the run directory `run_uri` (default RUN/report.html, more pages beside it); its URI."""
+def write_run_report(run_uri: str, out: str | None = None, show_withheld: bool = False) -> str:
+    """Write the report of the run directory `run_uri` (default RUN/report.html, more pages beside it); its URI.
+    Images withheld as unsafe are counted but left out of the galleries unless `show_withheld`."""
     run = RunDirectory(run_uri)
     record = run.require_run()
     layout = ReportLayout(canonical_uri(out or report_path_for(run.uri)))
@@ -711,9 +714,12 @@ def write_run_report(run_uri: str, out: str | None = None) -> str:
     verdicts = _verdicts(run.uri, notes)
     image_scores = _image_scores(run.uri, notes)
     generations = defaultdict(list)
-    wanted = ["id", "subject_id", "prompt", "prompt_index", "image_index", "seed", "image"]
+    wanted = ["id", "subject_id", "prompt", "prompt_index", "image_index", "seed", "image", "withheld"]
+    withheld = 0
     for row in _read_optional_table(run.generations, wanted, notes):
-        generations[row["subject_id"]].append(row)
+        withheld += bool(row.get("withheld"))
+        if show_withheld or not row.get("withheld"):
+            generations[row["subject_id"]].append(row)
     with ThreadPoolExecutor(READ_THREADS) as pool:
         curves = list(pool.map(lambda s: _read_loss_curve(run.uri, s.subject_id), statuses))
     thumbs = ThumbnailStore(layout, record["settings"].get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
@@ -729,7 +735,7 @@ def write_run_report(run_uri: str, out: str | None = None) -> str:
         for index, (status, curve) in enumerate(zip(statuses, curves))
     ]
     thumbs.make_pending()
-    _write_run_pages(layout, run, record, cards, notes)
+    _write_run_pages(layout, run, record, cards, notes, {"withheld": withheld, "withheld_shown": show_withheld})
     return out or report_path_for(run.uri)
 
 
@@ -739,6 +745,7 @@ def _write_run_pages(
     record: dict[str, Any],
     cards: list[SubjectCard],
     notes: list[str],
+    withholding: dict[str, Any],
 ) -> None:
     pages = max(1, math.ceil(len(cards) / SUBJECTS_PER_PAGE))
     bars = _flag_low_scores(cards)
@@ -754,6 +761,7 @@ def _write_run_pages(
         "moderation_errors": sum(i.verdict is not None and i.verdict.css == "error" for i in images),
         "evaluated": len(ranked),
         "low_scores": sum(bool(c.flags) for c in ranked),
+        **withholding,
     }
     context = {
         "run_uri": run.uri,
@@ -1045,11 +1053,12 @@ def _sample_row(row: dict[str, Any], thumbs: ThumbnailStore, detect: bool) -> Sa
 # -- the command --------------------------------------------------------------------------------------------------
 
 
-def write_report(uri: str, out: str | None = None, pdf_dpi: float = PDF_DPI) -> str:
+def write_report(uri: str, out: str | None = None, pdf_dpi: float = PDF_DPI, show_withheld: bool = False) -> str:
     """The report of whatever `uri` is: a run directory (it has run.json), a pass output (a folder of Parquet part
-    files) or a Parquet file; its URI. `pdf_dpi`: a pass output's (see write_table_report)."""
+    files) or a Parquet file; its URI. `pdf_dpi`: a pass output's (see write_table_report); `show_withheld`: a run's
+    (see write_run_report)."""
     if storage.exists(RunDirectory(uri).run_json):
-        return write_run_report(uri, out)
+        return write_run_report(uri, out, show_withheld)
     fs, path = storage.filesystem(uri)
     try:
         if fs.isdir(path):
@@ -1069,7 +1078,7 @@ def write_report(uri: str, out: str | None = None, pdf_dpi: float = PDF_DPI) -> 
 
 def cmd_report(args: argparse.Namespace) -> int:
     try:
-        print(write_report(args.path, args.out, args.pdf_dpi))
+        print(write_report(args.path, args.out, args.pdf_dpi, args.show_withheld))
     except (ReportError, NotARunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_status.NOT_RUN
@@ -1083,6 +1092,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--out", help="the report's HTML file (default: RUN/report.html, OUTPUT.report.html)")
     report.add_argument("--pdf-dpi", type=_dpi, default=PDF_DPI,
                         help=f"the pass's pdf_dpi, which its boxes on PDF pages are in pixels of (default {PDF_DPI:g})")
+    report.add_argument("--show-withheld", action="store_true",
+                        help="a run's report also shows the images withheld as unsafe (marked so); default: counted only")
     report.set_defaults(handler=cmd_report)
 
 
