@@ -128,6 +128,13 @@ class Settings(BaseModel):
     # When set, an image is unsafe when its moderation score (the probability of "unsafe") reaches this, whatever
     # the model's verdict; None: the model's verdict decides
     moderation_threshold: float | None = Field(None, ge=0)
+    # The quality gate after `run`'s evaluation: a subject whose mean DINO or CLIP-T is under these (None: that
+    # score is not gated) is retrained with an adjusted recipe, up to gate_retries times, and its best attempt kept.
+    # Off by default: the paper's Table 1 gives a bar for its models (DreamBooth on SD: DINO 0.668, CLIP-T 0.305;
+    # the report flags under 0.50 / 0.20, below every method there), but not for other models or the tiny ones.
+    gate_min_dino: float | None = Field(None, ge=-1, le=1)
+    gate_min_clip_t: float | None = Field(None, ge=-1, le=1)
+    gate_retries: int = Field(1, ge=0, le=8)
 
     @model_validator(mode="after")
     def _pixel_budget_ordered(self) -> Settings:
@@ -189,7 +196,9 @@ EVAL_SETTINGS = frozenset(
     {"evaluate", "eval_dino_model", "eval_clip_model", "eval_batch_size", "eval_concurrency", "eval_gpus_per_actor",
      "eval_cpus_per_actor"}
 )
-LOOP_SETTINGS = frozenset({"withhold_unsafe", "moderation_threshold"})
+LOOP_SETTINGS = frozenset(
+    {"withhold_unsafe", "moderation_threshold", "gate_min_dino", "gate_min_clip_t", "gate_retries"}
+)
 RUN_ONLY_SETTINGS = frozenset(
     {"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet", "trackers"}
 ) | VLM_SETTINGS | EVAL_SETTINGS | LOOP_SETTINGS

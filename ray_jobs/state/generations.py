@@ -16,7 +16,7 @@ from engine import storage
 from engine.diffusion.generation import ROW_SCHEMA as SCHEMA
 from engine.settings import Settings
 from ray_jobs.state.run_dir import GENERATIONS, RunDirectory, subject_dir
-from ray_jobs.state.states import DONE
+from ray_jobs.state.states import RENDERED_STATES
 from ray_jobs.state.withheld import WITHHELD, with_withheld, withheld_ids
 
 RUN_SCHEMA = SCHEMA.append(WITHHELD)  # RUN/generations.parquet, before the manifest's pass-through columns
@@ -32,7 +32,7 @@ def assemble_generations(run: RunDirectory, passthrough: dict[str, dict[str, Any
     tables = []
     for sid, status in sorted(run.read_statuses().items()):
         uri = storage.join(subject_dir(run.uri, sid), GENERATIONS)
-        if status.state == DONE and storage.exists(uri):
+        if status.state in RENDERED_STATES and storage.exists(uri):
             tables.append(pq.read_table(pa.BufferReader(storage.read_bytes(uri))))
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     table = with_withheld(table, withheld_ids(run.moderation, settings))

@@ -78,6 +78,8 @@ class SubjectStatus:
     worker: dict[str, Any] | None = None  # pid, node and GPU ids of the worker of the latest attempt
     # The evaluation pass's per-subject means (ray_jobs/evaluate.py): images, dino, clip_i, clip_t, pres, ...
     evaluation: dict[str, Any] | None = None
+    # The quality gate's record (ray_jobs/gate.py): bars, every attempt's params and scores, which one is kept
+    gate: dict[str, Any] | None = None
     updated_at: str | None = None
 
     @property
