@@ -123,6 +123,13 @@ class Settings(BaseModel):
     eval_gpus_per_actor: float = Field(1.0, ge=0)
     eval_cpus_per_actor: float | None = Field(None, ge=0)  # None: 1 where the cluster has it to spare, else 0
 
+    # Curation before training (`train` and `run`): a VLM pass over every instance photo finds the class noun (a
+    # photo with one instance found is cropped to it), screens it (a flagged photo is refused) and records why.
+    # Off by default for every base: it costs a VLM pass, and the random `tiny` VLM's boxes are noise
+    # (`--vlm-model tiny-prior` has learned the tiny world's shapes).
+    curate: bool = False
+    min_instance_images: int = Field(1, ge=1, le=64)  # usable photos a subject needs after curation, else it fails
+
     # What `run` delivers: images its moderation pass marks unsafe are withheld (kept, flagged, never deleted)
     withhold_unsafe: bool = True
     # When set, an image is unsafe when its moderation score (the probability of "unsafe") reaches this, whatever
@@ -197,7 +204,7 @@ EVAL_SETTINGS = frozenset(
      "eval_cpus_per_actor"}
 )
 LOOP_SETTINGS = frozenset(
-    {"withhold_unsafe", "moderation_threshold", "gate_min_dino", "gate_min_clip_t", "gate_retries"}
+    {"curate", "withhold_unsafe", "moderation_threshold", "gate_min_dino", "gate_min_clip_t", "gate_retries"}
 )
 RUN_ONLY_SETTINGS = frozenset(
     {"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet", "trackers"}
