@@ -10,7 +10,6 @@ import sys
 from dataclasses import dataclass, replace
 
 from engine.diffusion.base_model import resolve_base_model
-from engine.diffusion.subject import Subject
 from engine.hub import ModelError, fingerprint
 from engine.settings import Settings
 from engine.tracking import TrackingGroup, finish_group, start_group
@@ -20,7 +19,7 @@ from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler, worker_slots
 from ray_jobs.gate import run_quality_gate
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.passes.analyze import AnalyzeRequest, analyze
-from ray_jobs.passes.curate import CurationRequest, curate
+from ray_jobs.passes.curate import CurationRequest, curate_subjects
 from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
 from ray_jobs.passes.resources import ResourceShortfall
 from ray_jobs.progress import print_summary
@@ -82,9 +81,13 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
         extend=request.extend,
     )
     rejected = record_bad_rows(run, manifest)
-    subjects = curate_photos(run, manifest, request) if request.settings.curate and "train" in stages else None
+    subjects = manifest.subjects
+    if request.settings.curate and "train" in stages:  # the subjects to train, on their kept (cropped) photos
+        curation = CurationRequest(settings=request.settings, vlm_model=request.vlm_model, address=request.address,
+                                   verbose=request.verbose, show_progress=request.show_progress)  # fmt: skip
+        subjects = curate_subjects(run, subjects, curation, request.metrics)
     existing = run.read_statuses([s.subject_id for s in manifest.subjects])
-    plan = plan_fleet(subjects if subjects is not None else manifest.subjects, manifest.errors, existing, request.settings, fingerprint(base_path), stages)
+    plan = plan_fleet(subjects, manifest.errors, existing, request.settings, fingerprint(base_path), stages)
     if plan.subjects:
         connect(request.address, request.verbose)
         num_workers, gpus_per_job = worker_slots(
@@ -128,29 +131,6 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
     run.check_and_clean()
     succeeded = complete and not manifest.errors and moderated == evaluated == exit_status.OK
     return (exit_status.OK if succeeded else exit_status.SOME_FAILED), run
-
-
-def curate_photos(run: RunDirectory, manifest: SubjectsManifest, request: FleetRequest) -> list[Subject]:
-    """Curation before training (ray_jobs/passes/curate.py): the subjects to train, on their kept (cropped) photos.
-    A subject left with too few usable photos fails alone, unless it is trained already (its photos no longer
-    matter)."""
-    curation = CurationRequest(settings=request.settings, vlm_model=request.vlm_model, address=request.address,
-                               verbose=request.verbose, show_progress=request.show_progress)  # fmt: skip
-    curated = curate(run, manifest.subjects, curation, request.metrics)
-    subjects = list(curated.subjects)
-    for subject in manifest.subjects:
-        if subject.subject_id not in curated.failed:
-            continue
-        status = run.read_status(subject.subject_id) or SubjectStatus(subject.subject_id)
-        if status.is_trained:
-            subjects.append(subject)
-        else:
-            status.state, status.error = FAILED, curated.failed[subject.subject_id]
-            run.write_status(status)
-    if curated.failed:
-        print(f"curation: {len(curated.failed)} subject(s) left with too few usable photos: "
-              f"{', '.join(sorted(curated.failed))}")  # fmt: skip
-    return subjects
 
 
 def start_tracking(run_uri: str, trackers: list[str]) -> TrackingGroup | None:

@@ -2,8 +2,9 @@
 manifest (the analyze machinery: resumable, exactly once), then each photo's verdict (ray_jobs/state/curation.py)
 into RUN/curation.parquet and each kept photo's crop into its subject's folder, RUN/subjects/<id>/curated/.
 
-RUN/curation/ holds the passes' inputs (photos.parquet, photos-to-screen.parquet) and outputs (detect.parquet/, moderation.parquet/); a rerun
-answers only photos not yet answered, rewrites curation.parquet from them and writes only missing crops.
+RUN/curation/ holds the passes' inputs (photos.parquet, photos-to-screen.parquet) and outputs (detect.parquet/,
+moderation.parquet/); a rerun answers only photos not yet answered, rewrites curation.parquet from them and writes
+only missing crops.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from ray_jobs.state.curation import (
     usable_or_reason,
 )
 from ray_jobs.state.plan import subject_settings
-from ray_jobs.state.run_dir import RunDirectory, subject_dir
+from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, subject_dir
+from ray_jobs.state.states import FAILED
 
 CURATION = "curation.parquet"
 FOLDER = "curation"
@@ -117,3 +119,24 @@ def curate(run: RunDirectory, subjects: list[Subject], request: CurationRequest,
         kept_subjects.append(replace(subject, instance_images=tuple(images)))
     storage.write_parquet(storage.join(run.uri, CURATION), pa.Table.from_pylist(rows, schema=SCHEMA))
     return Curated(kept_subjects, failed)
+
+
+def curate_subjects(run: RunDirectory, subjects: list[Subject], request: CurationRequest,
+                    metrics=None) -> list[Subject]:  # fmt: skip
+    """Curate, then record: a subject left with too few usable photos fails alone (its status says why), unless it
+    is trained already (its photos no longer matter). Returns the subjects to plan, on their kept photos."""
+    curated = curate(run, subjects, request, metrics)
+    planned = list(curated.subjects)
+    for subject in subjects:
+        if subject.subject_id not in curated.failed:
+            continue
+        status = run.read_status(subject.subject_id) or SubjectStatus(subject.subject_id)
+        if status.is_trained:
+            planned.append(subject)
+        else:
+            status.state, status.error = FAILED, curated.failed[subject.subject_id]
+            run.write_status(status)
+    if curated.failed:
+        print(f"curation: {len(curated.failed)} subject(s) left with too few usable photos: "
+              f"{', '.join(sorted(curated.failed))}")  # fmt: skip
+    return planned

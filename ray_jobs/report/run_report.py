@@ -577,6 +577,29 @@ def attempt_summary(status: SubjectStatus) -> AttemptSummary:
     return AttemptSummary(rows, retries, failed_stage, failed_after)
 
 
+@dataclass(frozen=True)
+class PhotoCuration:
+    """An instance photo's row of RUN/curation.parquet: kept or refused, why, and the box it was cropped around."""
+
+    kept: bool
+    reason: str
+    box: Box | None
+
+    def overlay(self, picture: Picture) -> BoxOverlay | None:
+        if self.box is None or not self.box.drawable or picture.size is None:
+            return None
+        return BoxOverlay(*picture.size, [self.box])
+
+
+def _curation(run_uri: str, notes: list[str]) -> dict[tuple[str, str], PhotoCuration]:
+    """RUN/curation.parquet by (subject, photo URI); empty when the run was not curated."""
+    rows = _read_optional_table(storage.join(run_uri, "curation.parquet"),
+                                ["subject_id", "image", "kept", "reason", "box"], notes)  # fmt: skip
+    return {(r["subject_id"], r["image"]): PhotoCuration(bool(r["kept"]), r["reason"] or "",
+                                                         Box.of({**r["box"], "label": "crop"}) if r["box"] else None)
+            for r in rows}  # fmt: skip
+
+
 @dataclass
 class SubjectCard:
     status: SubjectStatus
@@ -586,6 +609,11 @@ class SubjectCard:
     loss: LossCurve | None
     scores: SubjectScores | None = None  # None: not evaluated
     flags: list[str] = field(default_factory=list)  # why its scores put it among the worst
+    curation: list[PhotoCuration | None] = field(default_factory=list)  # per instance image, when curated
+
+    @property
+    def instance_photos(self) -> list[tuple[Picture, PhotoCuration | None]]:
+        return list(zip(self.instance_images, self.curation or [None] * len(self.instance_images)))
 
     @functools.cached_property
     def attempts(self) -> AttemptSummary:
@@ -723,11 +751,13 @@ def write_run_report(run_uri: str, out: str | None = None, show_withheld: bool =
     with ThreadPoolExecutor(READ_THREADS) as pool:
         curves = list(pool.map(lambda s: _read_loss_curve(run.uri, s.subject_id), statuses))
     thumbs = ThumbnailStore(layout, record["settings"].get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    curation = _curation(run.uri, notes)
     cards = [
         SubjectCard(
             status=status,
             page=1 + index // SUBJECTS_PER_PAGE,
-            instance_images=[thumbs.for_uri(uri) for uri in instance.get(status.subject_id, ())],
+            instance_images=[thumbs.for_uri(uri, sized=bool(curation)) for uri in instance.get(status.subject_id, ())],
+            curation=[curation.get((status.subject_id, uri)) for uri in instance.get(status.subject_id, ())],
             prompts=_prompt_groups(generations.get(status.subject_id, []), verdicts, image_scores, thumbs),
             loss=curve,
             scores=SubjectScores.of(status.evaluation),

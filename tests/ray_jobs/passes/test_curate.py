@@ -50,6 +50,13 @@ def test_curation_refuses_names_crops_and_fails_only_the_subject_left_short(ray_
             width, height = Image.open(crop).size
             assert width == height <= min(Image.open(verdict["image"]).size)
 
+    # The report shows every photo's verdict, and the box a kept photo was cropped around.
+    assert main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    assert html.count('class="curation safe"') == 6 and html.count('class="curation error"') == 2
+    assert html.count("refused: unusable:") == 2
+    assert html.count('<g class="box">') == sum(v["box"] is not None for v in verdicts)
+
     # The same command again: no photo answered twice, no crop rewritten, the same verdicts.
     answers = [p for p in (run / "curation").rglob("*.parquet") if p.is_file() and not p.name.startswith("photos")]
     stamps = {p: p.stat().st_mtime_ns for p in [*answers, *run.rglob("curated/*.png")]}

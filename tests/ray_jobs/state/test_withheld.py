@@ -8,7 +8,13 @@ import pytest
 
 from engine import storage
 from engine.settings import load_settings
-from ray_jobs.state.generations import RUN_SCHEMA, SCHEMA, assemble_generations, mark_withheld, write_subject_generations
+from ray_jobs.state.generations import (
+    RUN_SCHEMA,
+    SCHEMA,
+    assemble_generations,
+    mark_withheld,
+    write_subject_generations,
+)
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, subject_dir
 from ray_jobs.state.withheld import count_withheld, delivered, is_unsafe, withheld_ids
 
@@ -32,7 +38,8 @@ def test_a_verdict_is_the_models_or_the_threshold_s(safe, score, error, threshol
 def _moderation(run: RunDirectory, verdicts: dict[str, tuple[bool, float]]) -> None:
     """A moderation pass output as the pass writes it: part files in a folder."""
     table = pa.table({"id": list(verdicts), "safe": [v[0] for v in verdicts.values()],
-                      "score": [v[1] for v in verdicts.values()], "error": pa.nulls(len(verdicts), pa.string())})  # fmt: skip
+                      "score": [v[1] for v in verdicts.values()],
+                      "error": pa.nulls(len(verdicts), pa.string())})  # fmt: skip
     storage.write_parquet(storage.join(run.moderation, "part-0.parquet"), table)
 
 
