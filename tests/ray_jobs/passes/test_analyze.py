@@ -291,7 +291,7 @@ def test_a_cluster_left_with_one_cpu_runs_the_pass_or_says_why_not_at_once(tmp_p
     script = tmp_path / "shrunken.py"
     script.write_text(SHRUNKEN_CLUSTER)
     done = subprocess.run([sys.executable, str(script), manifest, str(tmp_path / "out")], capture_output=True,
-                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[3])  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     explicit, chosen = json.loads(done.stdout.strip().splitlines()[-1])
     assert explicit["code"] == 2 and explicit["seconds"] < 60
@@ -338,7 +338,7 @@ def test_a_new_driver_prints_dreamfleets_own_lines_and_none_of_rays(tmp_path):
 
     rows, _ = _rows(tmp_path / "images")
     manifest = _write(tmp_path / "images.parquet", [r for r in rows if r["id"] in ("png", "jpeg")])
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     done = subprocess.run([sys.executable, "-m", "ray_jobs", "analyze", manifest, "--task", "ocr", "--out",
                            str(tmp_path / "ocr.parquet")], capture_output=True, text=True, timeout=600, cwd=repo)  # fmt: skip
     console = done.stdout + done.stderr
