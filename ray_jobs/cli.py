@@ -117,17 +117,27 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if s.state == FAILED]  # fmt: skip
     failures += [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in run.read_rejected_rows()]
     print_summary(summarize(statuses), failures)
+    print_withheld(run)
     print_evaluation({sid: s.evaluation for sid, s in statuses.items() if s.evaluation})
     return exit_status.OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     try:
-        print(write_report(args.path, args.out, args.pdf_dpi))
+        print(write_report(args.path, args.out, args.pdf_dpi, args.show_withheld))
     except (ReportError, NotARunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_status.NOT_RUN
     return exit_status.OK
+
+
+def print_withheld(run) -> None:
+    """How many generated images are withheld as unsafe (their files stay in RUN), once there are generations."""
+    from engine import storage
+    from ray_jobs.state.withheld import count_withheld
+
+    if storage.exists(run.generations):
+        print(f"images withheld (marked unsafe by moderation, kept in RUN): {count_withheld(run.generations)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -271,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="the report's HTML file (default: RUN/report.html, OUTPUT.report.html)")
     report.add_argument("--pdf-dpi", type=_dpi, default=PDF_DPI,
                         help=f"the pass's pdf_dpi, which its boxes on PDF pages are in pixels of (default {PDF_DPI:g})")
+    report.add_argument("--show-withheld", action="store_true",
+                        help="a run's report also shows the images withheld as unsafe (marked so); default: counted only")
     report.set_defaults(handler=cmd_report)
 
     status = commands.add_parser("status", help="per-state counts and failed subjects, read from RUN alone")

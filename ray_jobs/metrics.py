@@ -74,6 +74,10 @@ class RunMetrics:
                                             buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
         self.eval_scores = Histogram("dreamfleet_eval_score", "Per-image DINO / CLIP-I / CLIP-T of generated images",
                                      ["score"], buckets=SCORE_BUCKETS, registry=r)  # fmt: skip
+        # A level, not a count of events: another moderation_threshold on the same RUN can deliver images again
+        self.images_withheld = Gauge("dreamfleet_images_withheld",
+                                     "Generated images of the run withheld as unsafe (kept in RUN, not delivered)",
+                                     registry=r)  # fmt: skip
         self.pack_slots = Gauge("dreamfleet_pack_slots", "Training pack slots of the live workers: used and total",
                                 ["slots"], registry=r)  # fmt: skip
         self.gpu_memory = Gauge("dreamfleet_worker_peak_gpu_memory_bytes",
@@ -184,5 +188,5 @@ EXPORTED_NAMES = (
     "dreamfleet_images_generated_total", "dreamfleet_generation_image_seconds", "dreamfleet_vlm_rows_total",
     "dreamfleet_vlm_batch_seconds", "dreamfleet_vlm_output_tokens_total", "dreamfleet_vlm_rows_left",
     "dreamfleet_worker_peak_gpu_memory_bytes", "dreamfleet_pack_slots", "dreamfleet_eval_images_total",
-    "dreamfleet_eval_batch_seconds", "dreamfleet_eval_score",
+    "dreamfleet_eval_batch_seconds", "dreamfleet_eval_score", "dreamfleet_images_withheld",
 )  # fmt: skip

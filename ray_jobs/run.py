@@ -7,7 +7,7 @@ and an evaluation pass over everything generated.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.diffusion.base_model import resolve_base_model
@@ -18,17 +18,20 @@ from engine.tracking import TrackingGroup, finish_group, start_group
 from ray_jobs import exit_status
 from ray_jobs.cluster import connect
 from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler, worker_slots
+from ray_jobs.gate import run_quality_gate
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.passes.analyze import AnalyzeRequest, analyze
+from ray_jobs.passes.curate import CurationRequest, curate_subjects
 from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
 from ray_jobs.passes.resources import ResourceShortfall
 from ray_jobs.progress import print_summary
-from ray_jobs.state.generations import assemble_generations
+from ray_jobs.state.generations import assemble_generations, mark_withheld
 from ray_jobs.state.lease import Lease
 from ray_jobs.state.manifest import SubjectsManifest, read_subjects_manifest
 from ray_jobs.state.plan import plan_fleet, row_has_own_folder
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
-from ray_jobs.state.states import DONE, FAILED, FINAL_STATE
+from ray_jobs.state.states import BELOW_GATE, FAILED, FINAL_STATE, RENDERED_STATES
+from ray_jobs.state.withheld import WITHHELD, count_withheld
 
 
 @dataclass
@@ -101,8 +104,13 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
         extend=request.extend,
     )
     rejected = record_bad_rows(run, manifest)
+    subjects = manifest.subjects
+    if request.settings.curate and "train" in stages:  # the subjects to train, on their kept (cropped) photos
+        curation = CurationRequest(settings=request.settings, vlm_model=request.vlm_model, address=request.address,
+                                   verbose=request.verbose, show_progress=request.show_progress)  # fmt: skip
+        subjects = curate_subjects(run, subjects, curation, request.metrics)
     existing = run.read_statuses([s.subject_id for s in manifest.subjects])
-    plan = plan_fleet(manifest.subjects, manifest.errors, existing, request.settings, fingerprint(base_path), stages)
+    plan = plan_fleet(subjects, manifest.errors, existing, request.settings, fingerprint(base_path), stages)
     record_prompt_warnings(run, manifest, plan.statuses, base_path)
     if plan.subjects:
         connect(request.address, request.verbose, request.lease)
@@ -129,7 +137,7 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
                 print(f"warning: experiment tracking: {error}", file=sys.stderr)
     statuses = {**plan.statuses, **run.read_statuses()}  # planned subjects may have no status file yet
     if "generate" in stages:
-        assemble_generations(run, manifest.passthrough)
+        assemble_generations(run, manifest.passthrough, request.settings)
     counts = summarize(statuses)
     run.finish(counts)
     failures = [(s.subject_id, s.error or "") for s in statuses.values() if s.state == FAILED] + rejected
@@ -137,9 +145,13 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
                  for sid in plan.not_trained if statuses[sid].state != FAILED]  # fmt: skip
     print_summary(counts, failures)
     final = FINAL_STATE[stages[-1]]
-    complete = all(statuses[s.subject_id].state in (final, DONE) for s in manifest.subjects)
+    complete = all(statuses[s.subject_id].state in (final, *RENDERED_STATES) for s in manifest.subjects)
     moderated = moderate_generations(run, request) if "moderate" in stages else exit_status.OK
+    if "moderate" in stages:
+        withhold_unsafe(run, request)
     evaluated = evaluate_generations(run, request) if "evaluate" in stages else exit_status.OK
+    if "evaluate" in stages:
+        gate_subjects(run, manifest, request)
     run.check_and_clean()
     succeeded = complete and not manifest.errors and moderated == evaluated == exit_status.OK
     return (exit_status.OK if succeeded else exit_status.SOME_FAILED), run
@@ -159,7 +171,7 @@ def start_tracking(run_uri: str, trackers: list[str]) -> TrackingGroup | None:
 def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The moderation pass of `dreamfleet run`: RUN/generations.parquet → RUN/moderation.parquet, resumable."""
     analysis = AnalyzeRequest(
-        input=run.generations, task="moderate", out=run.moderation,
+        input=run.generations, task="moderate", out=run.moderation, leave_out=(WITHHELD.name,),
         settings=request.settings, vlm_model=request.vlm_model, address=request.address, verbose=request.verbose,
         lease=request.lease,
     )  # fmt: skip
@@ -168,6 +180,40 @@ def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
     except ResourceShortfall as err:  # training and generation stand; the same command moderates once it can
         print(f"error: moderation pass: {err}", file=sys.stderr)
         return exit_status.SOME_FAILED
+
+
+def withhold_unsafe(run: RunDirectory, request: FleetRequest) -> None:
+    """After the moderation pass: the images it marked unsafe are withheld (`withheld` in RUN/generations.parquet),
+    said on the console and in the metrics; their files stay where they are."""
+    withheld = mark_withheld(run, request.settings)
+    if request.metrics is not None:
+        request.metrics.images_withheld.set(withheld)
+    if withheld:
+        print(f"withheld: {withheld} generated image(s) the moderation pass marked unsafe (kept in RUN, "
+              "`withheld` in generations.parquet; `dreamfleet report --show-withheld` shows them)")
+
+
+def gate_subjects(run: RunDirectory, manifest: SubjectsManifest, request: FleetRequest) -> None:
+    """The quality gate after evaluation (ray_jobs/gate.py): each retrain round is a `run` of its own under
+    RUN/gate/; the subjects still under the gate end `below_gate`, which leaves the exit status as it is."""
+
+    def run_attempt(manifest_uri: str, out: str, settings: Settings) -> None:
+        # --extend: a later invocation may gate other subjects into the same round's folder
+        attempt = replace(request, manifest=manifest_uri, out=out, settings=settings, extend=True, command="run")
+        run_manifest(attempt, ("train", "generate", "moderate", "evaluate"))
+
+    judged = run_quality_gate(run, manifest.subjects, request.manifest, request.settings, run_attempt)
+    if not judged:
+        return
+    counts = summarize(run.read_statuses())
+    run.finish(counts)
+    if request.metrics is not None:  # the rounds' own runs set these for their subjects: RUN's figures again
+        for state, count in counts.items():
+            request.metrics.subjects.labels(state).set(count)
+        request.metrics.images_withheld.set(count_withheld(run.generations))
+    below = sorted(sid for sid, state in judged.items() if state == BELOW_GATE)
+    print(f"quality gate: {len(judged) - len(below)} of {len(judged)} subject(s) under the gate passed after "
+          f"retraining; below_gate (not a failure): {', '.join(below) or 'none'}")
 
 
 def evaluate_generations(run: RunDirectory, request: FleetRequest) -> int:

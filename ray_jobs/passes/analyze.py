@@ -61,6 +61,8 @@ class AnalyzeRequest:
     verbose: bool = False
     show_progress: bool = True
     lease: Lease | None = None  # the driver's lease on OUT (or on the RUN holding it): fences the pass's commits
+    # Input columns not carried into the output: `run`'s moderation pass leaves out `withheld`, which it decides
+    leave_out: tuple[str, ...] = ()
 
     def task_args(self) -> dict[str, Any]:
         return {"name": self.task, "schema_file": self.schema_file, "policy_file": self.policy_file,
@@ -265,7 +267,8 @@ def analyze(request: AnalyzeRequest, metrics=None) -> int:
     task_args = request.task_args()
     task = make_task(settings=request.settings, **task_args)  # bad schema or policy files fail here, before Ray
     task.check_input(images.schema.names)
-    schema = output_schema(images.schema, task)
+    kept = [f for f in images.schema if f.name not in request.leave_out]
+    schema = output_schema(pa.schema(kept, metadata=images.schema.metadata), task)
     output = PassOutput(request.out, request.lease)
     output.prepare()
     if not output.holds_every_id(images):  # a finished pass needs no cluster to learn that nothing is left

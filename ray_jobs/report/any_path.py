@@ -11,11 +11,12 @@ from ray_jobs.report.thumbnails import PDF_DPI
 from ray_jobs.state.run_dir import RunDirectory
 
 
-def write_report(uri: str, out: str | None = None, pdf_dpi: float = PDF_DPI) -> str:
+def write_report(uri: str, out: str | None = None, pdf_dpi: float = PDF_DPI, show_withheld: bool = False) -> str:
     """The report of whatever `uri` is: a run directory (it has run.json), a pass output (a folder of Parquet part
-    files) or a Parquet file; its URI. `pdf_dpi`: a pass output's (see write_table_report)."""
+    files) or a Parquet file; its URI. `pdf_dpi`: a pass output's (see write_table_report); `show_withheld`: a run's
+    (see write_run_report)."""
     if storage.exists(RunDirectory(uri).run_json):
-        return write_run_report(uri, out)
+        return write_run_report(uri, out, show_withheld)
     fs, path = storage.filesystem(uri)
     try:
         if fs.isdir(path):

@@ -28,8 +28,9 @@ from ray_jobs.report.pages import (
     report_path_for,
     write_page,
 )
+from ray_jobs.report.table_report import Box, BoxOverlay
 from ray_jobs.report.thumbnails import Picture, ThumbnailStore
-from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
+from ray_jobs.state.generations import RUN_SCHEMA
 from ray_jobs.state.manifest import subjects_of_run
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
 from ray_jobs.state.states import FAILED
@@ -164,6 +165,7 @@ class GeneratedImage:
     picture: Picture
     verdict: Verdict | None  # None: not moderated
     scores: EvaluationRow | None = None  # None: not evaluated
+    withheld: bool = False  # shown only when the report is asked to show withheld images
 
 
 @dataclass
@@ -191,6 +193,29 @@ class LossCurve:
     height: int = LOSS_HEIGHT
 
 
+@dataclass(frozen=True)
+class PhotoCuration:
+    """An instance photo's row of RUN/curation.parquet: kept or refused, why, and the box it was cropped around."""
+
+    kept: bool
+    reason: str
+    box: Box | None
+
+    def overlay(self, picture: Picture) -> BoxOverlay | None:
+        if self.box is None or not self.box.drawable or picture.size is None:
+            return None
+        return BoxOverlay(*picture.size, [self.box])
+
+
+def _curation(run_uri: str, notes: list[str]) -> dict[tuple[str, str], PhotoCuration]:
+    """RUN/curation.parquet by (subject, photo URI); empty when the run was not curated."""
+    rows = _read_optional_table(RunDirectory(run_uri).curation,
+                                ["subject_id", "image", "kept", "reason", "box"], notes)  # fmt: skip
+    return {(r["subject_id"], r["image"]): PhotoCuration(bool(r["kept"]), r["reason"] or "",
+                                                         Box.of({**r["box"], "label": "crop"}) if r["box"] else None)
+            for r in rows}  # fmt: skip
+
+
 @dataclass
 class SubjectCard:
     status: SubjectStatus
@@ -200,6 +225,11 @@ class SubjectCard:
     loss: LossCurve | None
     scores: SubjectScores | None = None  # None: not evaluated
     flags: list[str] = field(default_factory=list)  # why its scores put it among the worst
+    curation: list[PhotoCuration | None] = field(default_factory=list)  # per instance image, when curated
+
+    @property
+    def instance_photos(self) -> list[tuple[Picture, PhotoCuration | None]]:
+        return list(zip(self.instance_images, self.curation or [None] * len(self.instance_images)))
 
     @functools.cached_property
     def attempts(self) -> AttemptSummary:
@@ -286,7 +316,8 @@ def _prompt_groups(
         group = groups.setdefault(key, PromptGroup(*key))
         row_id = row.get("id")
         picture = thumbs.for_uri(row["image"])
-        group.images.append(GeneratedImage(row_id, row.get("seed"), picture, verdicts.get(row_id), scores.get(row_id)))
+        group.images.append(GeneratedImage(row_id, row.get("seed"), picture, verdicts.get(row_id), scores.get(row_id),
+                                           bool(row.get("withheld"))))  # fmt: skip
     return list(groups.values())
 
 
@@ -315,8 +346,9 @@ def _wall_time(record: dict[str, Any]) -> str | None:
     return str(datetime.timedelta(seconds=round((ended - started).total_seconds())))
 
 
-def write_run_report(run_uri: str, out: str | None = None) -> str:
-    """Write the report of the run directory `run_uri` (default RUN/report.html, more pages beside it); its URI."""
+def write_run_report(run_uri: str, out: str | None = None, show_withheld: bool = False) -> str:
+    """Write the report of the run directory `run_uri` (default RUN/report.html, more pages beside it); its URI.
+    Images withheld as unsafe are counted but left out of the galleries unless `show_withheld`."""
     run = RunDirectory(run_uri)
     record = run.require_run()
     layout = ReportLayout(canonical_uri(out or report_path_for(run.uri)))
@@ -326,16 +358,21 @@ def write_run_report(run_uri: str, out: str | None = None) -> str:
     verdicts = _verdicts(run.uri, notes)
     evaluation_rows = _evaluation_rows(run.uri, notes)
     generations = defaultdict(list)
-    for row in _read_optional_table(run.generations, GENERATIONS_SCHEMA.names, notes):  # the manifest's extras left out
-        generations[row["subject_id"]].append(row)
+    withheld = 0
+    for row in _read_optional_table(run.generations, RUN_SCHEMA.names, notes):  # the manifest's extras left out
+        withheld += bool(row.get("withheld"))
+        if show_withheld or not row.get("withheld"):
+            generations[row["subject_id"]].append(row)
     with ThreadPoolExecutor(READ_THREADS) as pool:
         curves = list(pool.map(lambda s: _read_loss_curve(run.uri, s.subject_id), statuses))
     thumbs = ThumbnailStore(layout, record["settings"].get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    curation = _curation(run.uri, notes)
     cards = [
         SubjectCard(
             status=status,
             page=1 + index // SUBJECTS_PER_PAGE,
-            instance_images=[thumbs.for_uri(uri) for uri in instance.get(status.subject_id, ())],
+            instance_images=[thumbs.for_uri(uri, sized=bool(curation)) for uri in instance.get(status.subject_id, ())],
+            curation=[curation.get((status.subject_id, uri)) for uri in instance.get(status.subject_id, ())],
             prompts=_prompt_groups(generations.get(status.subject_id, []), verdicts, evaluation_rows, thumbs),
             loss=curve,
             scores=SubjectScores.of(status.evaluation),
@@ -343,7 +380,7 @@ def write_run_report(run_uri: str, out: str | None = None) -> str:
         for index, (status, curve) in enumerate(zip(statuses, curves))
     ]
     thumbs.make_pending()
-    _write_run_pages(layout, run, record, cards, notes)
+    _write_run_pages(layout, run, record, cards, notes, {"withheld": withheld, "withheld_shown": show_withheld})
     return out or report_path_for(run.uri)
 
 
@@ -353,6 +390,7 @@ def _write_run_pages(
     record: dict[str, Any],
     cards: list[SubjectCard],
     notes: list[str],
+    withholding: dict[str, Any],
 ) -> None:
     pages = max(1, math.ceil(len(cards) / SUBJECTS_PER_PAGE))
     bars = _flag_low_scores(cards)
@@ -368,6 +406,7 @@ def _write_run_pages(
         "moderation_errors": sum(i.verdict is not None and i.verdict.css == "error" for i in images),
         "evaluated": len(ranked),
         "low_scores": sum(bool(c.flags) for c in ranked),
+        **withholding,
     }
     context = {
         "run_uri": run.uri,

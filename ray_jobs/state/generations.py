@@ -2,6 +2,7 @@
 
 A subject's file is written whole, once its images all exist; the run's file is rebuilt from the subjects' files
 at the end of every invocation. So a retried subject or a rerun can never duplicate a row or leave a partial one.
+The run's table adds `withheld` (ray_jobs/state/withheld.py), decided from the moderation pass's verdicts so far.
 """
 
 from __future__ import annotations
@@ -13,25 +14,41 @@ import pyarrow.parquet as pq
 
 from engine import storage
 from engine.diffusion.generation import ROW_SCHEMA as SCHEMA
+from engine.settings import Settings
 from ray_jobs.state.run_dir import GENERATIONS, RunDirectory, subject_dir
-from ray_jobs.state.states import DONE
+from ray_jobs.state.states import RENDERED_STATES
+from ray_jobs.state.withheld import WITHHELD, with_withheld, withheld_ids
+
+RUN_SCHEMA = SCHEMA.append(WITHHELD)  # RUN/generations.parquet, before the manifest's pass-through columns
 
 
 def write_subject_generations(folder: str, rows: list[dict[str, Any]]) -> None:
     storage.write_parquet(storage.join(folder, GENERATIONS), pa.Table.from_pylist(rows, schema=SCHEMA))
 
 
-def assemble_generations(run: RunDirectory, passthrough: dict[str, dict[str, Any]]) -> int:
-    """Rebuild RUN/generations.parquet from every done subject's rows, plus the manifest's extra columns."""
+def assemble_generations(run: RunDirectory, passthrough: dict[str, dict[str, Any]], settings: Settings) -> int:
+    """Rebuild RUN/generations.parquet from every done subject's rows, `withheld` as the moderation pass's verdicts
+    so far decide it, plus the manifest's extra columns."""
     tables = []
     for sid, status in sorted(run.read_statuses().items()):
         uri = storage.join(subject_dir(run.uri, sid), GENERATIONS)
-        if status.state == DONE and storage.exists(uri):
+        if status.state in RENDERED_STATES and storage.exists(uri):
             tables.append(pq.read_table(pa.BufferReader(storage.read_bytes(uri))))
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    extra_columns = sorted({c for values in passthrough.values() for c in values} - set(SCHEMA.names))
+    table = with_withheld(table, withheld_ids(run.moderation, settings))
+    extra_columns = sorted({c for values in passthrough.values() for c in values} - set(RUN_SCHEMA.names))
     ids = table.column("subject_id").to_pylist()
     for column in extra_columns:
         table = table.append_column(column, pa.array([passthrough.get(i, {}).get(column) for i in ids]))
     storage.write_parquet(run.generations, table)
     return table.num_rows
+
+
+def mark_withheld(run: RunDirectory, settings: Settings) -> int:
+    """After a moderation pass: RUN/generations.parquet's `withheld` decided again from every verdict; the count."""
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(run.generations)))
+    withheld = withheld_ids(run.moderation, settings)
+    columns = table.column_names
+    table = with_withheld(table, withheld)
+    storage.write_parquet(run.generations, table.select(columns if WITHHELD.name in columns else table.column_names))
+    return sum(table.column(WITHHELD.name).to_pylist())

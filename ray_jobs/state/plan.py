@@ -14,7 +14,7 @@ from engine.diffusion.subject import SUBJECT_ID_PATTERN, Subject
 from engine.settings import Settings
 from ray_jobs.state.manifest import RowError
 from ray_jobs.state.run_dir import SubjectStatus
-from ray_jobs.state.states import DONE, STAGES
+from ray_jobs.state.states import RENDERED_STATES, STAGES
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def plan_fleet(
         trained = status.is_trained
         todo = tuple(
             stage for stage in stages if stage in STAGES
-            if (stage == "train" and not trained) or (stage == "generate" and status.state != DONE)
+            if (stage == "train" and not trained) or (stage == "generate" and status.state not in RENDERED_STATES)
         )  # fmt: skip
         if not todo:
             finished.append(subject.subject_id)

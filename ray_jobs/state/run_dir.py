@@ -34,6 +34,7 @@ REJECTED_ROWS = "rejected_rows.json"
 GENERATIONS = "generations.parquet"  # the run's table, and each subject's own rows in its folder
 MODERATION = "moderation.parquet"  # a pass output: a folder of part files
 EVALUATION = "evaluation.parquet"  # a pass output: a folder of part files
+CURATION = "curation.parquet"  # one row per instance photo, when `curate` is on
 REPORT = "report.html"
 STATUS_READ_THREADS = 32  # reading statuses is storage round trips; overlap them on object stores
 
@@ -82,6 +83,8 @@ class SubjectStatus:
     worker: dict[str, Any] | None = None  # pid, node and GPU ids of the worker of the latest attempt
     # The evaluation pass's per-subject means (ray_jobs/evaluate.py): images, dino, clip_i, clip_t, pres, ...
     evaluation: dict[str, Any] | None = None
+    # The quality gate's record (ray_jobs/gate.py): bars, every attempt's params and scores, which one is kept
+    gate: dict[str, Any] | None = None
     updated_at: str | None = None
 
     @property
@@ -125,6 +128,10 @@ class RunDirectory:
     @property
     def evaluation(self) -> str:
         return storage.join(self.uri, EVALUATION)
+
+    @property
+    def curation(self) -> str:
+        return storage.join(self.uri, CURATION)
 
     @property
     def report(self) -> str:

@@ -13,10 +13,15 @@ TRAINING = "training"  # a worker trains it now, or its driver was killed while 
 TRAINED = "trained"  # its weights are in RUN; images not (all) rendered
 GENERATING = "generating"  # a worker renders it now, or its driver was killed while one did
 DONE = "done"  # trained and every image rendered
+# Done, but its evaluation means are still under the quality gate (gate_min_dino, gate_min_clip_t) after its retrains
+# (gate_retries): its best attempt is kept and named in status.json's `gate`. Not a failure: the exit status is as
+# for `done`.
+BELOW_GATE = "below_gate"
 FAILED = "failed"  # its attempts are used up, or its input can never work; the error says why
 
-STATES = (PENDING, TRAINING, TRAINED, GENERATING, DONE, FAILED)
-TRAINED_STATES = frozenset({TRAINED, GENERATING, DONE})  # weights in RUN: a rerun does not retrain
+STATES = (PENDING, TRAINING, TRAINED, GENERATING, DONE, BELOW_GATE, FAILED)
+TRAINED_STATES = frozenset({TRAINED, GENERATING, DONE, BELOW_GATE})  # weights in RUN: a rerun does not retrain
+RENDERED_STATES = frozenset({DONE, BELOW_GATE})  # every image rendered: a rerun renders nothing
 RUNNING_STATES = frozenset({TRAINING, GENERATING})  # only while a driver works on the subject
 
 

@@ -31,6 +31,7 @@ OTHER_NAME = re.compile(r"\b(?:push|ray)_[a-z_]+")
 
 PANEL_TITLES = {
     "Fleet progress",
+    "Images withheld",
     "ETA",
     "Throughput per stage",
     "Training step time p50 / p95",

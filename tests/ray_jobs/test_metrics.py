@@ -116,7 +116,8 @@ def test_prometheus_scrapes_the_run_and_the_pushgateway_keeps_its_final_values(r
     assert result["code"] == 0
 
     # After it exits, the final values sit in the Pushgateway, and Prometheus scrapes them from there.
-    images = pq.read_table(Path(run) / "generations.parquet").num_rows
+    generations = pq.read_table(Path(run) / "generations.parquet")
+    images = generations.num_rows
     final = {
         'dreamfleet_subjects{job="dreamfleet", state="done"}': 2,
         'dreamfleet_images_generated_total{job="dreamfleet"}': images,
@@ -127,6 +128,8 @@ def test_prometheus_scrapes_the_run_and_the_pushgateway_keeps_its_final_values(r
         'dreamfleet_eval_images_total{job="dreamfleet", outcome="ok"}': images,  # the evaluation pass
         'dreamfleet_eval_score_count{job="dreamfleet", score="clip_t"}': images,
         'dreamfleet_training_step_seconds_count{job="dreamfleet"}': 2 * STEPS,
+        # the tiny VLM's verdicts are its own: the gauge says as many as the run's table withholds
+        'dreamfleet_images_withheld{job="dreamfleet"}': sum(generations.column("withheld").to_pylist()),
     }
     for promql, expected in final.items():
         assert _value(servers["prometheus"], promql) == expected, promql
