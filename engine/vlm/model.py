@@ -18,6 +18,7 @@ from PIL import Image
 from engine.library_logging import quiet_libraries
 from engine.diffusion.base_model import resolve_transformers_model
 from engine.settings import Settings
+from engine.vlm.constrained import Grammar, GrammarCompiler
 from engine.media.video import Video
 
 THINK_END = "</think>"
@@ -31,6 +32,7 @@ class VLMOutput:
     reasoning: str | None  # None unless a Thinking model reasoned
     num_output_tokens: int  # reasoning and answer tokens together
     first_answer_logits: torch.Tensor | None  # raw logits at the answer's first position (for verdict scores)
+    error: str | None = None  # why this row alone got no answer (the vLLM engine answers the others)
 
 
 def resolve_vlm(name: str, cache_dir: Path | None = None) -> Path:
@@ -79,6 +81,7 @@ class VLM:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[-1]
         self.think_end_id = tokenizer.convert_tokens_to_ids(THINK_END) if THINK_END in tokenizer.get_vocab() else None
         self.thinks = self.chat_prompt("x").rstrip().endswith("<think>")
+        self._grammars: GrammarCompiler | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -120,6 +123,22 @@ class VLM:
             end = next((i for i, t in enumerate(row) if t in stops), len(row))
             rows.append(row[:end])
         return rows
+
+    def generate_constrained(
+        self,
+        images: Sequence[Visual],
+        instructions: str | Sequence[str],
+        grammars: Sequence[Grammar | None] | None = None,
+        want_first_logits: bool = False,
+    ) -> list[VLMOutput]:
+        """generate() with the answers' grammars (one per row, all or none), compiled once each for this model: the
+        call both engines answer alike (engine/vlm/vllm_engine.py)."""
+        processor = None
+        if grammars is not None and grammars[0] is not None:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.processor.tokenizer, self.vocab_size)
+            processor = self._grammars.processor_factory(list(grammars))
+        return self.generate(images, instructions, processor, want_first_logits)
 
     def generate(
         self,
