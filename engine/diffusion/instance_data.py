@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.media.images import read_image, resize_and_crop
 from engine.diffusion.base_model import BaseModel
+from engine.media.images import read_image, resize_and_crop
 from engine.settings import Settings
 
 
