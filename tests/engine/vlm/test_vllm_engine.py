@@ -18,7 +18,8 @@ from PIL import Image
 from engine.media.video import Video
 from engine.settings import load_settings
 from engine.vlm.model import VLM
-from engine.vlm.tasks import TASKS, RowRequest, make_task
+from engine.vlm.tasks import TASKS, make_task
+from engine.vlm.tasks.base import RowRequest
 
 pytestmark = pytest.mark.vllm
 
@@ -44,21 +45,27 @@ def small_kv_cache():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def engines():
-    """One vLLM engine per tiny model for the session (each start costs tens of seconds), made on first use."""
+    """The vLLM engine of a tiny model, kept until a test asks for another (each start costs tens of seconds; two
+    engines' processes at once are more memory than a shared 2-core box spares). The tests run in model order."""
     import vllm  # noqa: F401  (a missing vLLM fails here, never skips)
 
     from engine.vlm.vllm_engine import VLLMEngine
 
-    made: dict[str, VLLMEngine] = {}
+    held: dict[str, VLLMEngine] = {}
 
     def get(name: str) -> VLLMEngine:
-        if name not in made:
-            made[name] = VLLMEngine(name, vllm_settings())
-        return made[name]
+        if name not in held:
+            for engine in held.values():
+                engine.close()
+            held.clear()
+            held[name] = VLLMEngine(name, vllm_settings())
+        return held[name]
 
-    return get
+    yield get
+    for engine in held.values():
+        engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +91,35 @@ def _ask(engine, task, visuals):
     outputs = engine.generate_constrained(shown, [task.instruction(r) for r in requests],
                                           grammars if grammars[0] is not None else None, task.wants_first_logits)
     return requests, outputs
+
+
+def test_structured_outputs_keep_extraction_and_detection_in_their_grammar(engines, visuals, tmp_path):
+    engine = engines("tiny")
+    for name in ("extract", "detect", "moderate"):
+        task = _task(name, tmp_path)
+        requests, outputs = _ask(engine, task, visuals)
+        for request, output in zip(requests, outputs):
+            task.parse(output, request)  # raises on an answer outside the grammar or an unclosed JSON
+
+
+def test_a_row_vllm_refuses_gets_its_error_and_the_others_their_answers(engines, visuals):
+    engine = engines("tiny")
+    too_long = "describe " * 5000  # past max_model_len: vLLM refuses the request
+    outputs = engine.generate_constrained(visuals[:3], ["Describe it.", too_long, "Read it."])
+    assert [o.error is None for o in outputs] == [True, False, True]
+    assert "longer than" in outputs[1].error or "max_model_len" in outputs[1].error or "length" in outputs[1].error
+    assert outputs[0].answer and outputs[2].answer
+
+
+def test_pixel_budgets_reach_vllms_processor(engines):
+    """A 256 px square is 64 visual tokens at the tiny processor's own budget; the settings' 128 × 128 px make it 16."""
+    engine = engines("tiny")
+    counts = {}
+    for side in (64, 256):
+        request = engine._request(engine.chat_prompt("x"), Image.new("RGB", (side, side), "white"))
+        out = engine.llm.generate([request], engine._params(1, engine.eos_ids), use_tqdm=False)
+        counts[side] = out[0].prompt_token_ids.count(engine.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    assert counts == {64: 4, 256: engine.settings.vlm_max_pixels // (32 * 32)} == {64: 4, 256: 16}
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -117,39 +153,10 @@ def test_vllm_answers_as_transformers_does_for_every_task(model, engines, visual
     assert equal >= MIN_EQUAL_SHARE * total, f"{model}: only {equal}/{total} answers equal"
 
 
-def test_structured_outputs_keep_extraction_and_detection_in_their_grammar(engines, visuals, tmp_path):
-    engine = engines("tiny")
-    for name in ("extract", "detect", "moderate"):
-        task = _task(name, tmp_path)
-        requests, outputs = _ask(engine, task, visuals)
-        for request, output in zip(requests, outputs):
-            task.parse(output, request)  # raises on an answer outside the grammar or an unclosed JSON
-
-
-def test_a_row_vllm_refuses_gets_its_error_and_the_others_their_answers(engines, visuals):
-    engine = engines("tiny")
-    too_long = "describe " * 5000  # past max_model_len: vLLM refuses the request
-    outputs = engine.generate_constrained(visuals[:3], ["Describe it.", too_long, "Read it."])
-    assert [o.error is None for o in outputs] == [True, False, True]
-    assert "longer than" in outputs[1].error or "max_model_len" in outputs[1].error or "length" in outputs[1].error
-    assert outputs[0].answer and outputs[2].answer
-
-
 def test_the_thinking_budget_bounds_the_reasoning_on_vllm_too(engines, visuals):
-    engine = engines("tiny-thinking")
+    engine = engines("tiny-moe-thinking")  # the last parity test's model, still held
     budget = engine.settings.vlm_thinking_budget
     outputs = engine.generate_constrained(visuals[:2], "Read the text.")
     for output in outputs:
         assert output.reasoning and "</think>" not in output.answer
         assert output.num_output_tokens <= budget + 1 + engine.settings.vlm_max_new_tokens + 1
-
-
-def test_pixel_budgets_reach_vllms_processor(engines):
-    """A 256 px square is 64 visual tokens at the tiny processor's own budget; the settings' 128 × 128 px make it 16."""
-    engine = engines("tiny")
-    counts = {}
-    for side in (64, 256):
-        request = engine._request(engine.chat_prompt("x"), Image.new("RGB", (side, side), "white"))
-        out = engine.llm.generate([request], engine._params(1, engine.eos_ids), use_tqdm=False)
-        counts[side] = out[0].prompt_token_ids.count(engine.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
-    assert counts == {64: 4, 256: engine.settings.vlm_max_pixels // (32 * 32)} == {64: 4, 256: 16}

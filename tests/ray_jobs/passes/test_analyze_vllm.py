@@ -73,7 +73,7 @@ def _value(scrape: str, series: str) -> float:
 
 
 def test_every_input_kind_on_vllm_survives_a_killed_actor_with_live_metrics(vllm_cluster, tmp_path):
-    from tests.ray_jobs.conftest import free_port
+    from tests.helpers.services import free_port
 
     manifest, pages, bad = _manifest(tmp_path / "in", categories=False)
     out, port = tmp_path / "caption.parquet", free_port()
