@@ -161,7 +161,10 @@ class VLM:
                 thought = self._until(new, [self.think_end_id, *self.eos_ids])
             reasoning = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in thought]
             reasoning_tokens = [len(t) + 1 for t in thought]  # + the closing tag
-            prompts = [p + tokenizer.decode(t) + f"{THINK_END}\n\n" for p, t in zip(prompts, thought)]
+            # The reasoning goes back in as text, without special tokens: a vision token a model emitted there
+            # would read as one more image placeholder in the prompt.
+            prompts = [p + tokenizer.decode(t, skip_special_tokens=True) + f"{THINK_END}\n\n"
+                       for p, t in zip(prompts, thought)]
         extra = {"eos_token_id": self.eos_ids, "output_logits": want_first_logits}
         if answer_processor is not None:
             from transformers import LogitsProcessorList

@@ -171,7 +171,10 @@ class VLLMEngine:
                         thought[i] = self._until(out.outputs[0].token_ids, stops)
             reasoning = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in thought]
             reasoning_tokens = [len(t) + 1 for t in thought]  # + the closing tag
-            prompts = [p + tokenizer.decode(t) + f"{THINK_END}\n\n" for p, t in zip(prompts, thought)]
+            # The reasoning goes back in as text, without special tokens: a vision token a model emitted there
+            # would read as one more image placeholder in the prompt.
+            prompts = [p + tokenizer.decode(t, skip_special_tokens=True) + f"{THINK_END}\n\n"
+                       for p, t in zip(prompts, thought)]
         limit = self.settings.vlm_max_new_tokens
         params = [self._params(limit, self.eos_ids, g, want_first_logits) for g in grammars]
         asked = [i for i in range(len(images)) if i not in failed]  # a row refused while reasoning is not asked again
