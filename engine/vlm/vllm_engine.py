@@ -59,7 +59,7 @@ class VLLMEngine:
         dtype = settings.vlm_dtype
         if dtype == "auto":
             dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-        self.llm = LLM(
+        args = dict(
             model=str(self.path),
             dtype=dtype,
             trust_remote_code=trust,
@@ -68,12 +68,12 @@ class VLLMEngine:
             max_model_len=max_model_len(settings, text_config.max_position_embeddings),
             limit_mm_per_prompt={"image": 1, "video": 1},  # one image, page or video per row
             mm_processor_kwargs=pixel_budget(settings),
-            # Free whitespace off engine-wide: vLLM ignores the per-request flag, and a weak model would otherwise
-            # emit spaces until the token budget ends (the tasks' EBNF has none; this covers JSON schemas).
+            # Free whitespace off engine-wide (vLLM ignores the per-request flag): the tasks' grammars arrive as EBNF
+            # without it already; this keeps any JSON schema vLLM compiles itself as tight.
             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
             generation_config="vllm",  # greedy is asked per request; the model's sampling defaults stay out
-            **settings.vlm_engine_args,
         )
+        self.llm = LLM(**(args | settings.vlm_engine_args))  # the user's engine arguments win
 
     def close(self) -> None:
         """Stop vLLM's engine processes now, rather than whenever this object is collected (their memory with them)."""

