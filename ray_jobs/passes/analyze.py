@@ -159,7 +159,13 @@ def output_schema(input_schema: pa.Schema, task) -> pa.Schema:
 
 
 class VLMPredictor:
-    """A model actor: loads the VLM once, then answers batches of decoded images."""
+    """A model actor: loads the VLM once (transformers or vLLM, as `vlm_engine` says), then answers batches of decoded
+    images.
+
+    With vLLM this actor holds a `vllm.LLM` itself rather than using Ray Data LLM's processor: that processor (Ray
+    2.60) is tested with vLLM 0.29 only and did not import with 0.32 without a shim; it has no two-phase Thinking
+    split, no verdict log-probabilities and no per-row error of ours; and this way both engines share the decode
+    stage, the checkpointed output, the metrics and the chaos guarantee of one actor."""
 
     def __init__(self, vlm_model: str, settings: Settings, task_args: dict[str, Any], schema: pa.Schema, inbox=None):
         from engine.vlm.engines import load_vlm
