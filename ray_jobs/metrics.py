@@ -70,7 +70,7 @@ class RunMetrics:
                                   registry=r)  # fmt: skip
         # The engine's own decode throughput (transformers or vLLM), apart from the pass's waits on decoding and Ray
         self.vlm_tokens_per_second = Gauge("dreamfleet_vlm_tokens_per_second",
-                                           "Output tokens per second of the latest VLM batch", ["task"], registry=r)
+                                           "Output tokens per second of the latest VLM batch that generated", ["task"], registry=r)
         self.eval_images = Counter("dreamfleet_eval_images_total", "Generated images evaluated, by outcome",
                                    ["outcome"], registry=r)  # fmt: skip
         self.eval_batch_seconds = Histogram("dreamfleet_eval_batch_seconds", "Seconds per evaluation batch",
@@ -152,7 +152,7 @@ class RunMetrics:
         self.vlm_rows.labels(task, "ok").inc(batch.rows - batch.errors)
         self.vlm_rows.labels(task, "error").inc(batch.errors)
         self.vlm_tokens.labels(task).inc(batch.tokens)
-        if batch.seconds > 0:
+        if batch.tokens and batch.seconds > 0:  # a batch of bad rows only says nothing of the engine's rate
             self.vlm_tokens_per_second.labels(task).set(batch.tokens / batch.seconds)
         self.vlm_batch_seconds.labels(task).observe(batch.seconds)
 

@@ -37,11 +37,13 @@ def vllm_cluster(model_cache):
 
 
 def _busy_model_actors() -> list[psutil.Process]:
-    """The pass's model actor while it answers a batch (Ray titles it ray::VLMPredictor.<method>)."""
+    """The pass's model actor while it answers a batch (Ray titles it ray::MapWorker(MapBatches(VLMPredictor)).<method>;
+    vLLM's engine processes are its children, titled by vLLM)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
         title = (process.info["cmdline"] or [""])[0]
-        if title.startswith("ray::") and "VLMPredictor." in title and not title.endswith(".__init__"):
+        method = title.split("VLMPredictor")[-1] if title.startswith("ray::") and "VLMPredictor" in title else ""
+        if "." in method and not method.endswith((".__init__", ".identity")):  # loaded, and in a call
             found.append(process)
     return found
 
@@ -97,6 +99,7 @@ def test_every_input_kind_on_vllm_survives_a_killed_actor_with_live_metrics(vllm
     live = [s for s in watcher.scrapes if _value(s, 'dreamfleet_vlm_rows_total{outcome="ok",task="caption"}') > 0]
     assert live, "no scrape saw answered rows while the pass ran"
     assert _value(live[-1], 'dreamfleet_vlm_output_tokens_total{task="caption"}') > 0
+    assert all(_value(s, 'dreamfleet_vlm_tokens_per_second{task="caption"}') > 0 for s in live)  # the engine's rate
 
 
 def test_a_rerun_on_vllm_answers_only_new_ids(vllm_cluster, tmp_path):
