@@ -111,7 +111,7 @@ def main() -> None:
         manifests = {n: write_manifest(Path(tmp) / f"manifest-{n}", images[:n]) for n in args.sizes}
         for engine in args.engines:
             results[f"{engine}_construction_s"] = round(construction_seconds(engine), 1)
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never another's
         for engine in args.engines:
             points = []
             for n in args.sizes:

@@ -31,7 +31,9 @@ def vllm_cluster(model_cache):
     import vllm  # noqa: F401  (a missing vLLM fails here, never skips)
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # address="local": a new cluster of its own, never the latest one another process on this machine started
+    # (ray.init's default joins that one, found through /tmp/ray/ray_current_cluster).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
