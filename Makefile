@@ -3,7 +3,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-quick install
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+.PHONY: demo test test-quick install vllm-env test-vllm
 
 install: $(STAMP)
 
@@ -21,6 +24,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
-# The quick subset while iterating: everything but the tests marked slow.
+# The quick subset while iterating: everything but the tests marked slow (and the vLLM ones, which need their rig).
 test-quick: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow and not vllm"
+
+# The vLLM engine's tests run in a second environment with vLLM's CPU backend (tests/vllm_rig/setup.sh says why
+# it is separate); `make test` deselects them.
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml tests/vllm_rig/setup.sh
+	tests/vllm_rig/setup.sh $(VLLM_VENV)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/pytest -q -m vllm

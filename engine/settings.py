@@ -101,6 +101,12 @@ class Settings(BaseModel):
     vlm_max_pixels: int = Field(1280 * 32 * 32, ge=1)
     vlm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     trust_remote_code: bool = False  # never on unless the user sets it
+    # Which engine decodes: transformers (embedded, the default) or vLLM (pip install "dreamfleet[vllm]"; GPU
+    # clusters). No `auto`: the engine changes answers at near-ties and the install a worker needs, so it is chosen,
+    # and recorded, never inferred from what a node happens to have.
+    vlm_engine: Literal["transformers", "vllm"] = "transformers"
+    vlm_tensor_parallel_size: int = Field(1, ge=1)  # vLLM: GPUs of one node each model actor spans
+    vlm_engine_args: dict[str, Any] = {}  # vLLM: more vllm.LLM arguments, e.g. {"gpu_memory_utilization": 0.85}
     ocr_prompt: str | None = None  # None: the task's own prompt (engine/vlm_tasks/<task>.py)
     extract_prompt: str | None = None
     moderate_prompt: str | None = None
@@ -153,6 +159,12 @@ class Settings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _tensor_parallel_on_vllm(self) -> Settings:
+        if self.vlm_tensor_parallel_size > 1 and self.vlm_engine != "vllm":
+            raise ValueError("vlm_tensor_parallel_size above 1 needs vlm_engine=vllm")
+        return self
+
+    @model_validator(mode="after")
     def _warmup_within_training(self) -> Settings:
         if self.lr_warmup_steps > self.max_train_steps:
             raise ValueError(
@@ -197,6 +209,7 @@ VLM_SETTINGS = frozenset(
         "vlm_batch_size", "vlm_concurrency", "vlm_gpus_per_actor", "vlm_cpus_per_actor", "vlm_rows_per_file",
         "vlm_max_new_tokens", "vlm_thinking_budget",
         "enable_thinking", "vlm_min_pixels", "vlm_max_pixels", "vlm_dtype", "trust_remote_code",
+        "vlm_engine", "vlm_tensor_parallel_size", "vlm_engine_args",
         "ocr_prompt", "extract_prompt", "moderate_prompt", "caption_prompt", "vqa_prompt", "detect_prompt",
         "parse_prompt", "pdf_dpi", "pdf_max_pages", "video_fps", "video_max_frames", "video_max_seconds",
         "video_max_pixels",

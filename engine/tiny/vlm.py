@@ -13,7 +13,7 @@ from engine.library_logging import quiet_libraries
 from engine.tiny.common import build_once, default_cache_dir
 
 # Bump when the architecture, tokenizer, template or construction changes, so stale caches are rebuilt.
-TINY_VLM_VERSION = 1
+TINY_VLM_VERSION = 2
 VARIANTS = ("dense", "moe", "dense-thinking", "moe-thinking")
 
 # Qwen3-VL's vision geometry: 16 px patches, 2×2 patches merged into one LLM token, 2 frames per temporal patch.
@@ -206,11 +206,11 @@ def build_config(tokenizer, moe: bool):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,  # the smallest head size vLLM's CPU attention takes
         max_position_embeddings=4096,
         # mrope_section splits head_dim / 2 rotary frequencies between time, height and width, as [24, 20, 20] does
         # for Qwen3-VL's head_dim 128.
-        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [4, 2, 2],
+        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [8, 4, 4],
                          "mrope_interleaved": True},
         pad_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
@@ -219,8 +219,10 @@ def build_config(tokenizer, moe: bool):
     if moe:
         # Every layer sparse, 2 of 4 experts per token; the MoE text config ties embeddings by default, the real
         # Qwen3-VL-30B-A3B does not.
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
-                    tie_word_embeddings=False)
+        # moe_intermediate_size 48 keeps every expert tensor non-square, so its layout is never ambiguous
+        # (see _write_published_expert_layout); norm_topk_prob as the real model sets it.
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+                    norm_topk_prob=True, tie_word_embeddings=False)
     vision = dict(
         depth=2,
         hidden_size=32,
@@ -280,7 +282,26 @@ def build_tiny_vlm(path: Path, variant: str = "dense", seed: int = 0) -> None:
         model = model_class(config)
     model.generation_config = build_generation_config(tokenizer, thinking)
     model.save_pretrained(path, safe_serialization=True)
+    if moe:
+        _write_published_expert_layout(path, config.text_config.hidden_size)
     build_processor(tokenizer).save_pretrained(path)
+
+
+def _write_published_expert_layout(path: Path, hidden_size: int) -> None:
+    """Store the experts as Qwen3-VL-MoE's published checkpoints do: `gate_up_proj` [experts, hidden, 2 × inter] and
+    `down_proj` [experts, inter, hidden]. transformers holds (and saves) them transposed and reads either layout by
+    shape; vLLM reads only the published one."""
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        tensors = load_file(file)
+        for name, tensor in tensors.items():
+            # In transformers' layout gate_up_proj's last axis is the hidden one and down_proj's middle axis is.
+            held = (name.endswith("mlp.experts.gate_up_proj") and tensor.shape[2] == hidden_size) or (
+                name.endswith("mlp.experts.down_proj") and tensor.shape[1] == hidden_size)
+            if held:
+                tensors[name] = tensor.transpose(1, 2).contiguous()
+        save_file(tensors, file, metadata={"format": "pt"})
 
 
 def ensure_tiny_vlm(cache_dir: Path | None = None, variant: str = "dense", seed: int = 0) -> Path:

@@ -20,6 +20,7 @@ from engine.library_logging import quiet_libraries
 from engine.media.video import Video
 from engine.settings import Settings
 from engine.tiny import registry
+from engine.vlm.constrained import Grammar, GrammarCompiler
 
 THINK_END = "</think>"
 
@@ -30,6 +31,7 @@ class VLMOutput:
     reasoning: str | None  # None unless a Thinking model reasoned
     num_output_tokens: int  # reasoning and answer tokens together
     first_answer_logits: torch.Tensor | None  # raw logits at the answer's first position (for verdict scores)
+    error: str | None = None  # why this row alone got no answer (the vLLM engine answers the others)
 
 
 def resolve_vlm(name: str, cache_dir: Path | None = None) -> Path:
@@ -76,6 +78,7 @@ class VLM:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[-1]
         self.think_end_id = tokenizer.convert_tokens_to_ids(THINK_END) if THINK_END in tokenizer.get_vocab() else None
         self.thinks = self.chat_prompt("x").rstrip().endswith("<think>")
+        self._grammars: GrammarCompiler | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -118,6 +121,22 @@ class VLM:
             rows.append(row[:end])
         return rows
 
+    def generate_constrained(
+        self,
+        images: Sequence[Visual],
+        instructions: str | Sequence[str],
+        grammars: Sequence[Grammar | None] | None = None,
+        want_first_logits: bool = False,
+    ) -> list[VLMOutput]:
+        """generate() with the answers' grammars (one per row, all or none), compiled once each for this model: the
+        call both engines answer alike (engine/vlm/vllm_engine.py)."""
+        processor = None
+        if grammars is not None and grammars[0] is not None:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.processor.tokenizer, self.vocab_size)
+            processor = self._grammars.processor_factory(list(grammars))
+        return self.generate(images, instructions, processor, want_first_logits)
+
     def generate(
         self,
         images: Sequence[Visual],
@@ -142,7 +161,10 @@ class VLM:
                 thought = self._until(new, [self.think_end_id, *self.eos_ids])
             reasoning = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in thought]
             reasoning_tokens = [len(t) + 1 for t in thought]  # + the closing tag
-            prompts = [p + tokenizer.decode(t) + f"{THINK_END}\n\n" for p, t in zip(prompts, thought)]
+            # The reasoning goes back in as text, without special tokens: a vision token a model emitted there
+            # would read as one more image placeholder in the prompt.
+            prompts = [p + tokenizer.decode(t, skip_special_tokens=True) + f"{THINK_END}\n\n"
+                       for p, t in zip(prompts, thought)]
         extra = {"eos_token_id": self.eos_ids, "output_logits": want_first_logits}
         if answer_processor is not None:
             from transformers import LogitsProcessorList

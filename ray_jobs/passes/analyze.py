@@ -157,18 +157,22 @@ def output_schema(input_schema: pa.Schema, task) -> pa.Schema:
 
 
 class VLMPredictor:
-    """A model actor: loads the VLM once, then answers batches of decoded images."""
+    """A model actor: loads the VLM once (transformers or vLLM, as `vlm_engine` says), then answers batches of decoded
+    images.
+
+    With vLLM this actor holds a `vllm.LLM` itself rather than using Ray Data LLM's processor: that processor (Ray
+    2.60) is tested with vLLM 0.29 only and did not import with 0.32 without a shim; it has no two-phase Thinking
+    split, no verdict log-probabilities and no per-row error of ours; and this way both engines share the decode
+    stage, the checkpointed output, the metrics and the chaos guarantee of one actor."""
 
     def __init__(self, vlm_model: str, settings: Settings, task_args: dict[str, Any], schema: pa.Schema, inbox=None):
-        from engine.vlm.constrained import GrammarCompiler
-        from engine.vlm.model import VLM
+        from engine.vlm.engines import load_vlm
         from engine.vlm.tasks import make_task
 
-        self.vlm = VLM(vlm_model, settings)
+        self.vlm = load_vlm(vlm_model, settings)  # transformers or vLLM, as vlm_engine says
         self.task = make_task(settings=settings, **task_args)
         self.task.prepare(self.vlm)
         self.schema, self.inbox = schema, inbox
-        self.grammars = GrammarCompiler(self.vlm.processor.tokenizer, self.vlm.vocab_size)  # compiles each once
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         began = time.perf_counter()
@@ -217,14 +221,16 @@ class VLMPredictor:
         visuals = [self._visual(batch, i) for i in order]
         instructions = [asked[i][1] for i in order]
         grammars = [self.task.grammar(asked[i][0]) for i in order]
-        processor = self.grammars.processor_factory(grammars) if grammars[0] is not None else None
         try:
-            outputs = self.vlm.generate(visuals, instructions, processor, self.task.wants_first_logits)
+            outputs = self.vlm.generate_constrained(visuals, instructions, grammars, self.task.wants_first_logits)
         except Exception as err:  # the whole batch failed (e.g. out of memory): each row says so, none is lost
             for i in order:
                 rows[i]["error"] = f"model: {type(err).__name__}: {err}"
             return
         for i, output in zip(order, outputs):
+            if output.error is not None:
+                rows[i]["error"] = f"model: {output.error}"
+                continue
             rows[i].update(num_output_tokens=output.num_output_tokens, reasoning=output.reasoning)
             try:
                 rows[i].update(self.task.parse(output, asked[i][0]))
@@ -285,7 +291,9 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
 
     connect(request.address, request.verbose, request.lease)
     settings = request.settings
-    gpus, actor_cpus = model_actor_resources("vlm", settings.vlm_concurrency, settings.vlm_gpus_per_actor,
+    # A tensor-parallel vLLM actor holds its GPUs on one node: the resource check places it whole or refuses.
+    gpus_per_actor = max(settings.vlm_gpus_per_actor, settings.vlm_tensor_parallel_size)
+    gpus, actor_cpus = model_actor_resources("vlm", settings.vlm_concurrency, gpus_per_actor,
                                              settings.vlm_cpus_per_actor, output.resuming())  # fmt: skip
     with output.checkpointed(request.verbose):
         ds = ray.data.read_parquet(list(images.files), filesystem=arrow_filesystem(images.filesystem),

@@ -61,3 +61,13 @@ def test_params_override_one_subject_and_are_validated():
     assert s.with_overrides(parse_params('{"lora_rank": 16}')).lora_rank == 16
     with pytest.raises(SettingsError, match="params: lora_rank"):
         s.with_overrides({"lora_rank": 0})
+
+
+def test_the_vlm_engine_is_chosen_never_guessed_and_tensor_parallel_needs_vllm():
+    assert load_settings("tiny").vlm_engine == "transformers"
+    assert load_settings("tiny", overrides={"vlm_engine": "vllm", "vlm_tensor_parallel_size": 2,
+                                            "vlm_engine_args": {"enforce_eager": True}}).vlm_engine == "vllm"  # fmt: skip
+    with pytest.raises(SettingsError, match="vlm_engine"):
+        load_settings("tiny", overrides={"vlm_engine": "auto"})
+    with pytest.raises(SettingsError, match="vlm_tensor_parallel_size above 1 needs vlm_engine=vllm"):
+        load_settings("tiny", overrides={"vlm_tensor_parallel_size": 2})
