@@ -51,8 +51,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
-from engine.tiny.vlm import pixel_budget_kwargs  # noqa: E402
-from engine.vlm.model import resolve_vlm  # noqa: E402
+from engine.vlm.model import pixel_budget, resolve_vlm  # noqa: E402
 from engine.vlm.tasks import make_task  # noqa: E402
 from ray_jobs.passes.analyze import AnalyzeRequest, analyze  # noqa: E402
 
@@ -98,7 +97,7 @@ class PerImageLoop:
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
         self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        self.budget = pixel_budget_kwargs(settings.vlm_min_pixels, settings.vlm_max_pixels)
+        self.budget = pixel_budget(settings)
         self.max_new_tokens = settings.vlm_max_new_tokens
 
     def __call__(self, image_path: str) -> tuple[str, int]:

@@ -33,6 +33,7 @@ def ray_cluster(s3_endpoint, model_cache):
     """One local cluster for the session with 2 logical GPUs, so packing is visible on a CPU machine."""
     import ray
 
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a cluster of its own, never one another process on the machine started (ray.init() alone joins that)
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
