@@ -44,7 +44,7 @@ class FlowFamily(Family):
             raise SettingsError("train_text_encoder: not supported on FLUX bases (their text encoders stay frozen)")
 
     def sampler(self, settings: Settings) -> str:
-        return f"{SAMPLER}/max_sequence_length={max_sequence_length(settings)}"
+        return SAMPLER
 
     def objective(self, base: BaseModel, settings: Settings) -> FlowMatching:
         scheme = dict(weighting_scheme=settings.weighting_scheme, logit_mean=settings.logit_mean,

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.tiny_models import _byte_alphabet, build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
-from engine.tiny_vlm import chat_template
+from engine.tiny.sd import _byte_alphabet, build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
+from engine.tiny.vlm import chat_template
 
 # Bump when the architecture or construction changes, so stale caches are rebuilt rather than reused.
 TINY_FLUX_VERSION = 1

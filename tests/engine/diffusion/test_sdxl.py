@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from engine.diffusion.class_images import ClassImageCache
-from engine.diffusion.generation import make_scheduler, render_subject
+from engine.diffusion.generation import render_subject
+from engine.diffusion.unet import make_scheduler
 from engine.diffusion.base_model import ModelError, fingerprint, load_base_model, resolve_base_model
 from engine.settings import load_settings
 from engine.diffusion.subject import Subject
@@ -97,8 +98,8 @@ def test_tiny_sdxl_is_deterministic_and_round_trips_through_stock_from_pretraine
 
 
 def test_training_conditions_the_unet_as_the_stock_pipeline_does(sdxl):
-    from engine.diffusion.generation import make_pipeline
-    from engine.diffusion.instance_data import encode_prompts, tokenize, unet_added_conditions
+    from engine.diffusion.unet import make_pipeline
+    from engine.diffusion.unet import encode_prompts, tokenize, unet_added_conditions
 
     with torch.no_grad():
         ours = encode_prompts(sdxl, tokenize(sdxl, PROMPT))
