@@ -75,6 +75,9 @@ def read_lora_weights(base: BaseModel, settings: Settings, weights_uri: str) -> 
         own = {k[len(prefix):]: v for k, v in exported.items() if k.startswith(prefix)}
         if not own:
             raise ValueError(f"{weights_uri}: no {component} LoRA weights, but the settings say it was trained")
+        if component == "transformer":  # written in peft's layout already (see _save_lora)
+            state[component] = own
+            continue
         to_peft = convert_unet_state_dict_to_peft if component == "unet" else convert_state_dict_to_peft
         state[component] = to_peft(own)
     return state
