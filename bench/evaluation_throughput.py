@@ -31,10 +31,17 @@ from engine.evaluation import Evaluator  # noqa: E402
 
 def build_paper_shaped(folder: Path) -> tuple[str, str]:
     """Random DINO ViT-S/16 and CLIP ViT-L/14 (224 px) folders: the real models' cost without their weights."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig,
-                              ViTImageProcessor, ViTModel)  # fmt: skip
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        ViTConfig,
+        ViTImageProcessor,  # fmt: skip
+        ViTModel,
+    )
 
-    from engine.tiny.sd import build_clip_tokenizer
+    from engine.tiny.common import build_clip_tokenizer
 
     dino, clip = folder / "dino-vits16-shaped", folder / "clip-vitl14-shaped"
     torch.manual_seed(0)

@@ -37,11 +37,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from engine.diffusion.generation import render_subject  # noqa: E402
-from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.diffusion.base_model import BaseModel, load_base_model, resolve_base_model  # noqa: E402
-from engine.settings import Settings, load_settings  # noqa: E402
+from engine.diffusion.generation import render_subject  # noqa: E402
 from engine.diffusion.subject import Subject  # noqa: E402
+from engine.library_logging import quiet_libraries  # noqa: E402
+from engine.settings import Settings, load_settings  # noqa: E402
 
 PROMPTS = ("a photo of sks ball on grass", "a photo of sks ball in snow", "a photo of sks ball on a beach",
            "a painting of sks ball")  # fmt: skip

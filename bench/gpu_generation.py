@@ -62,11 +62,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.gpu_train_step import build_sd15_random  # noqa: E402
-from engine.diffusion.generation import generate, image_seed, render_subject  # noqa: E402
-from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.diffusion.base_model import BaseModel, load_base_model  # noqa: E402
-from engine.settings import Settings, load_settings  # noqa: E402
+from engine.diffusion.generation import generate, image_seed, render_subject  # noqa: E402
 from engine.diffusion.subject import Subject  # noqa: E402
+from engine.library_logging import quiet_libraries  # noqa: E402
+from engine.settings import Settings, load_settings  # noqa: E402
 from engine.tiny.sd import build_tiny_sd  # noqa: E402
 
 PROMPT = "a photo of sks ball on a wooden table, studio light"

@@ -54,15 +54,16 @@ import torch  # noqa: E402
 from bench.gpu_train_step import build_sd15_random  # noqa: E402
 from bench.pack_training_cpu import CLASS_PROMPT, PROMPT, draw_ball  # noqa: E402
 from bench.stock_dreambooth import StockDreamBooth  # noqa: E402
+from engine.diffusion.base_model import BaseModel, load_base_model  # noqa: E402
 from engine.diffusion.class_images import ClassImageCache  # noqa: E402
 from engine.diffusion.generation import RenderJob, render_pack  # noqa: E402
-from engine.library_logging import quiet_libraries  # noqa: E402
-from engine.diffusion.base_model import BaseModel, load_base_model  # noqa: E402
-from engine.settings import Settings, load_settings  # noqa: E402
 from engine.diffusion.subject import Subject  # noqa: E402
-from engine.tiny.sd import build_clip_tokenizer, build_tiny_sd, build_tiny_sdxl  # noqa: E402
 from engine.diffusion.train import PackTrainer  # noqa: E402
 from engine.diffusion.weights import attach_lora_pack  # noqa: E402
+from engine.library_logging import quiet_libraries  # noqa: E402
+from engine.settings import Settings, load_settings  # noqa: E402
+from engine.tiny.common import build_clip_tokenizer
+from engine.tiny.sd import build_tiny_sd, build_tiny_sdxl  # noqa: E402
 
 TRAIN_STEPS, IMAGES_PER_SUBJECT = 800, 16  # the projection's work per subject (diffusers' LoRA defaults, SPEC's 4×4)
 STARTED = time.perf_counter()
@@ -220,7 +221,12 @@ def measure_generation(base: BaseModel, k: int, settings: Settings, instance, wo
 def build_sdxl_random(path: Path, device: torch.device) -> None:
     """Write an SDXL-base-1.0-shaped pipeline with random weights at `path` (initialised on `device`, saved in bf16:
     half the disk and load time of fp32, and what the frozen weights train in)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = build_clip_tokenizer()

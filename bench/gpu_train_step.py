@@ -52,13 +52,14 @@ import torch  # noqa: E402
 
 from bench.ball_subject import CLASS_PROMPT, PROMPT, draw_subject  # noqa: E402
 from bench.stock_dreambooth import StockDreamBooth  # noqa: E402
-from engine.diffusion.class_images import ClassImageCache  # noqa: E402
-from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.diffusion.base_model import BaseModel, load_base_model  # noqa: E402
-from engine.settings import Settings, load_settings  # noqa: E402
+from engine.diffusion.class_images import ClassImageCache  # noqa: E402
 from engine.diffusion.subject import Subject  # noqa: E402
-from engine.tiny.sd import build_clip_tokenizer, build_tiny_sd  # noqa: E402
 from engine.diffusion.train import StepRecord, train_subject  # noqa: E402
+from engine.library_logging import quiet_libraries  # noqa: E402
+from engine.settings import Settings, load_settings  # noqa: E402
+from engine.tiny.common import build_clip_tokenizer
+from engine.tiny.sd import build_tiny_sd  # noqa: E402
 
 SEED = 7
 GOALS = {"lora": {"s_per_step": 0.05, "peak_gb": 6.0}, "full": {"s_per_step": 0.06, "peak_gb": 12.0}}
@@ -66,7 +67,12 @@ GOALS = {"lora": {"s_per_step": 0.05, "peak_gb": 6.0}, "full": {"s_per_step": 0.
 
 def build_sd15_random(path: Path, device: torch.device) -> None:
     """Write an SD1.5-shaped pipeline with random weights at `path` (weights initialised on `device`, for speed)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_clip_tokenizer()

@@ -22,7 +22,7 @@ new tokens (a random model almost never emits its end token, so every row decode
 3. engine, other visuals (issue 14), with the same options: a batch of --video-batch videos (engine.media.video.Video
    objects of --video-frames synthetic --video-size px frames, as sampled at 2 fps from a 30 fps source; the
    video budget set to hold them all unscaled: 32 x 448 x 448 px, 16 x 196 = 3,136 visual tokens a video), caption
-   task; and one batch of all the pages of a --pdf-pages page PDF (tests.helpers.media_files.scanned_pdf, A4), rendered
+   task; and one batch of all the pages of a --pdf-pages page PDF (samples.media_files.scanned_pdf, A4), rendered
    with engine.media.documents.render_pages at --pdf-dpi 144 within the standard preset's pixel budget (1280 x 32 x 32
    px: 962 x 1361, 1,260 visual tokens a page), OCR task. Reported as rows/s and pages/s (frames/s for videos).
 For each: seconds per call, img/s (rows/s), and the split into prefill (a 1-token call: processor, vision tower,
@@ -55,7 +55,7 @@ On the GPU machine, from the repo root (eager kernels, then CUDA graphs; each co
         --engine-batches 64 --out vlm-graphs.json
 Videos and pages with little image work around them (--video-batch 0 or --pdf-pages 0 skips either new case):
     python bench/gpu_vlm.py --experts grouped_mm --stock-batches 1 --engine-batches 8 --out vlm-media.json
-The pages case also needs pypdfium2 (engine.media.documents) and PyAV (tests.helpers.media_files, engine.media.video).
+The pages case also needs pypdfium2 (engine.media.documents) and PyAV (samples.media_files, engine.media.video).
 Check at tiny shapes on CPU (2 text layers, 4 experts, 64 px, 8 tokens; 2 videos of 4 frames, a 2-page PDF within
 128 x 128 px a page; --compile works there too, slowly):
     .venv/bin/python bench/gpu_vlm.py --smoke [--static-cache] [--compile default]
@@ -83,10 +83,15 @@ from PIL import Image, ImageDraw  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from engine.library_logging import quiet_libraries  # noqa: E402
-from engine.settings import Settings, load_settings  # noqa: E402
 from engine.media.documents import render_pages  # noqa: E402
-from engine.tiny.vlm import SPECIAL_TOKENS, build_config, build_processor, build_tokenizer  # noqa: E402
 from engine.media.video import Video  # noqa: E402
+from engine.settings import Settings, load_settings  # noqa: E402
+from engine.tiny.vlm import (  # noqa: E402
+    SPECIAL_TOKENS,
+    build_config,
+    build_processor,
+    build_tokenizer,
+)
 from engine.vlm.model import VLM, pixel_budget  # noqa: E402
 from engine.vlm.tasks import make_task  # noqa: E402
 
@@ -157,7 +162,7 @@ def synthetic_videos(count: int, frames: int, size: int) -> list[Video]:
 
 def pdf_pages(pages: int, dpi: float, render_pixels: int) -> list[Image.Image]:
     """Every page of a scanned A4 PDF, rendered as a pass renders it (engine.media.documents.render_pages)."""
-    from tests.helpers.media_files import scanned_pdf
+    from samples.media_files import scanned_pdf
 
     data = scanned_pdf(pages)
     rendered = render_pages(data, name="scanned.pdf", dpi=dpi, max_pages=pages, max_pixels=64_000_000,

@@ -1,9 +1,9 @@
 """PDF pages and video frames per second in the VLM pass's CPU stage against its model stage (tiny Qwen3-VL, CPU,
 one thread): does decoding keep up? One process, no Ray cluster: each stage's own per-batch function.
 
-Input, written once before timing: --pdfs PDFs of --pages A4 pages each, half scanned (tests.helpers.media_files.scanned_pdf:
+Input, written once before timing: --pdfs PDFs of --pages A4 pages each, half scanned (samples.media_files.scanned_pdf:
 one 620x877 JPEG per page, 75 dpi), half born-digital (text_pdf); --videos videos (640x360, 10 s, 30 fps, .mp4) per
-codec in --codecs and picture in --pictures: `flat`, tests.helpers.media_files.write_video's test picture (grey and a red
+codec in --codecs and picture in --pictures: `flat`, samples.media_files.write_video's test picture (grey and a red
 square: ~14 kbit/s in h264, nearly free to decode), and `textured`, a smooth random texture panning 2 px a frame
 under fresh grain (~830 kbit/s in h264 at x264's defaults, what a 360p web video has; PyAV's mpeg4 encoder holds
 it to ~470 kbit/s). Each file is written once and copied. One table per kind of input, with the `id`, `image`,
@@ -68,12 +68,12 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.timing import Timing, timed  # noqa: E402
 from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
 from engine.vlm.tasks import make_task  # noqa: E402
 from ray_jobs.passes.analyze import VLMPredictor, decode_batches, output_schema  # noqa: E402
-from tests.helpers.media_files import A4, scanned_pdf, text_pdf, write_video  # noqa: E402
-from bench.timing import Timing, timed  # noqa: E402
+from samples.media_files import A4, scanned_pdf, text_pdf, write_video  # noqa: E402
 
 # The real model on one H200 (NOTES: Qwen3-VL-30B-A3B-shaped, 448 px, 128 new tokens) and the issue's goal.
 GPU_IMAGES_PER_S = {"H200, batch 32 (NOTES)": 2.04, "H200, batch 128 (NOTES)": 3.08, "goal": 25.0}

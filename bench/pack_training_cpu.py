@@ -33,14 +33,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from bench.timing import Timing, timed  # noqa: E402
+from engine.diffusion.base_model import BaseModel, load_base_model, resolve_base_model  # noqa: E402
 from engine.diffusion.class_images import ClassImageCache  # noqa: E402
 from engine.diffusion.generation import RenderJob, render_pack, render_subject  # noqa: E402
-from engine.diffusion.base_model import BaseModel, load_base_model, resolve_base_model  # noqa: E402
-from engine.settings import Settings, load_settings  # noqa: E402
 from engine.diffusion.subject import Subject  # noqa: E402
 from engine.diffusion.train import PackJob, train_pack, train_subject  # noqa: E402
 from engine.diffusion.weights import attach_lora_pack, load_subject_weights  # noqa: E402
-from bench.timing import Timing, timed  # noqa: E402
+from engine.settings import Settings, load_settings  # noqa: E402
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 PROMPTS = ("a photo of sks ball on the beach", "a painting of sks ball")

@@ -49,13 +49,13 @@ from bench.ball_subject import CLASS_PROMPT, PROMPT, draw_subject  # noqa: E402
 # yellow-on-blue ball is already what the class prompt draws and a take-over could not show. A red ball on magenta is
 # a ball of the class (its hue is in the ball band) that the class prompt rarely draws.
 SUBJECT_BALL, SUBJECT_BACKGROUND = (220, 40, 30), (200, 40, 190)
-from engine.diffusion.class_images import ClassImageCache  # noqa: E402
-from engine.evaluation import Evaluator, diversity  # noqa: E402
-from engine.diffusion.instance_data import load_pixels  # noqa: E402
 from engine.diffusion.base_model import load_base_model, resolve_base_model  # noqa: E402
-from engine.settings import load_settings  # noqa: E402
+from engine.diffusion.class_images import ClassImageCache  # noqa: E402
+from engine.diffusion.instance_data import load_pixels  # noqa: E402
 from engine.diffusion.subject import Subject  # noqa: E402
 from engine.diffusion.train import train_subject  # noqa: E402
+from engine.evaluation import Evaluator, diversity  # noqa: E402
+from engine.settings import load_settings  # noqa: E402
 
 BASE = "tiny-prior"
 RENDER_STEPS, GUIDANCE = 20, 7.5  # as tests/engine/test_train.py renders (the pipeline's default guidance)

@@ -46,11 +46,11 @@ import ray  # noqa: E402
 
 import ray_jobs.fleet.scheduler  # noqa: E402
 from bench.sleep_worker import SleepWorker, work_seconds  # noqa: E402
-from engine.settings import Settings  # noqa: E402
 from engine.diffusion.subject import Subject  # noqa: E402
+from engine.settings import Settings  # noqa: E402
+from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler  # noqa: E402
 from ray_jobs.state.plan import plan_fleet  # noqa: E402
 from ray_jobs.state.run_dir import RunDirectory  # noqa: E402
-from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler  # noqa: E402
 
 MIB = 2**20
 CLASSES = ("dog", "cat")

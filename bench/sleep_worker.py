@@ -27,8 +27,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.settings import Settings
 from engine.diffusion.subject import Subject, stable_seed
+from engine.settings import Settings
+from ray_jobs.fleet.outcome import ClassSetOutcome, Outcome, TrainCall
 
 # As ray_jobs.fleet.worker.REFILL_SECONDS (not imported from there: that module loads torch, which the stand-in leaves out).
 REFILL_SECONDS = 5.0
@@ -80,16 +81,16 @@ class SleepWorker:
         return {"pid": os.getpid(), "node": self.node, "gpu_ids": ray.get_gpu_ids(),
                 "torch_loaded": "torch" in sys.modules}  # fmt: skip
 
-    def make_class_set(self, class_root: str, class_prompt: str, settings: Settings) -> dict[str, Any]:
+    def make_class_set(self, class_root: str, class_prompt: str, settings: Settings) -> ClassSetOutcome:
         began, start = time.perf_counter(), time.time()
         time.sleep(self.class_set_seconds)
         self._log("class_set", [class_prompt.replace(" ", "_")], start)
         uris = [f"{class_root}/{stable_seed(class_prompt):x}/{i:05d}.png" for i in range(settings.num_class_images)]
-        return {"ok": True, "uris": uris, "generated": len(uris), "seconds": time.perf_counter() - began}
+        return ClassSetOutcome(True, uris, len(uris), time.perf_counter() - began)
 
     def train(
         self, run: str, admit: list[tuple[Subject, Settings, list[str] | None]], capacity: int
-    ) -> dict[str, Any]:
+    ) -> TrainCall:
         """Admit `admit` into the pack's free slots (a new pack of `capacity` slots if there is none), then sleep
         until its first resident is done, or for REFILL_SECONDS if that is sooner and slots are free."""
         if admit and not self.residents:
@@ -100,7 +101,7 @@ class SleepWorker:
             resident = Resident(settings.max_train_steps, work, work, time.perf_counter(), pack)
             self.residents[subject.subject_id] = resident
         if not self.residents:
-            return {"ended": [], "residents": []}
+            return TrainCall([], [])
         for resident in self.residents.values():
             resident.mates.update(self.residents)
         sleep = min(r.left for r in self.residents.values())
@@ -111,26 +112,20 @@ class SleepWorker:
         for resident in self.residents.values():
             resident.left -= sleep
         ended = [self._ended(sid) for sid in [s for s, r in self.residents.items() if r.left < ENDED]]
-        self._log("train", [e["subject_id"] for e in ended], start)
-        return {"ended": ended, "residents": sorted(self.residents)}
+        self._log("train", [e.subject_id for e in ended], start)
+        return TrainCall(ended, sorted(self.residents))
 
-    def _ended(self, sid: str) -> dict[str, Any]:
+    def _ended(self, sid: str) -> Outcome:
         resident = self.residents.pop(sid)
         resident.mates.discard(sid)
-        return {
-            "subject_id": sid,
-            "ok": True,
-            "resumed_from": None,
-            "steps_run": resident.steps,
+        return Outcome(
+            sid, ok=True, steps_run=resident.steps,
             # the real worker returns one time per step: the same payload
-            "step_seconds": [resident.work / resident.steps] * resident.steps,
-            "final_loss": 0.1,
-            "seconds": time.perf_counter() - resident.began,
-            "pack": resident.pack,
-            "pack_mates": sorted(resident.mates),
-        }
+            step_seconds=[resident.work / resident.steps] * resident.steps, final_loss=0.1,
+            seconds=time.perf_counter() - resident.began, pack=resident.pack, pack_mates=sorted(resident.mates),
+        )  # fmt: skip
 
-    def generate(self, run: str, jobs: list[tuple[Subject, Settings]]) -> list[dict[str, Any]]:
+    def generate(self, run: str, jobs: list[tuple[Subject, Settings]]) -> list[Outcome]:
         """Render the subjects together: one sleep, the largest of their work seconds."""
         began, start = time.perf_counter(), time.time()
         time.sleep(max(work_seconds(s.subject_id, self.mean, self.jitter) for s, _ in jobs))
@@ -138,8 +133,8 @@ class SleepWorker:
         outcomes = []
         for subject, settings in jobs:
             images = len(subject.prompts) * settings.num_images_per_prompt
-            outcomes.append({"subject_id": subject.subject_id, "ok": True, "images": images, "images_generated": images,
-                             "seconds": time.perf_counter() - began})  # fmt: skip
+            outcomes.append(Outcome(subject.subject_id, ok=True, images=images, images_generated=images,
+                                    seconds=time.perf_counter() - began))  # fmt: skip
         return outcomes
 
     def _log(self, kind: str, names: list[str], start: float) -> None:

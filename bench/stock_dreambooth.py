@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from engine.settings import Settings
 from engine.diffusion.train import make_optimizer
+from engine.settings import Settings
 from engine.diffusion.unet import UNetFamily
 
 

@@ -25,12 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.pack_training_cpu import draw_ball  # noqa: E402
-from engine.diffusion.class_images import ClassImageCache  # noqa: E402
 from engine.diffusion.base_model import load_base_model, resolve_base_model  # noqa: E402
-from engine.settings import load_settings  # noqa: E402
+from engine.diffusion.class_images import ClassImageCache  # noqa: E402
 from engine.diffusion.subject import Subject  # noqa: E402
-from engine.tracking import SubjectTracker, start_group  # noqa: E402
 from engine.diffusion.train import PackTrainer  # noqa: E402
+from engine.settings import load_settings  # noqa: E402
+from engine.tracking import SubjectTracker, start_group  # noqa: E402
 
 
 def measure(base, subjects, settings, class_uris, trackers, root: Path) -> tuple[list[float], list[float]]:

@@ -39,11 +39,11 @@ import torch  # noqa: E402
 
 from bench.ball_subject import CLASS_PROMPT, PROMPT, draw_subject  # noqa: E402
 from bench.stock_dreambooth import StockDreamBooth  # noqa: E402
-from engine.diffusion.class_images import ClassImageCache  # noqa: E402
 from engine.diffusion.base_model import BaseModel, load_base_model, resolve_base_model  # noqa: E402
-from engine.settings import Settings, load_settings  # noqa: E402
+from engine.diffusion.class_images import ClassImageCache  # noqa: E402
 from engine.diffusion.subject import Subject  # noqa: E402
 from engine.diffusion.train import StepRecord, train_subject  # noqa: E402
+from engine.settings import Settings, load_settings  # noqa: E402
 
 SEED = 7
 

@@ -13,11 +13,12 @@ import sys
 import time
 
 from engine import storage
+from engine.diffusion.base_model import load_base_model, resolve_base_model
 from engine.diffusion.class_images import ClassImageCache
-from engine.diffusion.base_model import default_device, load_base_model, resolve_base_model
-from engine.settings import SettingsError, load_settings, parse_assignments
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import train_subject
+from engine.hub import default_device
+from engine.settings import SettingsError, load_settings, parse_assignments
 
 
 def main(argv: list[str] | None = None) -> int:

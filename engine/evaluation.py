@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from engine.hub import default_device, resolve_transformers_model
 from engine.library_logging import quiet_libraries
-from engine.diffusion.base_model import default_device, resolve_transformers_model
+from engine.tiny import registry
+
 
 def resolve_eval_model(name: str, kind: str, cache_dir: Path | None = None) -> Path:
     """The local directory of evaluation model `name` of `kind` ("dino" or "clip"): `tiny` is built offline."""
     if name == "tiny":
-        from engine.tiny.eval_models import ensure_tiny_eval_model
-
-        return ensure_tiny_eval_model(kind, cache_dir)
+        return registry.EVAL_MODELS[kind](cache_dir)
     return resolve_transformers_model(name)
 
 

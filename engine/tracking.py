@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engine import storage
-from engine.settings import VLM_SETTINGS, Settings
 from engine.diffusion.train import StepRecord
+from engine.settings import VLM_SETTINGS, Settings
 
 # Curve name in every tool -> StepRecord field
 SCALARS = {

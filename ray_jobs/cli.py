@@ -11,15 +11,17 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from engine.diffusion.base_model import ModelError
+from engine.hub import ModelError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
-from engine.vlm.tasks import TASKS, TaskError
+from engine.vlm.tasks import TASKS
+from engine.vlm.tasks.base import TaskError
 from ray_jobs import exit_status
-from ray_jobs.report import run_report as report
-from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
 from ray_jobs.metrics import RunMetrics
 from ray_jobs.passes.resources import ResourceShortfall
-from ray_jobs.state.run_dir import RunConflictError
+from ray_jobs.report import run_report as report
+from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
+from ray_jobs.state.run_dir import NotARunError, RunConflictError
+from ray_jobs.state.states import FAILED
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -100,15 +102,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ray_jobs.state.run_dir import RunDirectory, summarize
 
     run = RunDirectory(args.run)
-    record = run.read_run()
-    if record is None:
-        print(f"error: {args.run}: no run.json; not a dreamfleet run directory", file=sys.stderr)
-        return exit_status.NOT_RUN
+    record = run.require_run()
     statuses = run.read_statuses()
     print(f"run {run.uri}: manifest {record['manifest']}, base model {record['base_model']}, "
           f"started {record['started_at']}, ended {record['ended_at'] or '(running or interrupted)'}")  # fmt: skip
     failures = [(s.subject_id, s.error or "") for s in sorted(statuses.values(), key=lambda s: s.subject_id)
-                if s.state == "failed"]  # fmt: skip
+                if s.state == FAILED]  # fmt: skip
     failures += [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in run.read_rejected_rows()]
     print_summary(summarize(statuses), failures)
     print_evaluation({sid: s.evaluation for sid, s in statuses.items() if s.evaluation})
@@ -119,10 +118,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
     from ray_jobs.state.run_dir import RunDirectory
 
-    record = RunDirectory(args.run).read_run()
-    if record is None:
-        print(f"error: {args.run}: no run.json; not a dreamfleet run directory", file=sys.stderr)
-        return exit_status.NOT_RUN
+    record = RunDirectory(args.run).require_run()
     request = EvaluateRequest(run=args.run, settings=_settings(args, recorded=record["settings"]), address=args.address,
                               verbose=args.verbose, show_progress=not args.no_progress)  # fmt: skip
     with metrics_session(args) as metrics:
@@ -159,10 +155,15 @@ def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pushgateway", help="Pushgateway URL that receives the final values at the end")
 
 
-def _add_pass_flags(parser: argparse.ArgumentParser, config_help: str = "YAML settings file") -> None:
-    """What every Ray Data pass command takes: settings, the cluster, the progress bar, metrics and console."""
+def _add_settings_flags(
+    parser: argparse.ArgumentParser, config_help: str = "YAML settings file; flags override it"
+) -> None:
     parser.add_argument("--config", help=config_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+
+
+def _add_driver_flags(parser: argparse.ArgumentParser) -> None:
+    """What every command that drives Ray work takes: the cluster, the progress bar, metrics and console."""
     parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     _add_metrics_flags(parser)
@@ -182,18 +183,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", default="tiny",
                         help="tiny, tiny-sdxl, tiny-prior, a local diffusers directory, or a hub id (SD 1.x/2.x, "
                              "SDXL)")
-    parser.add_argument("--config", help="YAML settings file; flags override it")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    _add_settings_flags(parser)
     parser.add_argument("--gpus-per-job", type=float, default=1.0, help="GPU share per worker; 0.5 packs two per GPU")
     parser.add_argument("--cpus-per-job", type=float, default=1.0, help="CPUs reserved per worker")
     parser.add_argument("--workers", type=int, help="number of workers (default: as many as the cluster holds)")
     parser.add_argument("--extend", action="store_true", help="accept another manifest or settings for this RUN")
-    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     parser.add_argument("--vlm-model", default="tiny", help="VLM of the moderation pass of `run`")
     _add_eval_flags(parser)
-    _add_metrics_flags(parser)
-    _add_console_flags(parser)
+    _add_driver_flags(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("manifest", help="Parquet manifest (any fsspec URI); for images also a folder or glob")
     validate.add_argument("--kind", choices=["subjects", "images"], default="subjects")
     validate.add_argument("--base-model", default="tiny", help="decides which defaults apply to params checks")
-    validate.add_argument("--config", help="YAML settings file")
-    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    _add_settings_flags(validate)
     validate.add_argument("--skip-image-check", action="store_true", help="do not open every image URI")
     validate.set_defaults(handler=cmd_validate)
 
@@ -231,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "'categories' (task detect)")
     analyze.add_argument("--vlm-model", default="tiny", help="tiny, a local directory, or a Qwen3-VL hub id")
     analyze.add_argument("--base-model", default="tiny", help="which preset's defaults apply (tiny: small budgets)")
-    _add_pass_flags(analyze)
+    _add_settings_flags(analyze)
+    _add_driver_flags(analyze)
     analyze.set_defaults(handler=cmd_analyze)
 
     demo = commands.add_parser("demo", help="the whole pipeline on a small synthetic manifest, tiny models, local Ray")
@@ -242,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="DINO, CLIP-I and CLIP-T of every generated image of RUN")
     evaluate.add_argument("run", help="run directory (any fsspec URI); rerunning scores only what is not scored")
     _add_eval_flags(evaluate)
-    _add_pass_flags(evaluate, "YAML settings file (over the run's recorded settings)")
+    _add_settings_flags(evaluate, "YAML settings file (over the run's recorded settings)")
+    _add_driver_flags(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     report.add_parser(commands)
@@ -257,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ManifestError, SettingsError, RunConflictError, ModelError, TaskError, ResourceShortfall) as err:
+    except (ManifestError, SettingsError, NotARunError, RunConflictError, ModelError, TaskError, ResourceShortfall) as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_status.NOT_RUN
 

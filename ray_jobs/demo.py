@@ -13,9 +13,9 @@ from PIL import Image, ImageDraw
 
 from engine.settings import load_settings
 from ray_jobs.passes.analyze import AnalyzeRequest, analyze
+from ray_jobs.report.run_report import write_run_report
 from ray_jobs.run import FleetRequest, run_manifest
 from ray_jobs.state.manifest import write_subjects_manifest
-from ray_jobs.report.run_report import write_run_report
 
 # (subject id, class noun, shape, colour, background)
 SUBJECTS = [

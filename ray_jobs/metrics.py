@@ -4,7 +4,7 @@ Why the driver: one endpoint sees the whole fleet, the Pushgateway gets every fi
 the same registry, and every labelled series is zero from the command's start. Subject attempts return their figures
 to the driver (steps and their durations, images made). VLM and evaluation actors, on any node, send each batch's rows,
 tokens and seconds to a small inbox actor as soon as the batch is answered, and the driver drains it twice a second
-(pass_stats.StatsRelay): live during the pass, before the rows are written. A batch redone after its actor was killed is
+(passes/stats.py): live during the pass, before the rows are written. A batch redone after its actor was killed is
 counted again: it was answered twice. Training steps are counted when a subject finishes training: its final step
 minus the checkpoint it stood at when this invocation first handed it out, so a killed worker's checkpointed steps
 are not lost and steps it ran past its last checkpoint are not counted twice. The driver serves the registry on
@@ -26,11 +26,12 @@ from prometheus_client import (
 )
 
 from engine.vlm.tasks import TASKS
-from ray_jobs.state.run_dir import STATES
+from ray_jobs.fleet.outcome import ATTEMPT_KINDS, Outcome
+from ray_jobs.passes.stats import BatchFigures
+from ray_jobs.state.states import STATES
 
 disable_created_metrics()  # the *_created series double every counter and no dashboard reads them
 
-ATTEMPT_OUTCOMES = ("success", "oom", "worker_died", "error")  # what FleetScheduler reports per attempt
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 IMAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -89,7 +90,7 @@ class RunMetrics:
         for slots in ("used", "total"):
             self.pack_slots.labels(slots)
         for stage in ("train", "generate"):
-            for outcome in ATTEMPT_OUTCOMES:
+            for outcome in ATTEMPT_KINDS:
                 self.attempts.labels(stage, outcome)
         for task in TASKS:
             for outcome in ("ok", "error"):
@@ -120,38 +121,40 @@ class RunMetrics:
         elif kind == "worker_replaced":
             self.worker_restarts.inc()
         elif kind in ("train_attempt", "generate_attempt"):
-            stage = kind.removesuffix("_attempt")
-            self.attempts.labels(stage, data["outcome"]).inc()
-            if data.get("peak_gpu_memory_bytes"):
-                self.peak_gpu_memory = max(self.peak_gpu_memory, data["peak_gpu_memory_bytes"])
-                self.gpu_memory.set(self.peak_gpu_memory)
-            if stage == "train":
-                self.training_steps.inc(data.get("new_steps", 0))
-                for seconds in data.get("step_seconds", []):
-                    self.step_seconds.observe(seconds)
-            elif data.get("images_generated"):
-                self.images.inc(data["images_generated"])
-                for _ in range(data["images_generated"]):
-                    self.image_seconds.observe(data["seconds"] / data["images_generated"])
+            self._count_attempt(kind.removesuffix("_attempt"), data["outcome"], data["new_steps"])
+
+    def _count_attempt(self, stage: str, outcome: Outcome, new_steps: int) -> None:
+        self.attempts.labels(stage, outcome.kind).inc()
+        if outcome.peak_gpu_memory_bytes:
+            self.peak_gpu_memory = max(self.peak_gpu_memory, outcome.peak_gpu_memory_bytes)
+            self.gpu_memory.set(self.peak_gpu_memory)
+        if stage == "train":
+            self.training_steps.inc(new_steps)
+            for seconds in outcome.step_seconds:
+                self.step_seconds.observe(seconds)
+        elif outcome.images_generated:
+            for _ in range(outcome.images_generated):
+                self.image_seconds.observe(outcome.seconds / outcome.images_generated)
+            self.images.inc(outcome.images_generated)
 
     def on_vlm_pass(self, task: str, rows_left: int) -> None:
         """A pass starts with `rows_left` rows to answer, or ends (0)."""
         self.rows_left[task] = rows_left
         self.vlm_rows_left.labels(task).set(rows_left)
 
-    def on_vlm_batch(self, task: str, rows: int, errors: int, tokens: int, seconds: float) -> None:
-        self.rows_left[task] = max(0, self.rows_left.get(task, 0) - rows)
+    def on_vlm_batch(self, task: str, batch: BatchFigures) -> None:
+        self.rows_left[task] = max(0, self.rows_left.get(task, 0) - batch.rows)
         self.vlm_rows_left.labels(task).set(self.rows_left[task])
-        self.vlm_rows.labels(task, "ok").inc(rows - errors)
-        self.vlm_rows.labels(task, "error").inc(errors)
-        self.vlm_tokens.labels(task).inc(tokens)
-        self.vlm_batch_seconds.labels(task).observe(seconds)
+        self.vlm_rows.labels(task, "ok").inc(batch.rows - batch.errors)
+        self.vlm_rows.labels(task, "error").inc(batch.errors)
+        self.vlm_tokens.labels(task).inc(batch.tokens)
+        self.vlm_batch_seconds.labels(task).observe(batch.seconds)
 
-    def on_eval_batch(self, rows: int, errors: int, seconds: float, scores: dict[str, list[float]]) -> None:
-        self.eval_images.labels("ok").inc(rows - errors)
-        self.eval_images.labels("error").inc(errors)
-        self.eval_batch_seconds.observe(seconds)
-        for name, values in scores.items():
+    def on_eval_batch(self, batch: BatchFigures) -> None:
+        self.eval_images.labels("ok").inc(batch.rows - batch.errors)
+        self.eval_images.labels("error").inc(batch.errors)
+        self.eval_batch_seconds.observe(batch.seconds)
+        for name, values in batch.scores.items():
             for value in values:
                 self.eval_scores.labels(name).observe(value)
 

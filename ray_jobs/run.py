@@ -6,22 +6,26 @@ and an evaluation pass over everything generated.
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass
 
-from engine import storage
-from engine.diffusion.base_model import fingerprint, resolve_base_model
+from engine.diffusion.base_model import resolve_base_model
+from engine.hub import ModelError, fingerprint
 from engine.settings import Settings
 from engine.tracking import TrackingGroup, finish_group, start_group
 from ray_jobs import exit_status
+from ray_jobs.cluster import connect
+from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler, worker_slots
+from ray_jobs.metrics import RunMetrics
+from ray_jobs.passes.analyze import AnalyzeRequest, analyze
+from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
+from ray_jobs.passes.resources import ResourceShortfall
+from ray_jobs.progress import print_summary
 from ray_jobs.state.generations import assemble_generations
 from ray_jobs.state.manifest import SubjectsManifest, read_subjects_manifest
-from ray_jobs.metrics import RunMetrics
 from ray_jobs.state.plan import plan_fleet, row_has_own_folder
-from ray_jobs.progress import print_summary
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
-from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler, worker_slots
+from ray_jobs.state.states import DONE, FAILED, FINAL_STATE
 
 
 @dataclass
@@ -44,31 +48,6 @@ class FleetRequest:
     verbose: bool = False
 
 
-def connect(address: str | None, verbose: bool = False) -> None:
-    """Join the cluster at `address`, or start a local one sized to this machine, unless Ray is already up.
-    Unless `verbose`, Ray's own console lines go to its log folder only (see console.py)."""
-    import ray
-
-    from ray_jobs.console import quiet_ray
-
-    if ray.is_initialized():
-        return
-    level = logging.INFO if verbose else logging.ERROR
-    if address:
-        ray.init(address=address, logging_level=level, log_to_driver=verbose)
-    else:
-        ray.init(include_dashboard=False, logging_level=level, log_to_driver=verbose)
-    if not verbose:
-        quiet_ray(_logs_dir())
-
-
-def _logs_dir() -> str | None:
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # no public API names the driver's log folder
-    return node.get_logs_dir_path() if node is not None else None
-
-
 def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple[str, str]]:
     """Bad rows become failed subjects where their id allows a folder; the rest are listed in rejected_rows.json."""
     good_ids = {s.subject_id for s in manifest.subjects}
@@ -76,14 +55,11 @@ def record_bad_rows(run: RunDirectory, manifest: SubjectsManifest) -> list[tuple
     rejected = []
     for error in manifest.errors:
         if row_has_own_folder(error, good_ids, bad_ids):
-            run.write_status(SubjectStatus(error.subject_id, state="failed", error=f"manifest row {error.row}: {error.reason}"))
+            run.write_status(SubjectStatus(error.subject_id, state=FAILED, error=f"manifest row {error.row}: {error.reason}"))
         else:
             rejected.append({"row": error.row, "subject_id": error.subject_id, "reason": error.reason})
     run.write_rejected_rows(rejected)
     return [(f"row {r['row']} ({r['subject_id']!r})", r["reason"]) for r in rejected]
-
-
-FINAL_STATE = {"train": "trained", "generate": "done", "moderate": "done", "evaluate": "done"}
 
 
 def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, RunDirectory]:
@@ -132,12 +108,12 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
         assemble_generations(run, manifest.passthrough)
     counts = summarize(statuses)
     run.finish(counts)
-    failures = [(s.subject_id, s.error or "") for s in statuses.values() if s.state == "failed"] + rejected
+    failures = [(s.subject_id, s.error or "") for s in statuses.values() if s.state == FAILED] + rejected
     failures += [(sid, f"not trained yet (state {statuses[sid].state}); run `dreamfleet train` first")
-                 for sid in plan.not_trained if statuses[sid].state != "failed"]  # fmt: skip
+                 for sid in plan.not_trained if statuses[sid].state != FAILED]  # fmt: skip
     print_summary(counts, failures)
     final = FINAL_STATE[stages[-1]]
-    complete = all(statuses[s.subject_id].state in (final, "done") for s in manifest.subjects)
+    complete = all(statuses[s.subject_id].state in (final, DONE) for s in manifest.subjects)
     moderated = moderate_generations(run, request) if "moderate" in stages else exit_status.OK
     evaluated = evaluate_generations(run, request) if "evaluate" in stages else exit_status.OK
     run.check_and_clean()
@@ -158,12 +134,8 @@ def start_tracking(run_uri: str, trackers: list[str]) -> TrackingGroup | None:
 
 def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The moderation pass of `dreamfleet run`: RUN/generations.parquet → RUN/moderation.parquet, resumable."""
-    from ray_jobs.passes.analyze import AnalyzeRequest, analyze
-    from ray_jobs.passes.resources import ResourceShortfall
-
-    source = storage.join(run.uri, "generations.parquet")
     analysis = AnalyzeRequest(
-        input=source, task="moderate", out=storage.join(run.uri, "moderation.parquet"),
+        input=run.generations, task="moderate", out=run.moderation,
         settings=request.settings, vlm_model=request.vlm_model, address=request.address, verbose=request.verbose,
     )  # fmt: skip
     try:
@@ -176,10 +148,6 @@ def moderate_generations(run: RunDirectory, request: FleetRequest) -> int:
 def evaluate_generations(run: RunDirectory, request: FleetRequest) -> int:
     """The evaluation pass of `dreamfleet run`, where its models are at hand: a model that cannot be had (offline,
     not cached) skips it with a note; `dreamfleet evaluate RUN` scores the images later."""
-    from engine.diffusion.base_model import ModelError
-    from ray_jobs.passes.evaluate import EvaluateRequest, evaluate
-    from ray_jobs.passes.resources import ResourceShortfall
-
     if not request.settings.evaluate:
         return exit_status.OK
     evaluation = EvaluateRequest(run=run.uri, settings=request.settings, address=request.address,

@@ -7,9 +7,29 @@ import warnings
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+
+from tests.helpers.subjects import draw_subject
 
 warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`slow` means: starts a Ray cluster (through the `ray_cluster` fixture, marked here, or in a subprocess, marked by
+    hand) or trains a model for more than a few seconds. `make test-quick` runs everything else."""
+    for item in items:
+        if "ray_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _quick_tests_start_no_cluster(request):
+    """Holds the rule above: a test not marked slow that leaves Ray initialised in this process fails."""
+    import ray
+
+    before = ray.is_initialized()
+    yield
+    if not before and ray.is_initialized() and request.node.get_closest_marker("slow") is None:
+        pytest.fail("this test started Ray: mark it slow (tests/conftest.py says what slow means)")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,30 +56,8 @@ def base(tiny_path: Path):
     return load_base_model(tiny_path, "cpu")
 
 
-def draw_subject(path: Path, shift: int = 0, size: tuple[int, int] = (48, 40)) -> Path:
-    """A yellow ball on blue: a simple, recognisable subject."""
-    image = Image.new("RGB", size, (30, 60, 200))
-    ImageDraw.Draw(image).ellipse((8 + shift, 6, 38 + shift, 34), fill=(240, 200, 20))
-    image.save(path)
-    return path
-
-
 @pytest.fixture
 def subject_images(tmp_path: Path) -> list[str]:
     folder = tmp_path / "subject"
     folder.mkdir()
     return [str(draw_subject(folder / f"ball-{i}.png", shift=i)) for i in range(4)]
-
-
-class Interrupted(Exception):
-    """Raised from a step callback to stop training as a kill would, after that step's checkpoint (if any)."""
-
-
-def stop_at(step: int):
-    """A step callback that raises Interrupted once training reaches `step`."""
-
-    def on_step(record):
-        if record.step == step:
-            raise Interrupted
-
-    return on_step

@@ -7,23 +7,18 @@ weights, and `reset()` returns it to the base weights in memory, never by reload
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from engine.library_logging import quiet_libraries
 from engine.diffusion.packed_lora import LoraPack
-from engine.tiny.sd import default_cache_dir, ensure_tiny_sd, ensure_tiny_sdxl
-from engine.tiny.flux import ensure_tiny_flux, ensure_tiny_flux2
-from engine.tiny.prior import ensure_tiny_prior
+from engine.hub import PICKLE_SUFFIXES, ModelError, fingerprint
+from engine.library_logging import quiet_libraries
+from engine.tiny import registry
+from engine.tiny.common import default_cache_dir
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TINY_MODELS = {"tiny": ensure_tiny_sd, "tiny-sdxl": ensure_tiny_sdxl, "tiny-prior": ensure_tiny_prior,
-               "tiny-flux": ensure_tiny_flux, "tiny-flux2": ensure_tiny_flux2}  # fmt: skip
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline",
              "flux2": "Flux2KleinPipeline"}  # fmt: skip
 # The weight-bearing component folders of each kind of base (model_index.json's pipeline class decides the kind).
@@ -35,15 +30,11 @@ COMPONENTS = {
 }
 
 
-class ModelError(ValueError):
-    """The base model cannot be found or is unsafe to load; the message says which and why."""
-
-
 def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
     """The local directory holding `name`: `tiny`, `tiny-sdxl` and `tiny-prior` are built into the cache, a hub id is
     downloaded (safetensors only)."""
-    if name in TINY_MODELS:
-        return TINY_MODELS[name](cache_dir)
+    if name in registry.BASE_MODELS:
+        return registry.BASE_MODELS[name](cache_dir)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -68,26 +59,6 @@ def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
     path = Path(local)
     check_safetensors_only(path)
     return path
-
-
-def resolve_transformers_model(name: str, extra_patterns: list[str] | None = None) -> Path:
-    """The local directory of a single transformers model (a VLM, an evaluation model): a local directory with
-    safetensors weights, or a hub id fetched without its pickled weights."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not any(path.glob("*.safetensors")):
-            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            raise ModelError(f"{name}: no safetensors weights" + (f" (only pickles: {', '.join(pickles)})" if pickles else ""))
-        return path
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise ModelError(f"{name}: no such directory, and not a hub id of the form 'owner/name'")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.txt", "*.safetensors", *(extra_patterns or [])]
-    try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as err:
-        raise ModelError(f"{name}: cannot fetch from the hub ({type(err).__name__}: {err})") from None
 
 
 def pipeline_index(path: Path) -> dict:
@@ -120,21 +91,6 @@ def check_safetensors_only(path: Path) -> None:
             pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
             reason = f"only pickled weights ({', '.join(pickles)}), which dreamfleet never loads" if pickles else "no weights"
             raise ModelError(f"{folder}: {reason}; convert them to safetensors")
-
-
-@lru_cache(maxsize=8)
-def fingerprint(path: Path) -> str:
-    """A content fingerprint of a model directory, the same on every node, without reading whole weight files."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith(".")):
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(path).as_posix()}:{size}:".encode())
-        with open(file, "rb") as f:
-            digest.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), 2)
-                digest.update(f.read())
-    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -287,7 +243,3 @@ def _load_components(path: Path, kind: str) -> dict:
 def frozen_weights_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype to store frozen UNet and text-encoder weights in, for training at `mixed_precision`."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

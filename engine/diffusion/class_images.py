@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass
 
 from engine import storage
-from engine.diffusion.generation import generate
 from engine.diffusion.base_model import BaseModel
-from engine.settings import Settings
+from engine.diffusion.generation import generate
 from engine.diffusion.subject import stable_seed
+from engine.settings import Settings
 
 MANIFEST = "manifest.json"
 

@@ -14,6 +14,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -21,8 +22,24 @@ from PIL.PngImagePlugin import PngInfo
 from engine import storage
 from engine.diffusion.base_model import BaseModel
 from engine.diffusion.families import family_of
-from engine.settings import Settings
 from engine.diffusion.subject import Subject
+from engine.settings import Settings
+
+# The columns of a generated image's row: each subject's generations.parquet, and the run's (ray_jobs/state).
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # subject_id/file stem: makes this table an images manifest for `dreamfleet analyze`
+        ("subject_id", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_index", pa.int32()),
+        ("image_index", pa.int32()),
+        ("seed", pa.int64()),
+        ("image", pa.string()),
+        ("guidance_scale", pa.float64()),
+        ("num_inference_steps", pa.int32()),
+        ("scheduler", pa.string()),
+    ]
+)
 
 
 def make_pipeline(base: BaseModel, settings: Settings):

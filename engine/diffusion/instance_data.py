@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.media.images import read_image, resize_and_crop
 from engine.diffusion.base_model import BaseModel
 from engine.diffusion.families import family_of
 from engine.diffusion.family import PromptEmbeddings
+from engine.media.images import read_image, resize_and_crop
 from engine.settings import Settings
 
 

@@ -1,4 +1,5 @@
-"""One subject to personalise: the manifest row the engine needs, and its stable default seed."""
+"""One subject to personalise: the manifest row the engine needs, its stable default seed, and the names of what the
+engine writes into its folder."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUBJECT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# What the engine writes into a subject's folder (RUN/subjects/<id>/, or `python -m engine train --out DIR`).
+WEIGHTS = "weights"  # the trained subject, in stock diffusers layouts
+CHECKPOINTS = "checkpoints"  # resumable training state
+IMAGES = "images"  # generated PNGs
+TRAIN_LOG = "train_log.jsonl"  # one line per optimiser step
 
 
 def stable_seed(text: str) -> int:

@@ -35,16 +35,24 @@ import torch
 import torch.nn.functional as F
 
 from engine import storage
-
 from engine.diffusion import data_parallel
-from engine.diffusion.checkpoints import CheckpointError, TrainingState, load_latest_checkpoint, save_checkpoint
+from engine.diffusion.base_model import BaseModel
+from engine.diffusion.checkpoints import (
+    CheckpointError,
+    TrainingState,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from engine.diffusion.families import family_of
 from engine.diffusion.family import Noised, PromptEmbeddings
 from engine.diffusion.instance_data import TrainingExamples, prepare_examples
-from engine.diffusion.base_model import BaseModel
+from engine.diffusion.subject import CHECKPOINTS, TRAIN_LOG, WEIGHTS, Subject
+from engine.diffusion.weights import (
+    attach_lora_pack,
+    export_weights,
+    trained_components,
+)
 from engine.settings import Settings
-from engine.diffusion.subject import Subject
-from engine.diffusion.weights import attach_lora_pack, export_weights, trained_components
 
 # Settings that change the optimisation itself; a checkpoint made with other values cannot be resumed.
 TRAINING_IDENTITY_KEYS = (
@@ -147,7 +155,7 @@ class SubjectTraining:
 
     @property
     def checkpoints_uri(self) -> str:
-        return storage.join(self.subject_dir, "checkpoints")
+        return storage.join(self.subject_dir, CHECKPOINTS)
 
     def checkpoint(self) -> None:
         state = TrainingState(
@@ -262,7 +270,7 @@ class PackTrainer:
         use_prior = settings.with_prior_preservation
         if use_prior and not class_image_uris:
             raise ValueError("with_prior_preservation is on but no class images were given")
-        checkpoints_uri = storage.join(subject_dir, "checkpoints")
+        checkpoints_uri = storage.join(subject_dir, CHECKPOINTS)
         identity = training_identity(subject, settings, self.base)
         resume = load_latest_checkpoint(checkpoints_uri)
         if resume is not None and resume.extra.get("identity") != identity:
@@ -352,7 +360,7 @@ class PackTrainer:
             self._prepare_modules()
 
     def _finish(self, member: SubjectTraining) -> Ended:
-        weights_uri = storage.join(member.subject_dir, "weights")
+        weights_uri = storage.join(member.subject_dir, WEIGHTS)
         if self.rank == 0:  # data-parallel: every rank holds the same weights and log; rank 0 writes them
             export_weights(self.base, member.settings, weights_uri, slot=member.slot)
             write_train_log(member.subject_dir, member.log)
@@ -585,4 +593,4 @@ def train_subject(
 def write_train_log(subject_dir: str, log: list[dict[str, Any]]) -> None:
     """The per-step log as JSON lines, rewritten whole (the report reads it; TensorBoard events are a tracker's,
     see engine/tracking.py)."""
-    storage.write_bytes(storage.join(subject_dir, "train_log.jsonl"), "".join(json.dumps(r) + "\n" for r in log).encode())
+    storage.write_bytes(storage.join(subject_dir, TRAIN_LOG), "".join(json.dumps(r) + "\n" for r in log).encode())

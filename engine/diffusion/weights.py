@@ -66,7 +66,10 @@ def attach_lora_pack(base: BaseModel, settings: Settings, capacity: int) -> Lora
 
 def read_lora_weights(base: BaseModel, settings: Settings, weights_uri: str) -> dict[str, dict[str, torch.Tensor]]:
     """A subject's exported LoRA file, per component, in peft's single-adapter layout; safetensors only."""
-    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils import (
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     exported = load_safetensors(storage.read_bytes(storage.join(weights_uri, LORA_FILE)))
     state = {}

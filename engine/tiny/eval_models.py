@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.tiny.sd import build_clip_tokenizer, build_once, default_cache_dir
+from engine.tiny.common import build_clip_tokenizer, build_once, default_cache_dir
 
 TINY_EVAL_VERSION = 1
 IMAGE_SIZE, PATCH_SIZE, WIDTH = 32, 8, 32

@@ -42,7 +42,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from engine.library_logging import quiet_libraries
-from engine.tiny.sd import build_clip_tokenizer, build_once, default_cache_dir, sd_scheduler, tiny_clip_config
+from engine.tiny.common import (
+    build_clip_tokenizer,
+    build_once,
+    default_cache_dir,
+    tiny_clip_config,
+)
+from engine.tiny.sd import sd_scheduler
 
 # Bump when the dataset, the training or its length changes, so stale caches are rebuilt rather than reused.
 TINY_PRIOR_VERSION = 1

@@ -1,4 +1,4 @@
-"""The `tiny` base models: small random-initialised models of the real architectures, built offline from a seed.
+"""The `tiny` and `tiny-sdxl` base models: small random-initialised models of the real architectures, built offline from a seed.
 
 They are saved with `save_pretrained` and loaded back through the same `from_pretrained` path as real weights, so
 tests and the demo exercise the real loading code without downloading anything.
@@ -6,47 +6,21 @@ tests and the demo exercise the real loading code without downloading anything.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from engine.library_logging import quiet_libraries
+from engine.tiny.common import (
+    build_clip_tokenizer,
+    build_once,
+    default_cache_dir,
+    tiny_clip_config,
+)
 
 # Bump when the architecture or construction changes, so stale caches are rebuilt rather than reused.
 TINY_SD_VERSION = 1
 TINY_SDXL_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DREAMFLEET_CACHE", Path.home() / ".cache" / "dreamfleet"))
-
-
-def _byte_alphabet() -> list[str]:
-    """GPT-2/CLIP's printable stand-ins for the 256 byte values."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def build_clip_tokenizer(model_max_length: int = 77):
-    """A character-level CLIP tokenizer: every byte symbol, with and without `</w>`, and no merges."""
-    from transformers import CLIPTokenizer
-
-    alphabet = _byte_alphabet()
-    tokens = alphabet + [ch + "</w>" for ch in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, pad_token="<|endoftext|>")
 
 
 def _tiny_vae(**overrides):
@@ -59,23 +33,6 @@ def _tiny_vae(**overrides):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
-        **overrides,
-    )
-
-
-def tiny_clip_config(tokenizer, hidden_size: int = 32, **overrides):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         **overrides,
     )
 
@@ -127,7 +84,11 @@ def build_tiny_sd(path: Path, seed: int = 0) -> None:
 def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
     """Write a complete tiny Stable Diffusion XL pipeline directory at `path`: SDXL's layout and conditioning (two
     text encoders, pooled embeddings, size/crop time ids), at tiny SD's size and speed."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     quiet_libraries()
@@ -171,24 +132,6 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
         add_watermarker=False,
     )
     pipe.save_pretrained(path, safe_serialization=True)
-
-
-def build_once(path: Path, marker: str, build: Callable[[Path], None]) -> Path:
-    """`path`, built by `build(staging_dir)` on first use, then renamed into place: concurrent callers (fleet
-    workers starting together) never see a half-written model, and the loser of a race keeps the winner's copy."""
-    if (path / marker).exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        build(staging)
-        try:
-            staging.rename(path)
-        except OSError:  # another process finished first; its copy is identical
-            pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
 
 
 def ensure_tiny_sd(cache_dir: Path | None = None, seed: int = 0) -> Path:

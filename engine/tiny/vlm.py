@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.tiny.sd import build_once, default_cache_dir
+from engine.tiny.common import build_once, default_cache_dir
 
 # Bump when the architecture, tokenizer, template or construction changes, so stale caches are rebuilt.
 TINY_VLM_VERSION = 1
@@ -144,7 +144,15 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(thinking: bool = False):
     """A byte-level BPE trained on the fixed corpus, with Qwen's special tokens, left padding and chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
@@ -176,7 +184,11 @@ def build_tokenizer(thinking: bool = False):
 
 def build_processor(tokenizer):
     """A Qwen3VLProcessor around `tokenizer`, with Qwen3-VL's image/video geometry and small default budgets."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
 
     geometry = dict(patch_size=PATCH_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE, merge_size=MERGE_SIZE)
     normalize = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])  # Qwen3-VL's, not CLIP's
@@ -267,7 +279,10 @@ def _check_variant(variant: str) -> None:
 
 def build_tiny_vlm(path: Path, variant: str = "dense", seed: int = 0) -> None:
     """Write a tiny Qwen3-VL directory (model, processor, tokenizer, chat template) at `path`, deterministic in `seed`."""
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+    from transformers import (
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeForConditionalGeneration,
+    )
 
     _check_variant(variant)
     quiet_libraries()

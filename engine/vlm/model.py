@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from engine.hub import resolve_transformers_model
 from engine.library_logging import quiet_libraries
-from engine.diffusion.base_model import resolve_transformers_model
-from engine.settings import Settings
 from engine.media.video import Video
+from engine.settings import Settings
+from engine.tiny import registry
 
 THINK_END = "</think>"
-TINY_VLM_NAMES = {"tiny": "dense", "tiny-moe": "moe", "tiny-thinking": "dense-thinking",
-                  "tiny-moe-thinking": "moe-thinking"}  # fmt: skip
 
 
 @dataclass
@@ -35,10 +34,8 @@ class VLMOutput:
 
 def resolve_vlm(name: str, cache_dir: Path | None = None) -> Path:
     """The local directory of `name`: a `tiny` variant (built offline), a local directory, or a hub id."""
-    if name in TINY_VLM_NAMES:
-        from engine.tiny.vlm import ensure_tiny_vlm
-
-        return ensure_tiny_vlm(cache_dir, TINY_VLM_NAMES[name])
+    if name in registry.VLMS:
+        return registry.VLMS[name](cache_dir)
     return resolve_transformers_model(name, extra_patterns=["*.jinja"])
 
 

@@ -34,19 +34,17 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from engine import storage
 from engine.diffusion.checkpoints import complete_steps
 from engine.diffusion.generation import render_shape
+from engine.diffusion.subject import CHECKPOINTS, IMAGES
+from engine.diffusion.train import pack_shape
 from engine.settings import Settings
 from engine.tracking import TrackingGroup
-from engine.diffusion.train import pack_shape
-from ray_jobs.state.plan import ClassSetJob, FleetPlan, SubjectJob
-from ray_jobs.progress import FleetProgress
-from ray_jobs.state.run_dir import RunDirectory, subject_dir, summarize
+from ray_jobs.fleet.outcome import ClassSetOutcome, Outcome
 from ray_jobs.fleet.worker import SubjectWorker
+from ray_jobs.progress import FleetProgress
+from ray_jobs.state.plan import ClassSetJob, FleetPlan, SubjectJob
+from ray_jobs.state.run_dir import RunDirectory, subject_dir, summarize
+from ray_jobs.state.states import FAILED, STAGES
 
-RUNNING_STATE = {"train": "training", "generate": "generating"}
-FINISHED_STATE = {"train": "trained", "generate": "done"}
-BEFORE_STATE = {"train": "pending", "generate": "trained"}
-HISTORY_FIELDS = ("ok", "error", "resumed_from", "steps_run", "images", "images_generated", "seconds", "final_loss",
-                  "pack", "pack_mates", "tracker_errors", "workers")  # fmt: skip
 RENDEZVOUS_SECONDS = 60.0  # an idle worker answers at once; one that does not is treated as dead
 # After a rank of a data-parallel attempt died, how long the others get to find out and leave the group: gloo tells
 # them at once, but nccl (or a vanished node) only when a collective times out, so then they are ended and replaced.
@@ -64,7 +62,7 @@ class GroupAttempt:
 
     job: SubjectJob
     ranks: list
-    outcomes: dict[int, dict[str, Any] | None]
+    outcomes: dict[int, Outcome | None]
     rank_lost_at: float | None = None  # time.monotonic() when the first rank's worker died
 
 
@@ -113,7 +111,7 @@ def oom_adjusted(settings: Settings) -> Settings:
     return settings
 
 
-def group_outcome(outcomes: dict[int, dict[str, Any] | None], workers: list[dict[str, Any]]) -> dict[str, Any]:
+def group_outcome(subject_id: str, outcomes: dict[int, Outcome | None], workers: list[dict[str, Any]]) -> Outcome:
     """The one outcome of a data-parallel attempt from its ranks' (rank -> outcome in the order they returned; None:
     that rank's worker died).
 
@@ -121,18 +119,17 @@ def group_outcome(outcomes: dict[int, dict[str, Any] | None], workers: list[dict
     failed because another rank did (a lost peer): then that rank's own failure, an out-of-memory first (so the retry
     needs less memory).
     """
-    peak = max((o or {}).get("peak_gpu_memory_bytes", 0) for o in outcomes.values())
-    extra = {"workers": workers, "peak_gpu_memory_bytes": peak}
+    peak = max(o.peak_gpu_memory_bytes if o is not None else 0 for o in outcomes.values())
     dead = [rank for rank, o in outcomes.items() if o is None]
     if dead:
         error = f"worker process died: rank {dead[0]} of {len(outcomes)}"
-        return {"ok": False, "error": error, "retryable": True, "worker_died": True, **extra}
-    failed = [outcomes[rank] for rank in sorted(outcomes) if not outcomes[rank]["ok"]]
-    if outcomes[0]["ok"]:
-        return {**outcomes[0], **extra}
-    own = [o for o in failed if not o.get("peer_failed")]
-    cause = next((o for o in own if o.get("oom")), None) or (own or failed)[0]
-    return {**cause, **extra}
+        return Outcome.died(subject_id, error, workers=workers, peak_gpu_memory_bytes=peak)
+    failed = [outcomes[rank] for rank in sorted(outcomes) if not outcomes[rank].ok]
+    if outcomes[0].ok:
+        return outcomes[0].replace(workers=workers, peak_gpu_memory_bytes=peak)
+    own = [o for o in failed if not o.peer_failed]
+    cause = next((o for o in own if o.oom), None) or (own or failed)[0]
+    return cause.replace(workers=workers, peak_gpu_memory_bytes=peak)
 
 
 def _trains_like(job: SubjectJob) -> Callable[[SubjectJob], bool]:
@@ -237,7 +234,7 @@ class FleetScheduler:
             else:
                 self.queue.append(job)
             # A subject that failed before, or was interrupted mid-stage, is back before that stage; history stays.
-            job.status.state = BEFORE_STATE[job.stage]
+            job.status.state = STAGES[job.stage].before
             self.run_dir.write_status(job.status)
 
     def _unrunnable(self, job: SubjectJob) -> str | None:
@@ -293,7 +290,7 @@ class FleetScheduler:
 
     def _begin_attempt(self, actor, job: SubjectJob, ranks: list | None = None) -> None:
         job.tries += 1
-        job.status.state = RUNNING_STATE[job.stage]
+        job.status.state = STAGES[job.stage].running
         job.status.attempts += 1
         job.status.worker = self.identities[actor]
         if ranks is not None:  # data-parallel: rank 0's worker, and every rank's
@@ -346,8 +343,8 @@ class FleetScheduler:
         """How far the subject's current stage has got, as RUN shows it: its newest checkpoint, or its images."""
         folder = subject_dir(self.run_dir.uri, job.subject.subject_id)
         if job.stage == "train":
-            return (complete_steps(storage.join(folder, "checkpoints")) or [0])[-1]
-        return sum(name.endswith(".png") for name in storage.listdir(storage.join(folder, "images")))
+            return (complete_steps(storage.join(folder, CHECKPOINTS)) or [0])[-1]
+        return sum(name.endswith(".png") for name in storage.listdir(storage.join(folder, IMAGES)))
 
     # -- outcomes ------------------------------------------------------------------------------------------------
 
@@ -359,25 +356,24 @@ class FleetScheduler:
         try:
             result = ray.get(ref)
         except RayActorError as err:
-            died = {"ok": False, "error": f"worker process died: {type(err).__name__}", "retryable": True,
-                    "worker_died": True}  # fmt: skip
+            error = f"worker process died: {type(err).__name__}"
             jobs = list(self.packs.get(actor, {}).values()) if kind == "train" else payload
             self._replace(actor)
             if kind == "class_set":
-                self._class_set_done(payload, died)
+                self._class_set_done(payload, ClassSetOutcome(False, error=error))
             for job in jobs if kind != "class_set" else []:
-                self._subject_done(job, died)
+                self._subject_done(job, Outcome.died(job.subject.subject_id, error))
             return
         self.worker_deaths = 0
         self.idle.append(actor)
         if kind == "class_set":
             self._class_set_done(payload, result)
         elif kind == "train":
-            for outcome in result["ended"]:
-                job = self.packs[actor].pop(outcome["subject_id"])
-                if outcome.get("oom") and outcome.get("pack_size", 1) > 1:
+            for outcome in result.ended:
+                job = self.packs[actor].pop(outcome.subject_id)
+                if outcome.oom and outcome.pack_size > 1:
                     # The pack did not fit: this worker packs half as many from now on.
-                    self.capacity[actor] = max(1, min(self.capacity[actor], outcome["pack_size"] // 2))
+                    self.capacity[actor] = max(1, min(self.capacity[actor], outcome.pack_size // 2))
                 self._subject_done(job, outcome)
         else:
             for job, outcome in zip(payload, result):
@@ -401,7 +397,7 @@ class FleetScheduler:
                 self.idle.append(actor)
         if None not in attempt.outcomes.values():
             self.worker_deaths = 0
-        self._subject_done(attempt.job, group_outcome(attempt.outcomes, workers))
+        self._subject_done(attempt.job, group_outcome(attempt.job.subject.subject_id, attempt.outcomes, workers))
 
     def _end_stuck_ranks(self) -> None:
         """Kill the ranks still in flight GROUP_GRACE_SECONDS after a peer of theirs died (they return as dead)."""
@@ -410,53 +406,52 @@ class FleetScheduler:
             if lost_at is not None and time.monotonic() - lost_at > GROUP_GRACE_SECONDS:
                 ray.kill(actor, no_restart=True)
 
-    def _class_set_done(self, job: ClassSetJob, outcome: dict[str, Any]) -> None:
-        if outcome["ok"]:
-            self.ready_sets[job.key] = outcome["uris"]
-            self.on_event("class_set_generated", {"generated": outcome["generated"]})
+    def _class_set_done(self, job: ClassSetJob, outcome: ClassSetOutcome) -> None:
+        if outcome.ok:
+            self.ready_sets[job.key] = outcome.uris
+            self.on_event("class_set_generated", {"generated": outcome.generated})
             self.queue.extend(self.waiting.pop(job.key, []))
             return
         self.set_attempts[job.key] = self.set_attempts.get(job.key, 0) + 1
-        if outcome.get("retryable", True) and self.set_attempts[job.key] < self.max_attempts:
+        if outcome.retryable and self.set_attempts[job.key] < self.max_attempts:
             self.queue.appendleft(job)
             return
         for subject_job in self.waiting.pop(job.key, []):
-            self._fail(subject_job, f"class images for {job.class_prompt!r} could not be made: {outcome['error']}")
+            self._fail(subject_job, f"class images for {job.class_prompt!r} could not be made: {outcome.error}")
 
-    def _subject_done(self, job: SubjectJob, outcome: dict[str, Any]) -> None:
+    def _subject_done(self, job: SubjectJob, outcome: Outcome) -> None:
         status = job.status
-        entry = {k: outcome.get(k) for k in HISTORY_FIELDS if k in outcome}
+        entry = outcome.history_entry()
         status.history = [*(status.history or []), {"attempt": status.attempts, "stage": job.stage, **entry}]
-        if outcome["ok"]:
-            status.state, status.error = FINISHED_STATE[job.stage], None
+        if outcome.ok:
+            status.state, status.error = STAGES[job.stage].after, None
             self.run_dir.write_status(status)
             new_steps = job.settings.max_train_steps - self.start_step.get(job.subject.subject_id, 0)
-            self.on_event(f"{job.stage}_attempt", {"outcome": "success", "new_steps": new_steps, **outcome})
+            self.on_event(f"{job.stage}_attempt", {"outcome": outcome, "new_steps": new_steps})
             job.stages, job.tries = job.stages[1:], 0
             if job.stages:
                 self.queue.append(job)
             else:
                 self.progress.finished(ok=True)
             return
-        kind = "oom" if outcome.get("oom") else "worker_died" if outcome.get("worker_died") else "error"
-        self.on_event(f"{job.stage}_attempt", {"outcome": kind, **outcome})
-        packed_oom = kind == "oom" and outcome.get("pack_size", 1) > 1
-        if packed_oom or (kind == "worker_died" and self._progress(job) > job.progress_at_submit):
+        self.on_event(f"{job.stage}_attempt", {"outcome": outcome, "new_steps": 0})
+        packed_oom = outcome.oom and outcome.pack_size > 1
+        if packed_oom or (outcome.worker_died and self._progress(job) > job.progress_at_submit):
             # A pack too big for the GPU is not the subject's fault; nor is a worker that died after the subject
             # made progress (a preempted node, a killed process). Neither counts against max_attempts.
             job.tries -= 1
-        if outcome.get("retryable", True) and job.tries < self.max_attempts:
-            if kind == "oom" and job.stage == "train" and not packed_oom:
+        if outcome.retryable and job.tries < self.max_attempts:
+            if outcome.oom and job.stage == "train" and not packed_oom:
                 job.settings = oom_adjusted(job.settings)
             # Back to the state before this stage: a retried generation keeps its subject's "trained" state.
-            status.state, status.error = BEFORE_STATE[job.stage], outcome["error"]
+            status.state, status.error = STAGES[job.stage].before, outcome.error
             self.run_dir.write_status(status)
             self.queue.append(job)
             return
-        self._fail(job, outcome["error"])
+        self._fail(job, outcome.error)
 
     def _fail(self, job: SubjectJob, reason: str) -> None:
-        job.status.state, job.status.error = "failed", reason
+        job.status.state, job.status.error = FAILED, reason
         self.run_dir.write_status(job.status)
         self.progress.finished(ok=False)
 

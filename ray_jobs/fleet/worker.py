@@ -2,8 +2,8 @@
 training a pack of them at once (engine/train.PackTrainer) and rendering several per UNet batch.
 
 The pack lives in the worker between calls: each `train` call admits subjects into free slots and returns as soon
-as one ends, so the scheduler refills its slot at once. Methods return plain outcome dicts instead of raising, so
-the scheduler can tell a subject's own failure (bad image, NaN loss, OOM) from the death of the worker process.
+as one ends, so the scheduler refills its slot at once. Methods return outcomes (fleet/outcome.py) instead of raising,
+so the scheduler can tell a subject's own failure (bad image, NaN loss, OOM) from the death of the worker process.
 
 A data-parallel subject trains on several of these workers at once, one rank each (`train_data_parallel`): an actor
 group of the fleet's own workers rather than Ray Train, whose TorchTrainer would start N new actors per subject,
@@ -14,25 +14,29 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from engine import storage
-
 from engine.diffusion import data_parallel
+from engine.diffusion.base_model import (
+    frozen_weights_dtype,
+    load_base_model,
+    resolve_base_model,
+)
 from engine.diffusion.checkpoints import CheckpointError
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.generation import RenderJob, render_pack
-from engine.media.images import ImageError
-from engine.diffusion.base_model import default_device, frozen_weights_dtype, load_base_model, resolve_base_model
-from engine.settings import Settings, SettingsError
-from engine.diffusion.subject import Subject
-from engine.tracking import SubjectTracker, TrackingGroup
+from engine.diffusion.subject import IMAGES, WEIGHTS, Subject
 from engine.diffusion.train import PackTrainer, StepRecord
 from engine.diffusion.weights import attach_lora_pack, load_subject_weights
+from engine.hub import default_device
+from engine.media.images import ImageError
+from engine.settings import Settings, SettingsError
+from engine.tracking import SubjectTracker, TrackingGroup
+from ray_jobs.fleet.outcome import ClassSetOutcome, Outcome, TrainCall
 from ray_jobs.state.generations import write_subject_generations
 from ray_jobs.state.run_dir import subject_dir
 
@@ -49,17 +53,11 @@ def _peak_gpu_memory() -> int:
     return peak
 
 
-def _failure(err: BaseException, **extra: Any) -> dict[str, Any]:
-    return {
-        "ok": False,
-        "error": f"{type(err).__name__}: {err}",
-        "retryable": not isinstance(err, PERMANENT_ERRORS),
-        "oom": isinstance(err, torch.cuda.OutOfMemoryError),
-        "peer_failed": isinstance(err, data_parallel.PeerFailedError),  # another rank's failure, not this one's
-        "traceback": "".join(traceback.format_exception(err, limit=8)),
-        "peak_gpu_memory_bytes": _peak_gpu_memory(),
-        **extra,
-    }
+def _failure(subject_id: str, err: BaseException, **extra: Any) -> Outcome:
+    return Outcome.failure(
+        subject_id, err, retryable=not isinstance(err, PERMANENT_ERRORS), oom=isinstance(err, torch.cuda.OutOfMemoryError),
+        peer_failed=isinstance(err, data_parallel.PeerFailedError), peak_gpu_memory_bytes=_peak_gpu_memory(), **extra,
+    )  # fmt: skip
 
 
 # With free slots, a train call returns at least this often, so the scheduler can fill them with subjects that became
@@ -110,26 +108,23 @@ class SubjectWorker:
         if settings.compile_unet:
             self.base.compile_unet()
 
-    def make_class_set(self, class_root: str, class_prompt: str, settings: Settings) -> dict[str, Any]:
+    def make_class_set(self, class_root: str, class_prompt: str, settings: Settings) -> ClassSetOutcome:
         began = time.perf_counter()
         try:
             self._idle_model()
             result = ClassImageCache(class_root).ensure(self.base, class_prompt, settings)
         except Exception as err:
-            return _failure(err)
-        return {"ok": True, "uris": result.uris, "generated": result.generated, "seconds": time.perf_counter() - began}
+            return ClassSetOutcome(False, error=f"{type(err).__name__}: {err}", retryable=not isinstance(err, PERMANENT_ERRORS))
+        return ClassSetOutcome(True, result.uris, result.generated, time.perf_counter() - began)
 
     # -- training: a pack of subjects that changes as they come and go ------------------------------------------
 
     def train(
         self, run: str, admit: list[tuple[Subject, Settings, list[str] | None]], capacity: int
-    ) -> dict[str, Any]:
+    ) -> TrainCall:
         """Admit `admit` into free slots of the resident pack (a new pack of `capacity` slots if there is none),
-        then train until at least one resident subject ends, or, with slots free, for REFILL_SECONDS.
-
-        Returns {"ended": one outcome per subject that finished or failed, "residents": ids still training}.
-        """
-        ended: list[dict[str, Any]] = []
+        then train until at least one resident subject ends, or, with slots free, for REFILL_SECONDS."""
+        ended: list[Outcome] = []
         if admit and self.trainer is None:
             self._compile(admit[0][1])
             self.trainer = PackTrainer(self.base, admit[0][1], capacity)
@@ -143,23 +138,23 @@ class SubjectWorker:
                 finished = self.trainer.step()
             except Exception as err:  # the pack's shared pass failed (e.g. out of memory): every resident ends
                 size = len(self.trainer.members)
-                ended += [self._ended(m.subject.subject_id, _failure(err, pack_size=size)) for m in self.trainer.members.values()]
+                ended += [self._ended(_failure(m.subject.subject_id, err, pack_size=size)) for m in self.trainer.members.values()]
                 self._idle_model()
                 if isinstance(err, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
                 break
             for e in finished:
-                outcome = _failure(e.error) if e.error is not None else {
-                    "ok": True, "final_loss": e.result.losses[-1], "peak_gpu_memory_bytes": _peak_gpu_memory(),
-                }  # fmt: skip
-                ended.append(self._ended(e.subject.subject_id, outcome))
+                sid = e.subject.subject_id
+                ended.append(self._ended(_failure(sid, e.error) if e.error is not None else Outcome(
+                    sid, ok=True, final_loss=e.result.losses[-1], peak_gpu_memory_bytes=_peak_gpu_memory(),
+                )))  # fmt: skip
             if self.trainer.free_slots and time.monotonic() - began > REFILL_SECONDS:
                 break
         if self.trainer is not None and not self.trainer.members:
             self._idle_model()
-        return {"ended": ended, "residents": sorted(self.residents)}
+        return TrainCall(ended, sorted(self.residents))
 
-    def _admit(self, run: str, subject: Subject, settings: Settings, class_uris: list[str] | None) -> list[dict]:
+    def _admit(self, run: str, subject: Subject, settings: Settings, class_uris: list[str] | None) -> list[Outcome]:
         sid = subject.subject_id
         node = self.identity()["node"]
         residency = Residency(time.perf_counter(), f"{node}-{os.getpid()}-{self.packs}")
@@ -170,7 +165,7 @@ class SubjectWorker:
                 on_step=lambda record: self._stepped(sid, record),
             )  # fmt: skip
         except Exception as err:
-            return [self._ended(sid, _failure(err))]
+            return [self._ended(_failure(sid, err))]
         residency.resumed_from = member.resumed_from
         if self.tracking is not None and self.trainer.rank == 0:  # data-parallel: the primary process tracks
             self.trackers[sid] = SubjectTracker(self.tracking, sid, settings, subject_dir(run, sid), member.step)
@@ -188,22 +183,18 @@ class SubjectWorker:
             for sid in ids:
                 self.residents[sid].mates.update(ids)
 
-    def _ended(self, sid: str, outcome: dict[str, Any]) -> dict[str, Any]:
+    def _ended(self, outcome: Outcome) -> Outcome:
+        """`outcome` with what the subject's stay in the pack adds: steps, times, the pack and its mates."""
+        sid = outcome.subject_id
         residency = self.residents.pop(sid)
         residency.mates.discard(sid)
         tracker = self.trackers.pop(sid, None)
-        if tracker is not None and (errors := tracker.close(ok=outcome["ok"])):
-            outcome = {**outcome, "tracker_errors": errors}
-        return {
-            "subject_id": sid,
-            "resumed_from": residency.resumed_from,
-            "steps_run": len(residency.step_seconds),
-            "step_seconds": residency.step_seconds,
-            "seconds": time.perf_counter() - residency.began,
-            "pack": residency.pack,
-            "pack_mates": sorted(residency.mates),
-            **outcome,
-        }
+        tracker_errors = tracker.close(ok=outcome.ok) if tracker is not None else None
+        return outcome.replace(
+            resumed_from=residency.resumed_from, steps_run=len(residency.step_seconds),
+            step_seconds=residency.step_seconds, seconds=time.perf_counter() - residency.began, pack=residency.pack,
+            pack_mates=sorted(residency.mates), tracker_errors=tracker_errors or None,
+        )  # fmt: skip
 
     # -- one subject trained by several workers (data_parallel > 1) ---------------------------------------------
 
@@ -215,7 +206,7 @@ class SubjectWorker:
 
     def train_data_parallel(
         self, run: str, admit: tuple[Subject, Settings, list[str] | None], rank: int, rendezvous: dict[str, Any]
-    ) -> dict[str, Any]:
+    ) -> Outcome:
         """Rank `rank` of the settings' `data_parallel` workers training one subject with DDP: join the group at
         `rendezvous`, train the subject to its end as a pack of one (rank 0 alone writes its checkpoints and weights),
         leave the group. Returns this rank's outcome (the scheduler combines the ranks'); idle again afterwards."""
@@ -224,20 +215,20 @@ class SubjectWorker:
             self._idle_model()
             address, port = rendezvous["address"], rendezvous["port"]
             data_parallel.join(rank, settings.data_parallel, address, port, self.base.device)
-            ended = self.train(run, [admit], capacity=1)["ended"]
+            ended = self.train(run, [admit], capacity=1).ended
         except Exception as err:  # could not join, or the pack could not even be made: this rank's own outcome
             self._idle_model()
-            ended = [{**_failure(err), "subject_id": subject.subject_id}]
+            ended = [_failure(subject.subject_id, err)]
         finally:
             data_parallel.leave()
-        return {**ended[0], "rank": rank}
+        return ended[0].replace(rank=rank)
 
     # -- generation: several subjects per UNet batch ------------------------------------------------------------
 
-    def generate(self, run: str, jobs: list[tuple[Subject, Settings]]) -> list[dict[str, Any]]:
+    def generate(self, run: str, jobs: list[tuple[Subject, Settings]]) -> list[Outcome]:
         """Render the subjects' prompts together, each image through its own subject's weights; one outcome each."""
         began = time.perf_counter()
-        outcomes: dict[str, dict[str, Any]] = {}
+        outcomes: dict[str, Outcome] = {}
         render: list[RenderJob] = []
         before: dict[str, int] = {}
         try:
@@ -249,13 +240,13 @@ class SubjectWorker:
             for slot, (subject, settings) in enumerate(jobs):
                 folder = subject_dir(run, subject.subject_id)
                 try:
-                    before[subject.subject_id] = len(storage.listdir(storage.join(folder, "images")))
+                    before[subject.subject_id] = len(storage.listdir(storage.join(folder, IMAGES)))
                     if subject.prompts:
-                        load_subject_weights(self.base, settings, storage.join(folder, "weights"), slot=slot)
+                        load_subject_weights(self.base, settings, storage.join(folder, WEIGHTS), slot=slot)
                 except Exception as err:  # this subject's weights: it fails alone
-                    outcomes[subject.subject_id] = _failure(err)
+                    outcomes[subject.subject_id] = _failure(subject.subject_id, err)
                     continue
-                render.append(RenderJob(subject, settings, storage.join(folder, "images"), slot))
+                render.append(RenderJob(subject, settings, storage.join(folder, IMAGES), slot))
             rows = render_pack(self.base, render) if render else {}
             tracker_errors: dict[str, list[str]] = {}
             for job in render:
@@ -266,16 +257,13 @@ class SubjectWorker:
                     tracker.log_images(rows[sid])
                     tracker_errors[sid] = tracker.close()
         except Exception as err:
-            failure = _failure(err)
-            return [outcomes.get(s.subject_id) or {**failure, "subject_id": s.subject_id} for s, _ in jobs]
+            return [outcomes.get(s.subject_id) or _failure(s.subject_id, err) for s, _ in jobs]
         finally:
             self.base.reset()
         seconds, peak = time.perf_counter() - began, _peak_gpu_memory()
         for job in render:
             sid = job.subject.subject_id
             images = len(rows[sid])
-            outcomes[sid] = {"ok": True, "images": images, "images_generated": images - before[sid],
-                             "seconds": seconds, "peak_gpu_memory_bytes": peak}  # fmt: skip
-            if tracker_errors.get(sid):
-                outcomes[sid]["tracker_errors"] = tracker_errors[sid]
-        return [{**outcomes[s.subject_id], "subject_id": s.subject_id} for s, _ in jobs]
+            outcomes[sid] = Outcome(sid, ok=True, images=images, images_generated=images - before[sid], seconds=seconds,
+                                    peak_gpu_memory_bytes=peak, tracker_errors=tracker_errors.get(sid) or None)  # fmt: skip
+        return [outcomes[s.subject_id] for s, _ in jobs]

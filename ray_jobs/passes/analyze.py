@@ -20,16 +20,23 @@ import pyarrow as pa
 from PIL import Image
 
 from engine.media.images import ImageError
-from engine.settings import Settings
 from engine.media.video import Video
-from engine.vlm.tasks import RowRequest
+from engine.settings import Settings
+from engine.vlm.tasks.base import RowRequest
 from ray_jobs import exit_status
-from ray_jobs.passes.inputs import VISUAL_COLUMNS, ImagesInput, RowVisual, check_images_manifest, row_visuals
-from ray_jobs.state.manifest import ManifestError
+from ray_jobs.cluster import connect
+from ray_jobs.passes.inputs import (
+    VISUAL_COLUMNS,
+    ImagesInput,
+    RowVisual,
+    check_images_manifest,
+    row_visuals,
+)
 from ray_jobs.passes.output import DONE_PAGES, PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
-from ray_jobs.passes.stats import StatsRelay, send_batch_figures
+from ray_jobs.passes.stats import BatchFigures, StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
+from ray_jobs.state.manifest import ManifestError
 
 STANDARD_COLUMNS = pa.schema(
     [("error", pa.string()), ("model", pa.string()), ("num_output_tokens", pa.int32()), ("reasoning", pa.string())]
@@ -231,7 +238,7 @@ class VLMPredictor:
             return
         errors = table.num_rows - table.column("error").null_count
         tokens = int(sum(t or 0 for t in table.column("num_output_tokens").to_pylist()))
-        send_batch_figures(self.inbox, (table.num_rows, errors, tokens, seconds))
+        send_batch_figures(self.inbox, BatchFigures(table.num_rows, errors, seconds, tokens=tokens))
 
 
 # -- the pass ---------------------------------------------------------------------------------------------------
@@ -241,11 +248,10 @@ class VLMPredictor:
 def vlm_stats_relay(metrics, task: str, progress: FleetProgress, rows_left: int) -> Iterator[StatsRelay]:
     """The pass's live figures: rows answered and failed into the progress bar, and the VLM series."""
 
-    def on_batch(figures: tuple[int, int, int, float]) -> None:
-        rows, errors, tokens, seconds = figures
-        progress.add(rows - errors, errors)
+    def on_batch(figures: BatchFigures) -> None:
+        progress.add(figures.rows - figures.errors, figures.errors)
         if metrics is not None:
-            metrics.on_vlm_batch(task, rows, errors, tokens, seconds)
+            metrics.on_vlm_batch(task, figures)
 
     if metrics is not None:
         metrics.on_vlm_pass(task, rows_left)
@@ -277,8 +283,6 @@ def _run_pass(request: AnalyzeRequest, images: ImagesInput, output: PassOutput, 
               schema: pa.Schema, metrics) -> None:  # fmt: skip
     import ray
     from ray.data.datasource.partitioning import Partitioning
-
-    from ray_jobs.run import connect
 
     connect(request.address, request.verbose)
     settings = request.settings

@@ -33,21 +33,20 @@ from engine import storage
 from engine.media.images import ImageError, read_image
 from engine.settings import Settings
 from ray_jobs import exit_status
-from ray_jobs.state.generations import GENERATIONS
+from ray_jobs.cluster import connect
 from ray_jobs.passes.inputs import ImagesInput, check_images_manifest
-from ray_jobs.state.manifest import ManifestError, subjects_of_run
 from ray_jobs.passes.output import PassOutput, arrow_filesystem
 from ray_jobs.passes.resources import model_actor_resources
-from ray_jobs.passes.stats import StatsRelay, send_batch_figures
+from ray_jobs.passes.stats import BatchFigures, StatsRelay, send_batch_figures
 from ray_jobs.progress import FleetProgress
+from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
+from ray_jobs.state.manifest import ManifestError, subjects_of_run
 from ray_jobs.state.run_dir import RunDirectory, now
 
-EVALUATION = "evaluation.parquet"
 INPUT_COLUMNS = ["id", "subject_id", "prompt", "prompt_index", "image_index", "image"]
 SCORES = ("dino", "clip_i", "clip_t")
 SCHEMA = pa.schema([
-    ("id", pa.string()), ("subject_id", pa.string()), ("prompt", pa.string()), ("prompt_index", pa.int32()),
-    ("image_index", pa.int32()), ("image", pa.string()),
+    *(GENERATIONS_SCHEMA.field(name) for name in INPUT_COLUMNS),
     ("class_prompt", pa.bool_()),  # made from the subject's bare class prompt: counts towards PRES, not fidelity
     *((name, pa.float64()) for name in SCORES),  # null where the row failed
     ("error", pa.string()), ("dino_model", pa.string()), ("clip_model", pa.string()),
@@ -142,7 +141,7 @@ class EvaluationScorer:
                           "clip_model": [self.evaluator.clip_model] * count}, schema=SCHEMA)  # fmt: skip
         failed = sum(e is not None for e in errors)
         kept = {name: [v for v in values if v is not None] for name, values in scores.items()}
-        send_batch_figures(self.inbox, (count, failed, time.perf_counter() - began, kept))
+        send_batch_figures(self.inbox, BatchFigures(count, failed, time.perf_counter() - began, scores=kept))
         return table
 
 
@@ -154,15 +153,13 @@ def evaluate(request: EvaluateRequest, metrics=None) -> int:
     from engine.evaluation import resolve_eval_model
 
     run = RunDirectory(request.run)
-    record = run.read_run()
-    if record is None:
-        raise ManifestError(f"{request.run}: no run.json; not a dreamfleet run directory")
-    source = storage.join(run.uri, GENERATIONS)
+    record = run.require_run()
+    source = run.generations
     if not storage.exists(source):
         raise ManifestError(f"{source}: nothing generated yet; run `dreamfleet generate` first")
     generations = check_images_manifest(source)
     if generations.num_rows == 0:
-        print(json.dumps({"output": storage.join(run.uri, EVALUATION), "rows": 0, "note": "nothing was generated"}))
+        print(json.dumps({"output": run.evaluation, "rows": 0, "note": "nothing was generated"}))
         return exit_status.OK
     settings = request.settings
     # Models are resolved here first: one not at hand fails the command before any cluster starts.
@@ -171,7 +168,7 @@ def evaluate(request: EvaluateRequest, metrics=None) -> int:
     subjects, notes = subjects_of_run(record)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    output = PassOutput(storage.join(run.uri, EVALUATION))
+    output = PassOutput(run.evaluation)
     output.prepare()
     forget_other_models(output, settings)
     if not output.holds_every_id(generations):
@@ -203,8 +200,6 @@ def _run_pass(request: EvaluateRequest, generations: ImagesInput, output: PassOu
               metrics) -> None:  # fmt: skip
     import ray
 
-    from ray_jobs.run import connect
-
     connect(request.address, request.verbose)
     settings = request.settings
     gpus, actor_cpus = model_actor_resources("eval", settings.eval_concurrency, settings.eval_gpus_per_actor,
@@ -230,11 +225,10 @@ def _run_pass(request: EvaluateRequest, generations: ImagesInput, output: PassOu
 
 @contextmanager
 def eval_stats_relay(metrics, progress: FleetProgress) -> Iterator[StatsRelay]:
-    def on_batch(figures: tuple[int, int, float, dict[str, list[float]]]) -> None:
-        rows, errors, seconds, scores = figures
-        progress.add(rows - errors, errors)
+    def on_batch(figures: BatchFigures) -> None:
+        progress.add(figures.rows - figures.errors, figures.errors)
         if metrics is not None:
-            metrics.on_eval_batch(rows, errors, seconds, scores)
+            metrics.on_eval_batch(figures)
 
     with StatsRelay(on_batch) as relay:
         yield relay

@@ -29,8 +29,10 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-
-from ray.data.checkpoint.checkpoint_filter import CheckpointFilter, IdColumnCheckpointManager
+from ray.data.checkpoint.checkpoint_filter import (
+    CheckpointFilter,
+    IdColumnCheckpointManager,
+)
 
 from engine import storage
 from ray_jobs.state.manifest import ManifestError

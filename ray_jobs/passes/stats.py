@@ -6,26 +6,38 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 STATS_POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class BatchFigures:
+    """What one batch of a pass did, as its model actor counted it."""
+
+    rows: int
+    errors: int  # rows that came out with `error` set
+    seconds: float  # the batch's model time
+    tokens: int = 0  # output tokens (VLM passes)
+    scores: dict[str, list[float]] = field(default_factory=dict)  # per-image scores by name (the evaluation pass)
 
 
 class BatchStatsInbox:
     """A Ray actor in the driver's job holding the figures sent since the last drain."""
 
     def __init__(self) -> None:
-        self.pending: list[Any] = []
+        self.pending: list[BatchFigures] = []
 
-    def add(self, figures: Any) -> None:
+    def add(self, figures: BatchFigures) -> None:
         self.pending.append(figures)
 
-    def drain(self) -> list[Any]:
+    def drain(self) -> list[BatchFigures]:
         taken, self.pending = self.pending, []
         return taken
 
 
-def send_batch_figures(inbox, figures: Any) -> None:
+def send_batch_figures(inbox: Any, figures: BatchFigures) -> None:
     """From a model actor: one batch's figures; waited for, so they are counted before its rows are written."""
     if inbox is None:
         return
@@ -40,7 +52,7 @@ def send_batch_figures(inbox, figures: Any) -> None:
 class StatsRelay:
     """While the pass runs, hands every batch's figures from the inbox to `on_batch` in the driver."""
 
-    def __init__(self, on_batch: Callable[[Any], None]):
+    def __init__(self, on_batch: Callable[[BatchFigures], None]):
         import ray
 
         self.on_batch = on_batch

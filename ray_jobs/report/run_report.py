@@ -35,16 +35,13 @@ from PIL import Image
 from engine import storage
 from engine.media.documents import count_pages, is_pdf, page_pixels, render_pages
 from engine.media.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
-from engine.settings import Settings
 from engine.media.video import read_first_frame
+from engine.settings import Settings
 from ray_jobs import exit_status
-from ray_jobs.state.generations import GENERATIONS
 from ray_jobs.state.manifest import subjects_of_run
-from ray_jobs.state.run_dir import RunDirectory, SubjectStatus, summarize
+from ray_jobs.state.run_dir import NotARunError, RunDirectory, SubjectStatus, summarize
+from ray_jobs.state.states import FAILED, RUNNING_STATES, STAGE_OF_STATE
 
-REPORT = "report.html"
-MODERATION = "moderation.parquet"
-EVALUATION = "evaluation.parquet"
 THUMBNAIL_SIZE = 192  # longest side, px
 THUMBNAIL_QUALITY = 85
 # Reading images and train logs is storage round trips and decoding, not Python work: overlap them.
@@ -92,7 +89,7 @@ def canonical_uri(uri: str) -> str:
 
 def report_path_for(run_uri: str) -> str:
     """Where `dreamfleet report RUN` writes by default: RUN/report.html."""
-    return storage.join(run_uri, REPORT)
+    return RunDirectory(run_uri).report
 
 
 def table_report_path_for(parquet_uri: str) -> str:
@@ -471,11 +468,6 @@ class LossCurve:
 
 
 STAGE_NAMES = {"train": "training", "generate": "generation"}
-# The stage of an attempt counted in status.json but absent from its history (the driver was killed mid-attempt, or
-# the attempt is still running), from the subject's state: a resumed run puts a subject back before its stage.
-STAGE_OF_STATE = {"pending": "train", "training": "train", "failed": "train", "trained": "generate",
-                  "generating": "generate"}  # fmt: skip
-STILL_RUNNING = frozenset({"training", "generating"})
 MATES_SHOWN = 6  # pack mates named in a history row; the rest are counted
 
 
@@ -566,7 +558,7 @@ def attempt_summary(status: SubjectStatus) -> AttemptSummary:
         rows.append(Attempt(number, stage, "ok" if entry.get("ok") else "failed", entry))
     if status.state in STAGE_OF_STATE:
         for n in range(expected, status.attempts + 1):
-            running = n == status.attempts and status.state in STILL_RUNNING
+            running = n == status.attempts and status.state in RUNNING_STATES
             outcome = "running or interrupted" if running else "interrupted"
             rows.append(Attempt(n, STAGE_OF_STATE[status.state], outcome, {}))
     retries, last_ok = 0, {}
@@ -575,7 +567,7 @@ def attempt_summary(status: SubjectStatus) -> AttemptSummary:
             retries += 1
         last_ok[row.stage] = row.ok
     failed_stage, failed_after = None, 0
-    if status.state == "failed" and rows:
+    if status.state == FAILED and rows:
         failed_stage = rows[-1].stage
         for row in reversed([r for r in rows if r.stage == failed_stage]):
             if row.ok:
@@ -619,7 +611,7 @@ def loss_curve(records: list[dict[str, Any]]) -> LossCurve | None:
 
 
 def _read_loss_curve(run_uri: str, subject_id: str) -> LossCurve | None:
-    uri = storage.join(run_uri, "subjects", subject_id, "train_log.jsonl")
+    uri = RunDirectory(run_uri).train_log(subject_id)
     try:
         text = storage.read_bytes(uri).decode()
     except FileNotFoundError:
@@ -652,7 +644,7 @@ def _read_optional_table(uri: str, wanted: list[str], notes: list[str]) -> list[
 
 def _verdicts(run_uri: str, notes: list[str]) -> dict[str, Verdict]:
     rows = _read_optional_table(
-        storage.join(run_uri, MODERATION), ["id", "safe", "categories", "score", "error"], notes
+        RunDirectory(run_uri).moderation, ["id", "safe", "categories", "score", "error"], notes
     )
     return {
         r["id"]: Verdict(r.get("safe"), list(r.get("categories") or []), r.get("score"), r.get("error"))
@@ -663,7 +655,7 @@ def _verdicts(run_uri: str, notes: list[str]) -> dict[str, Verdict]:
 
 def _image_scores(run_uri: str, notes: list[str]) -> dict[str, ImageScores]:
     rows = _read_optional_table(
-        storage.join(run_uri, EVALUATION),
+        RunDirectory(run_uri).evaluation,
         ["id", "dino", "clip_i", "clip_t", "error", "class_prompt", "dino_model", "clip_model"],
         notes,
     )
@@ -711,9 +703,7 @@ def _wall_time(record: dict[str, Any]) -> str | None:
 def write_run_report(run_uri: str, out: str | None = None) -> str:
     """Write the report of the run directory `run_uri` (default RUN/report.html, more pages beside it); its URI."""
     run = RunDirectory(run_uri)
-    record = run.read_run()
-    if record is None:
-        raise ReportError(f"{run_uri}: no run.json; not a dreamfleet run directory")
+    record = run.require_run()
     layout = ReportLayout(canonical_uri(out or report_path_for(run.uri)))
     notes: list[str] = []
     statuses = sorted(run.read_statuses().values(), key=lambda s: s.subject_id)
@@ -722,7 +712,7 @@ def write_run_report(run_uri: str, out: str | None = None) -> str:
     image_scores = _image_scores(run.uri, notes)
     generations = defaultdict(list)
     wanted = ["id", "subject_id", "prompt", "prompt_index", "image_index", "seed", "image"]
-    for row in _read_optional_table(storage.join(run.uri, GENERATIONS), wanted, notes):
+    for row in _read_optional_table(run.generations, wanted, notes):
         generations[row["subject_id"]].append(row)
     with ThreadPoolExecutor(READ_THREADS) as pool:
         curves = list(pool.map(lambda s: _read_loss_curve(run.uri, s.subject_id), statuses))
@@ -770,7 +760,7 @@ def _write_run_pages(
         "record": record,
         "wall_time": _wall_time(record),
         "summary": summary,
-        "failed": [c for c in cards if c.status.state == "failed"],
+        "failed": [c for c in cards if c.status.state == FAILED],
         "rejected": run.read_rejected_rows(),
         "notes": notes,
         "bars": bars,
@@ -1058,7 +1048,7 @@ def _sample_row(row: dict[str, Any], thumbs: ThumbnailStore, detect: bool) -> Sa
 def write_report(uri: str, out: str | None = None, pdf_dpi: float = PDF_DPI) -> str:
     """The report of whatever `uri` is: a run directory (it has run.json), a pass output (a folder of Parquet part
     files) or a Parquet file; its URI. `pdf_dpi`: a pass output's (see write_table_report)."""
-    if storage.exists(storage.join(uri, "run.json")):
+    if storage.exists(RunDirectory(uri).run_json):
         return write_run_report(uri, out)
     fs, path = storage.filesystem(uri)
     try:
@@ -1080,7 +1070,7 @@ def write_report(uri: str, out: str | None = None, pdf_dpi: float = PDF_DPI) -> 
 def cmd_report(args: argparse.Namespace) -> int:
     try:
         print(write_report(args.path, args.out, args.pdf_dpi))
-    except ReportError as err:
+    except (ReportError, NotARunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_status.NOT_RUN
     return exit_status.OK

@@ -12,23 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
-from ray_jobs.state.run_dir import RunDirectory, subject_dir
-
-GENERATIONS = "generations.parquet"
-SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),  # subject_id/file stem: makes this table an images manifest for `dreamfleet analyze`
-        ("subject_id", pa.string()),
-        ("prompt", pa.string()),
-        ("prompt_index", pa.int32()),
-        ("image_index", pa.int32()),
-        ("seed", pa.int64()),
-        ("image", pa.string()),
-        ("guidance_scale", pa.float64()),
-        ("num_inference_steps", pa.int32()),
-        ("scheduler", pa.string()),
-    ]
-)
+from engine.diffusion.generation import ROW_SCHEMA as SCHEMA
+from ray_jobs.state.run_dir import GENERATIONS, RunDirectory, subject_dir
+from ray_jobs.state.states import DONE
 
 
 def write_subject_generations(folder: str, rows: list[dict[str, Any]]) -> None:
@@ -40,12 +26,12 @@ def assemble_generations(run: RunDirectory, passthrough: dict[str, dict[str, Any
     tables = []
     for sid, status in sorted(run.read_statuses().items()):
         uri = storage.join(subject_dir(run.uri, sid), GENERATIONS)
-        if status.state == "done" and storage.exists(uri):
+        if status.state == DONE and storage.exists(uri):
             tables.append(pq.read_table(pa.BufferReader(storage.read_bytes(uri))))
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     extra_columns = sorted({c for values in passthrough.values() for c in values} - set(SCHEMA.names))
     ids = table.column("subject_id").to_pylist()
     for column in extra_columns:
         table = table.append_column(column, pa.array([passthrough.get(i, {}).get(column) for i in ids]))
-    storage.write_parquet(storage.join(run.uri, GENERATIONS), table)
+    storage.write_parquet(run.generations, table)
     return table.num_rows

@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import storage
+from engine.diffusion.subject import SUBJECT_ID_PATTERN, Subject
 from engine.media.images import ImageError, read_image
 from engine.settings import Settings, SettingsError, parse_params
-from engine.diffusion.subject import SUBJECT_ID_PATTERN, Subject
 
 MAX_INSTANCE_IMAGES = 64
 # Prompts are tokenised (and truncated) by CLIP; anything this long is a pasted file, not a prompt.

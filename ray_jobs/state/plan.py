@@ -10,14 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.diffusion.class_images import class_set_key
-from engine.settings import Settings
 from engine.diffusion.subject import SUBJECT_ID_PATTERN, Subject
+from engine.settings import Settings
 from ray_jobs.state.manifest import RowError
 from ray_jobs.state.run_dir import SubjectStatus
-
-# States in which a subject's training is finished; a rerun skips them.
-TRAINED_STATES = frozenset({"trained", "generating", "done"})
-STAGES = ("train", "generate")  # per-subject stages; moderation and evaluation are passes over the run's table
+from ray_jobs.state.states import DONE, STAGES
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ def plan_fleet(
         trained = status.is_trained
         todo = tuple(
             stage for stage in stages if stage in STAGES
-            if (stage == "train" and not trained) or (stage == "generate" and status.state != "done")
+            if (stage == "train" and not trained) or (stage == "generate" and status.state != DONE)
         )  # fmt: skip
         if not todo:
             finished.append(subject.subject_id)

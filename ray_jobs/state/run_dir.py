@@ -17,15 +17,33 @@ from importlib import metadata
 from typing import Any
 
 from engine import storage
+from engine.diffusion.subject import TRAIN_LOG
 from engine.settings import EVAL_SETTINGS, Settings
+from ray_jobs.state.states import PENDING, STATES, TRAINED_STATES
 
-STATES = ("pending", "training", "trained", "generating", "done", "failed")
 # Settings that may differ between invocations on the same RUN without changing what a subject is.
 OPERATIONAL_SETTINGS = frozenset({"max_attempts", "pack_subjects", "compile_unet"}) | EVAL_SETTINGS  # how, not what
+# The run directory's files (SPEC: "Run directory"); a subject's own folder holds what engine.diffusion.subject names.
+RUN_JSON = "run.json"
+SUBJECTS = "subjects"
+STATUS = "status.json"
+CLASS_IMAGES = "class_images"
+REJECTED_ROWS = "rejected_rows.json"
+GENERATIONS = "generations.parquet"  # the run's table, and each subject's own rows in its folder
+MODERATION = "moderation.parquet"  # a pass output: a folder of part files
+EVALUATION = "evaluation.parquet"  # a pass output: a folder of part files
+REPORT = "report.html"
 STATUS_READ_THREADS = 32  # reading statuses is storage round trips; overlap them on object stores
 
 
 TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")  # what engine.storage's atomic writes leave if killed mid-write
+
+
+class NotARunError(ValueError):
+    """The URI holds no run.json: not a dreamfleet run directory (or not one yet)."""
+
+    def __init__(self, uri: str):
+        super().__init__(f"{uri}: no {RUN_JSON}; not a dreamfleet run directory")
 
 
 class RunConflictError(ValueError):
@@ -47,13 +65,13 @@ def versions() -> dict[str, str]:
 
 
 def subject_dir(run: str, subject_id: str) -> str:
-    return storage.join(run, "subjects", subject_id)
+    return storage.join(run, SUBJECTS, subject_id)
 
 
 @dataclass
 class SubjectStatus:
     subject_id: str
-    state: str = "pending"
+    state: str = PENDING  # one of ray_jobs/state/states.py
     attempts: int = 0
     error: str | None = None
     history: list[dict[str, Any]] | None = None  # one entry per attempt: outcome, error, resumed_from, steps run
@@ -65,7 +83,7 @@ class SubjectStatus:
     @property
     def is_trained(self) -> bool:
         """Trained, even if a later stage (generation) failed: its weights are in RUN and need no retraining."""
-        if self.state in ("trained", "generating", "done"):
+        if self.state in TRAINED_STATES:
             return True
         return any(h.get("stage") == "train" and h.get("ok") for h in self.history or [])
 
@@ -79,14 +97,40 @@ class RunDirectory:
 
     @property
     def run_json(self) -> str:
-        return storage.join(self.uri, "run.json")
+        return storage.join(self.uri, RUN_JSON)
 
     @property
     def class_images(self) -> str:
-        return storage.join(self.uri, "class_images")
+        return storage.join(self.uri, CLASS_IMAGES)
+
+    @property
+    def generations(self) -> str:
+        return storage.join(self.uri, GENERATIONS)
+
+    @property
+    def moderation(self) -> str:
+        return storage.join(self.uri, MODERATION)
+
+    @property
+    def evaluation(self) -> str:
+        return storage.join(self.uri, EVALUATION)
+
+    @property
+    def report(self) -> str:
+        return storage.join(self.uri, REPORT)
+
+    def train_log(self, subject_id: str) -> str:
+        return storage.join(subject_dir(self.uri, subject_id), TRAIN_LOG)
 
     def read_run(self) -> dict[str, Any] | None:
         return storage.read_json(self.run_json) if storage.exists(self.run_json) else None
+
+    def require_run(self) -> dict[str, Any]:
+        """run.json's record; NotARunError where there is none."""
+        record = self.read_run()
+        if record is None:
+            raise NotARunError(self.uri)
+        return record
 
     def start(
         self,
@@ -171,7 +215,7 @@ class RunDirectory:
         storage.write_json(self.run_json, record)
 
     def status_uri(self, subject_id: str) -> str:
-        return storage.join(subject_dir(self.uri, subject_id), "status.json")
+        return storage.join(subject_dir(self.uri, subject_id), STATUS)
 
     def read_status(self, subject_id: str) -> SubjectStatus | None:
         uri = self.status_uri(subject_id)
@@ -186,14 +230,14 @@ class RunDirectory:
     def read_statuses(self, subject_ids: list[str] | None = None) -> dict[str, SubjectStatus]:
         """Statuses of `subject_ids` (default: every subject folder in RUN) that exist."""
         if subject_ids is None:
-            subject_ids = storage.listdir(storage.join(self.uri, "subjects"))
+            subject_ids = storage.listdir(storage.join(self.uri, SUBJECTS))
         with ThreadPoolExecutor(STATUS_READ_THREADS) as pool:
             found = pool.map(self.read_status, subject_ids)
         return {s.subject_id: s for s in found if s is not None}
 
     @property
     def rejected_rows_uri(self) -> str:
-        return storage.join(self.uri, "rejected_rows.json")
+        return storage.join(self.uri, REJECTED_ROWS)
 
     def write_rejected_rows(self, rows: list[dict[str, Any]]) -> None:
         """Manifest rows that could not become subjects at all (e.g. an invalid subject_id): they have no folder."""

@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from engine.evaluation import Embeddings, Evaluator, diversity, resolve_eval_model
-from engine.diffusion.base_model import ModelError
+from engine.hub import ModelError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,11 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
 from engine import storage
-from engine.diffusion.checkpoints import TrainingState, load_latest_checkpoint, save_checkpoint
+from engine.diffusion.checkpoints import (
+    TrainingState,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 
 
 class FlakyFileSystem(MemoryFileSystem):

@@ -11,14 +11,25 @@ import pytest
 from PIL import Image
 
 from engine.diffusion.class_images import ClassImageCache
-from engine.settings import load_settings
 from engine.diffusion.subject import Subject
-from engine.tracking import SCALARS, SubjectTracker, TrackingGroup, start_group, wandb_run_id
 from engine.diffusion.train import PackTrainer
-from tests.conftest import Interrupted, draw_subject
+from engine.settings import load_settings
+from engine.tracking import (
+    SCALARS,
+    SubjectTracker,
+    TrackingGroup,
+    start_group,
+    wandb_run_id,
+)
+from tests.helpers.subjects import draw_subject
 from tests.helpers.tracking_readers import (
-    mlflow_children, mlflow_curves, tensorboard_events, tensorboard_hparams, wandb_sessions,
+    mlflow_children,
+    mlflow_curves,
+    tensorboard_events,
+    tensorboard_hparams,
+    wandb_sessions,
 )  # fmt: skip
+from tests.helpers.training import Interrupted
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 STEPS = 4
@@ -175,7 +186,7 @@ def test_each_tool_sees_every_subjects_run_through_a_resume_with_its_curves_sett
 
 
 def test_a_tracker_that_fails_is_reported_and_the_training_finishes(base, tools, class_uris, monkeypatch):
-    from tests.ray_jobs.conftest import free_port
+    from tests.helpers.services import free_port
 
     down = f"http://127.0.0.1:{free_port()}"  # an MLflow server that is not running
     monkeypatch.setenv("MLFLOW_TRACKING_URI", down)

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import os
-import secrets
-import socket
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import draw_subject
-
-# Credentials that look like real ones and appear nowhere else, so a test can search for leaks of them.
-ACCESS_KEY_ID = "AKIADREAMFLEETTEST42"
-SECRET_ACCESS_KEY = "dfSecret/" + secrets.token_hex(16)
+from tests.helpers.services import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 
 
 @pytest.fixture(scope="session")
@@ -43,28 +36,3 @@ def ray_cluster(s3_endpoint, model_cache):
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def make_subject_rows(folder: Path, n: int, classes=("ball", "box"), prefix: str = "s") -> list[dict]:
-    rows = []
-    for i in range(n):
-        images = folder / f"{prefix}{i}"
-        images.mkdir(parents=True, exist_ok=True)
-        uris = [str(draw_subject(images / f"{k}.png", shift=i + k)) for k in range(3)]
-        cls = classes[i % len(classes)]
-        rows.append(
-            {
-                "subject_id": f"{prefix}{i}",
-                "instance_images": uris,
-                "instance_prompt": f"a photo of sks {cls}",
-                "class_prompt": f"a photo of a {cls}",
-            }
-        )
-    return rows
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

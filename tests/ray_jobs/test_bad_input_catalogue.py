@@ -21,9 +21,8 @@ from PIL import Image
 from ray_jobs.cli import main
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
-from tests.helpers import media_files
-from tests.conftest import draw_subject
-from tests.ray_jobs.conftest import make_subject_rows
+from samples import media_files
+from tests.helpers.subjects import draw_subject, make_subject_rows
 
 FAST = ["--set", "max_train_steps=4", "--set", "checkpointing_steps=2", "--set", "num_class_images=2", "--no-progress"]
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from engine import storage
@@ -27,9 +26,7 @@ from engine.diffusion.checkpoints import complete_steps
 from ray_jobs.cli import main
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
-from tests.ray_jobs.conftest import make_subject_rows
-
-pytestmark = pytest.mark.slow
+from tests.helpers.subjects import make_subject_rows
 
 STEPS, INTERVAL = 40, 5
 

@@ -2,7 +2,7 @@
 
 from ray_jobs.cli import main
 from ray_jobs.state.manifest import write_subjects_manifest
-from tests.ray_jobs.conftest import make_subject_rows
+from tests.helpers.subjects import make_subject_rows
 
 
 def test_validate_subjects_exit_status_and_bad_rows(tmp_path, capsys):

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs.cli import main
-from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.metrics import EXPORTED_NAMES
-from tests.ray_jobs.conftest import free_port, make_subject_rows
+from ray_jobs.state.manifest import write_subjects_manifest
+from tests.helpers.services import free_port
+from tests.helpers.subjects import make_subject_rows
 
-pytestmark = pytest.mark.slow
 STEPS = 12
 
 
@@ -139,9 +139,8 @@ def test_prometheus_scrapes_the_run_and_the_pushgateway_keeps_its_final_values(r
 
 
 def test_a_vlm_pass_is_visible_while_it_runs_and_every_series_is_zero_from_the_start(ray_cluster, servers, tmp_path):
-    from PIL import Image
-
     import pyarrow as pa
+    from PIL import Image
 
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -15,10 +15,11 @@ import pytest
 from engine import storage
 from engine.settings import load_settings
 from ray_jobs.cli import build_parser, main
-from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.metrics import RunMetrics
+from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
-from tests.ray_jobs.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY, free_port, make_subject_rows
+from tests.helpers.services import ACCESS_KEY_ID, SECRET_ACCESS_KEY, free_port
+from tests.helpers.subjects import make_subject_rows
 
 FAST = ["--set", "max_train_steps=4", "--set", "checkpointing_steps=2", "--set", "num_class_images=2", "--no-progress",
         "--set", "evaluate=false"]  # the evaluation pass has its own tests (test_evaluate.py); here it only costs time

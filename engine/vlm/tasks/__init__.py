@@ -1,6 +1,7 @@
-"""The VLM tasks, one file each: what to ask, how the answer is constrained, and which columns it becomes.
+"""The registry of VLM tasks (`TASKS`, `make_task`). Each task is one file of this package: what to ask, how the
+answer is constrained, and which columns it becomes.
 
-A task has `name`, `columns` (its output columns as a pyarrow schema), and per row (a `RowRequest`):
+A task (tasks/base.py) has `name`, `columns` (its output columns as a pyarrow schema), and per row (a `RowRequest`):
 `instruction(request)` (the prompt, overridable in settings as `<task>_prompt`), `grammar(request)` (an xgrammar
 grammar for the answer, or None) and `parse(output, request) -> dict`. `instruction` and `parse` raise ValueError
 when a row cannot be asked or its answer is unusable: that row gets the error, the others are answered.
@@ -8,55 +9,13 @@ when a row cannot be asked or its answer is unusable: that row gets the error, t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-
 from engine.settings import Settings
+from engine.vlm.tasks import caption, detect, extract, moderate, ocr, parse, vqa
+from engine.vlm.tasks.base import TaskError, VLMTask
 
 TASKS = ("ocr", "extract", "moderate", "caption", "vqa", "detect", "parse")
-
-
-class TaskError(ValueError):
-    """A task cannot be set up (bad schema file, bad policy file, no question); nothing runs."""
-
-
-@dataclass(frozen=True)
-class RowRequest:
-    """What a task may use of one row: its own question and categories (None: the row has none), and the size in
-    pixels of what it shows, upright (EXIF orientation applied; a rendered PDF page; a video frame)."""
-
-    width: int
-    height: int
-    question: str | None = None
-    categories: str | None = None  # comma-separated, as the `categories` column holds them
-    is_video: bool = False
-
-
-class VLMTask:
-    """Defaults for the parts a task may leave out: no grammar, no logits, images only, nothing to prepare."""
-
-    name: str
-    columns: pa.Schema
-    wants_first_logits = False
-    accepts_video = False
-    prompt: str  # the instruction, where it is the same for every row
-
-    def prepare(self, vlm) -> None:
-        """Look up what the task needs from the loaded model (token ids); called once per model actor."""
-
-    def check_input(self, column_names: list[str]) -> None:
-        """Refuse, before anything runs, an input that can never be asked (e.g. vqa with no question anywhere)."""
-
-    def instruction(self, request: RowRequest) -> str:
-        return self.prompt
-
-    def grammar(self, request: RowRequest):
-        return None
-
-    def parse(self, output, request: RowRequest) -> dict:
-        raise NotImplementedError
 
 
 def make_task(
@@ -67,8 +26,6 @@ def make_task(
     question: str | None = None,
     categories: str | None = None,
 ) -> VLMTask:
-    from engine.vlm.tasks import caption, detect, extract, moderate, ocr, parse, vqa
-
     if name == "ocr":
         return ocr.OCRTask(settings)
     if name == "caption":

@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from engine.settings import Settings
 from engine.vlm.model import VLMOutput
-from engine.vlm.tasks import RowRequest, VLMTask
+from engine.vlm.tasks.base import RowRequest, VLMTask
 
 PROMPT = (
     "Describe this image in detail: the main subject, its appearance, the setting, colours, lighting and "

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from engine.vlm.constrained import Grammar
 from engine.settings import Settings
+from engine.vlm.constrained import Grammar
 from engine.vlm.model import VLMOutput
-from engine.vlm.tasks import RowRequest, TaskError, VLMTask
+from engine.vlm.tasks.base import RowRequest, TaskError, VLMTask
 from engine.vlm.tasks.extract import literal_bytes
 
 # The Qwen3-VL cookbook's grounding prompt.

@@ -8,16 +8,18 @@ import math
 import re
 import sys
 from pathlib import Path
-from re import _parser as regex_parser  # the standard parser's getwidth() bounds a pattern's length; no public API does
+from re import (
+    _parser as regex_parser,  # the standard parser's getwidth() bounds a pattern's length; no public API does
+)
 from typing import Any
 
 import jsonschema
 import pyarrow as pa
 
-from engine.vlm.constrained import Grammar
 from engine.settings import Settings
+from engine.vlm.constrained import Grammar
 from engine.vlm.model import VLMOutput
-from engine.vlm.tasks import RowRequest, TaskError, VLMTask
+from engine.vlm.tasks.base import RowRequest, TaskError, VLMTask
 
 PROMPT = (
     "Extract the fields described by this JSON Schema from the document in the image. Answer with one JSON object "

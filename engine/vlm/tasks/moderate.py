@@ -11,10 +11,10 @@ import pyarrow as pa
 import torch
 import yaml
 
-from engine.vlm.constrained import Grammar
 from engine.settings import Settings
+from engine.vlm.constrained import Grammar
 from engine.vlm.model import VLMOutput
-from engine.vlm.tasks import RowRequest, TaskError, VLMTask
+from engine.vlm.tasks.base import RowRequest, TaskError, VLMTask
 
 # The 13 MLCommons hazard categories, as Llama Guard 3 Vision names them.
 DEFAULT_POLICY = [

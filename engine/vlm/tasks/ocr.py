@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from engine.settings import Settings
 from engine.vlm.model import VLMOutput
-from engine.vlm.tasks import RowRequest, VLMTask
+from engine.vlm.tasks.base import RowRequest, VLMTask
 
 PROMPT = (
     "Read all the text in this image. Write it out exactly as it appears, in natural reading order "

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.diffusion.base_model import ModelError, fingerprint, load_base_model, resolve_base_model
+from engine.diffusion.base_model import load_base_model, resolve_base_model
+from engine.hub import ModelError, fingerprint
 from engine.tiny.sd import build_tiny_sd
 
 

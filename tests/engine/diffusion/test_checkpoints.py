@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from engine import storage
-from engine.diffusion.checkpoints import CheckpointError, TrainingState, complete_steps, load_latest_checkpoint, save_checkpoint
+from engine.diffusion.checkpoints import (
+    CheckpointError,
+    TrainingState,
+    complete_steps,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 
 
 def _state(step: int) -> TrainingState:

@@ -34,4 +34,5 @@ def test_class_sets_live_on_any_fsspec_filesystem(base):
     settings = load_settings("tiny", overrides={"num_class_images": 2})
     cache = ClassImageCache("memory://class-images-test")
     result = cache.ensure(base, "a photo of a dog", settings)
+    assert len(result.uris) == 2 and result.generated == 2
     assert all(storage.read_bytes(u).startswith(b"\x89PNG") for u in result.uris)

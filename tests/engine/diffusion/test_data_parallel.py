@@ -16,10 +16,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from engine.diffusion.class_images import ClassImageCache
-from engine.settings import Settings, load_settings
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import train_subject
-from tests.conftest import Interrupted, draw_subject, stop_at
+from engine.settings import Settings, load_settings
+from tests.helpers.subjects import draw_subject
+from tests.helpers.training import Interrupted, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 

@@ -18,11 +18,10 @@ from engine.diffusion.generation import RenderJob, generate, render_pack
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import PackJob, train_pack, train_subject
 from engine.settings import SettingsError, load_settings
-from tests.conftest import Interrupted, draw_subject, stop_at
+from tests.helpers.subjects import draw_subject
+from tests.helpers.training import Interrupted, assert_same_training, lora_weights, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
-# As for the UNet (tests/engine/diffusion/test_train.py); measured here: losses within ~1e-7, weights ~1e-5.
-PACK_LOSS_TOLERANCE, PACK_WEIGHT_TOLERANCE = 1e-5, 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +69,6 @@ def _jobs(base, name: str, tmp_path, count: int, folder: str, **extra) -> list[P
     return jobs
 
 
-def _lora(result) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(f"{result.weights_uri}/pytorch_lora_weights.safetensors")
-
-
-def _assert_same_training(alone, packed) -> None:
-    assert len(alone.losses) == len(packed.losses)
-    assert max(abs(a - b) for a, b in zip(alone.losses, packed.losses)) <= PACK_LOSS_TOLERANCE
-    a, b = _lora(alone), _lora(packed)
-    assert a.keys() == b.keys() and all(k.startswith("transformer.") for k in a)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= PACK_WEIGHT_TOLERANCE
-
-
 @pytest.mark.parametrize("name, count", [("tiny-flux", 1), ("tiny-flux", 2), ("tiny-flux", 3), ("tiny-flux2", 3)])
 def test_packed_flux_subjects_end_with_the_weights_they_would_have_alone(bases, tmp_path, name, count):
     _, base = bases[name]
@@ -93,7 +78,9 @@ def test_packed_flux_subjects_end_with_the_weights_they_would_have_alone(bases, 
     for job in jobs:
         alone = train_subject(base, job.subject, job.settings, str(tmp_path / "alone" / job.subject.subject_id),
                               job.class_image_uris)  # fmt: skip
-        _assert_same_training(alone, next(e.result for e in ended if e.subject == job.subject))
+        packed = next(e.result for e in ended if e.subject == job.subject)
+        assert_same_training(alone, packed)  # the UNet's bounds (tests/helpers/training.py) hold for FLUX too
+        assert all(k.startswith("transformer.") for k in lora_weights(packed))
 
 
 def test_a_killed_flux_subject_resumes_bit_for_bit(dev, tmp_path):
@@ -105,7 +92,7 @@ def test_a_killed_flux_subject_resumes_bit_for_bit(dev, tmp_path):
         train_subject(base, job.subject, job.settings, resumed_dir, job.class_image_uris, stop_at(4))
     resumed = train_subject(base, job.subject, job.settings, resumed_dir, job.class_image_uris)
     assert resumed.resumed_from == 3 and resumed.losses == straight.losses
-    assert all(torch.equal(a, b) for a, b in zip(_lora(straight).values(), _lora(resumed).values()))
+    assert all(torch.equal(a, b) for a, b in zip(lora_weights(straight).values(), lora_weights(resumed).values()))
 
 
 def _stock(name: str, path, weights: str | None = None):

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from engine.diffusion.generation import render_subject
-from engine.settings import load_settings
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import train_subject
 from engine.diffusion.weights import load_subject_weights
+from engine.settings import load_settings
 
 PROMPTS = ("a photo of sks ball on grass", "a photo of sks ball in snow")
 

@@ -12,17 +12,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from engine.diffusion.base_model import load_base_model, resolve_base_model
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.generation import render_subject
 from engine.diffusion.unet import make_scheduler
-from engine.diffusion.base_model import ModelError, fingerprint, load_base_model, resolve_base_model
-from engine.settings import load_settings
 from engine.diffusion.subject import Subject
-from engine.tiny.sd import build_tiny_sdxl
 from engine.diffusion.train import PackJob, train_pack, train_subject
 from engine.diffusion.weights import load_subject_weights
-from tests.conftest import Interrupted, draw_subject, stop_at
-from tests.engine.diffusion.test_train import _assert_same_training
+from engine.hub import ModelError, fingerprint
+from engine.settings import load_settings
+from engine.tiny.sd import build_tiny_sdxl
+from tests.helpers.subjects import draw_subject
+from tests.helpers.training import Interrupted, assert_same_training, stop_at
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 
@@ -98,8 +99,7 @@ def test_tiny_sdxl_is_deterministic_and_round_trips_through_stock_from_pretraine
 
 
 def test_training_conditions_the_unet_as_the_stock_pipeline_does(sdxl):
-    from engine.diffusion.unet import make_pipeline
-    from engine.diffusion.unet import encode_prompts, tokenize, unet_added_conditions
+    from engine.diffusion.unet import encode_prompts, make_pipeline, tokenize, unet_added_conditions
 
     with torch.no_grad():
         ours = encode_prompts(sdxl, tokenize(sdxl, PROMPT))
@@ -171,7 +171,7 @@ def test_a_packed_pair_trains_like_each_subject_alone(sdxl, tmp_path):
     for job in jobs:
         alone = train_subject(sdxl, job.subject, job.settings, str(tmp_path / "alone" / job.subject.subject_id),
                               job.class_image_uris)  # fmt: skip
-        _assert_same_training(alone, next(e.result for e in ended if e.subject == job.subject))
+        assert_same_training(alone, next(e.result for e in ended if e.subject == job.subject))
 
 
 def test_killed_and_resumed_training_equals_uninterrupted(sdxl, subject_images, tmp_path):

@@ -6,14 +6,19 @@ import numpy as np
 import pytest
 import torch
 
+from engine.diffusion.base_model import load_base_model
 from engine.diffusion.checkpoints import CheckpointError, complete_steps
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.instance_data import load_pixels
-from engine.diffusion.base_model import load_base_model
-from engine.settings import load_settings
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import NonFiniteLossError, train_subject
-from tests.conftest import Interrupted, stop_at
+from engine.settings import load_settings
+from tests.helpers.training import (
+    Interrupted,
+    assert_same_training,
+    lora_weights,
+    stop_at,
+)
 
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
 
@@ -184,8 +189,6 @@ def test_training_learns_the_subject(prior_base, prior_path, subject_images, tmp
 # Measured on this CPU (tiny model, 12 steps): losses agree to ~5e-7 and LoRA weights to ~3e-4 (of values ~0.5).
 # The samples see the same arithmetic alone and packed; what differs is only how the kernels block a larger batch,
 # and AdamW's normalisation then amplifies those last-bit differences a little each step.
-PACK_LOSS_TOLERANCE, PACK_WEIGHT_TOLERANCE = 1e-5, 2e-3
-
 PACK_SPECS = [  # different step counts, learning rates, class prompts and batch sizes
     ("a", "ball", {"max_train_steps": 9, "learning_rate": 5e-3}),
     ("b", "box", {"max_train_steps": 5, "learning_rate": 1e-2}),
@@ -195,7 +198,7 @@ PACK_SPECS = [  # different step counts, learning rates, class prompts and batch
 
 def _pack_jobs(base, tmp_path, count: int, folder: str, **extra):
     from engine.diffusion.train import PackJob
-    from tests.conftest import draw_subject
+    from tests.helpers.subjects import draw_subject
 
     jobs = []
     for i, (sid, cls, overrides) in enumerate(PACK_SPECS[:count]):
@@ -209,20 +212,6 @@ def _pack_jobs(base, tmp_path, count: int, folder: str, **extra):
     return jobs
 
 
-def _lora_weights(result) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(f"{result.weights_uri}/pytorch_lora_weights.safetensors")
-
-
-def _assert_same_training(alone, packed) -> None:
-    assert len(alone.losses) == len(packed.losses)
-    assert max(abs(a - b) for a, b in zip(alone.losses, packed.losses)) <= PACK_LOSS_TOLERANCE
-    a, b = _lora_weights(alone), _lora_weights(packed)
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= PACK_WEIGHT_TOLERANCE
-
-
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_packed_subjects_end_with_the_weights_they_would_have_alone(base, tmp_path, count):
     from engine.diffusion.train import train_pack
@@ -234,9 +223,9 @@ def test_packed_subjects_end_with_the_weights_they_would_have_alone(base, tmp_pa
         alone = train_subject(base, job.subject, job.settings, str(tmp_path / "alone" / job.subject.subject_id),
                               job.class_image_uris)  # fmt: skip
         packed = next(e.result for e in ended if e.subject == job.subject)
-        _assert_same_training(alone, packed)
+        assert_same_training(alone, packed)
     # and each subject learned something of its own: no two packed subjects' weights are alike
-    weights = [_lora_weights(e.result) for e in ended]
+    weights = [lora_weights(e.result) for e in ended]
     for i in range(count):
         for j in range(i + 1, count):
             assert max((weights[i][k] - weights[j][k]).abs().max().item() for k in weights[i]) > 1e-2
@@ -252,7 +241,7 @@ def test_packed_text_encoder_subjects_match_alone_too(base, tmp_path):
     for job in jobs:
         alone = train_subject(base, job.subject, job.settings, str(tmp_path / "alone" / job.subject.subject_id),
                               job.class_image_uris)  # fmt: skip
-        _assert_same_training(alone, next(e.result for e in ended if e.subject == job.subject))
+        assert_same_training(alone, next(e.result for e in ended if e.subject == job.subject))
 
 
 def test_a_freed_slot_takes_the_next_subject_at_once(base, tmp_path):
@@ -281,7 +270,7 @@ def test_a_subject_that_fails_leaves_its_pack_mates_as_they_would_be_alone(base,
     assert isinstance(ended["b"].error, NonFiniteLossError) and "at step 1" in str(ended["b"].error)
     assert "broken.jpg" in str(ended["c"].error)
     alone = train_subject(base, jobs[0].subject, jobs[0].settings, str(tmp_path / "alone"), jobs[0].class_image_uris)
-    _assert_same_training(alone, ended["a"].result)
+    assert_same_training(alone, ended["a"].result)
 
 
 def test_a_packed_subject_resumes_alone_from_its_own_checkpoint(base, tmp_path):
@@ -294,4 +283,4 @@ def test_a_packed_subject_resumes_alone_from_its_own_checkpoint(base, tmp_path):
     resumed = train_subject(base, jobs[0].subject, jobs[0].settings, jobs[0].subject_dir, jobs[0].class_image_uris)
     assert resumed.resumed_from == 6
     alone = train_subject(base, jobs[0].subject, jobs[0].settings, str(tmp_path / "alone"), jobs[0].class_image_uris)
-    _assert_same_training(alone, resumed)
+    assert_same_training(alone, resumed)

@@ -13,8 +13,8 @@ import pytest
 
 from engine.media.documents import DocumentError, count_pages, is_pdf, render_pages
 from engine.media.images import ImageError
-from tests.helpers import media_files
-from tests.helpers.media_files import A4, A4_LANDSCAPE
+from samples import media_files
+from samples.media_files import A4, A4_LANDSCAPE
 
 LIMITS = dict(dpi=144, max_pages=200, max_pixels=64_000_000, render_pixels=4_000_000)
 COUNT_LIMITS = dict(dpi=144, max_pages=200, max_pixels=64_000_000)

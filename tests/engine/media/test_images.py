@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.media.images import ImageError, read_image, resize_and_crop
 from engine.diffusion.instance_data import to_tensor
+from engine.media.images import ImageError, read_image, resize_and_crop
 
 
 def _png(image: Image.Image) -> bytes:

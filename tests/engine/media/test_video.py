@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 
 from engine.media.images import ImageError
-from engine.media.video import VideoError, decode_video, frame_size, read_video, sample_indices
-from tests.helpers import media_files
-from tests.helpers.media_files import frame_index_of
+from engine.media.video import (
+    VideoError,
+    decode_video,
+    frame_size,
+    read_video,
+    sample_indices,
+)
+from samples import media_files
+from samples.media_files import frame_index_of
 
 LIMITS = dict(fps=2.0, max_frames=64, max_seconds=3600, max_pixels=10_000_000, max_frame_pixels=64_000_000, min_side=16)
 

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.tiny.prior import CLASSES, class_prompt, draw_class_image, draw_class_images, ensure_tiny_prior
+from engine.tiny.prior import (
+    CLASSES,
+    class_prompt,
+    draw_class_image,
+    draw_class_images,
+    ensure_tiny_prior,
+)
 
 
 def _array(images) -> np.ndarray:

@@ -10,11 +10,12 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from engine.vlm.constrained import GrammarCompiler
-from engine.diffusion.base_model import ModelError
+from engine.hub import ModelError
 from engine.settings import load_settings
+from engine.vlm.constrained import GrammarCompiler
 from engine.vlm.model import VLM, resolve_vlm
-from engine.vlm.tasks import RowRequest, TaskError, make_task
+from engine.vlm.tasks import make_task
+from engine.vlm.tasks.base import RowRequest, TaskError
 
 # Its own bounds fit the tiny preset's 128 answer tokens at up to 4 bytes a character (engine/vlm_tasks/extract.py).
 SCHEMA = {

@@ -11,17 +11,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 
 from engine import storage
 from ray_jobs.cli import main
+from ray_jobs.fleet.worker import SubjectWorker
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
-from ray_jobs.fleet.worker import SubjectWorker
-from tests.ray_jobs.conftest import make_subject_rows
-
-pytestmark = pytest.mark.slow
+from tests.helpers.subjects import make_subject_rows
 
 FAST = ["--set", "max_train_steps=12", "--set", "checkpointing_steps=4", "--set", "num_class_images=2", "--no-progress"]
 
@@ -232,11 +229,12 @@ class PacksAbovePairsRunOutOfMemory(SubjectWorker):
 def test_an_oom_halves_the_pack_and_costs_its_subjects_no_attempt(ray_cluster, tmp_path):
     from ray import cloudpickle
 
-    from engine.diffusion.base_model import fingerprint, resolve_base_model
+    from engine.diffusion.base_model import resolve_base_model
+    from engine.hub import fingerprint
     from engine.settings import load_settings
+    from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler
     from ray_jobs.state.manifest import read_subjects_manifest
     from ray_jobs.state.plan import plan_fleet
-    from ray_jobs.fleet.scheduler import FleetOptions, FleetScheduler
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     rows = make_subject_rows(tmp_path / "images", 4)

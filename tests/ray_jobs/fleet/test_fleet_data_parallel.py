@@ -9,16 +9,12 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from engine import storage
 from engine.diffusion.checkpoints import complete_steps
 from ray_jobs.cli import main
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
-from tests.ray_jobs.conftest import make_subject_rows
-
-pytestmark = pytest.mark.slow
+from tests.helpers.subjects import make_subject_rows
 
 STEPS, INTERVAL = 12, 4
 ARGS = ["--workers", "2", "--no-progress", "--set", f"max_train_steps={STEPS}",

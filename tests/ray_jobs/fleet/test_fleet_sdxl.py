@@ -5,14 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from ray_jobs.cli import main
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
-from tests.ray_jobs.conftest import make_subject_rows
-
-pytestmark = pytest.mark.slow
+from tests.helpers.subjects import make_subject_rows
 
 
 def test_run_on_tiny_sdxl_trains_generates_and_moderates_every_subject(ray_cluster, tmp_path):

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from engine.tracking import SCALARS, wandb_run_id
 from ray_jobs.cli import main
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
-from tests.ray_jobs.conftest import free_port, make_subject_rows
-from tests.helpers.tracking_readers import mlflow_children, mlflow_curves, tensorboard_events, wandb_sessions
-
-pytestmark = pytest.mark.slow
+from tests.helpers.services import free_port
+from tests.helpers.subjects import make_subject_rows
+from tests.helpers.tracking_readers import (
+    mlflow_children,
+    mlflow_curves,
+    tensorboard_events,
+    wandb_sessions,
+)
 
 STEPS = 4
 ARGS = ["--workers", "1", "--no-progress", "--set", f"max_train_steps={STEPS}", "--set", "checkpointing_steps=2",

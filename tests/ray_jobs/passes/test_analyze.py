@@ -15,8 +15,6 @@ from PIL import Image
 from engine import storage
 from ray_jobs.cli import main
 
-pytestmark = pytest.mark.slow
-
 SCHEMA = {
     "type": "object",
     "properties": {"vendor": {"type": "string", "maxLength": 12}, "total": {"type": "number"}},
@@ -280,6 +278,7 @@ cluster.shutdown()
 """
 
 
+@pytest.mark.slow  # a cluster of its own, in a subprocess
 def test_a_cluster_left_with_one_cpu_runs_the_pass_or_says_why_not_at_once(tmp_path):
     """The shape that hung for 5 minutes in silence: two nodes of 1 CPU + 1 GPU, one of them lost. A model actor
     holding the last CPU would leave none for decoding; asked for explicitly, the pass refuses at once, naming the
@@ -331,6 +330,7 @@ def test_extraction_with_eight_unbounded_strings_closes_its_json_on_every_docume
         jsonschema.validate(json.loads(row["fields"]), schema)
 
 
+@pytest.mark.slow  # a cluster of its own, in a subprocess
 def test_a_new_driver_prints_dreamfleets_own_lines_and_none_of_rays(tmp_path):
     """A newcomer's console: progress and the summary; Ray's notices only with --verbose (and in Ray's logs)."""
     import subprocess

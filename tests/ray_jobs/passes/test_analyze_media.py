@@ -10,9 +10,7 @@ import pytest
 from PIL import Image
 
 from ray_jobs.cli import main
-from tests.helpers.media_files import A4, scanned_pdf, text_pdf, write_video
-
-pytestmark = pytest.mark.slow
+from samples.media_files import A4, scanned_pdf, text_pdf, write_video
 
 MANIFEST = pa.schema([("id", pa.string()), ("image", pa.string()), ("image_bytes", pa.binary()),
                       ("video", pa.string()), ("question", pa.string()), ("categories", pa.string())])  # fmt: skip

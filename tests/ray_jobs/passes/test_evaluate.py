@@ -18,7 +18,7 @@ from ray_jobs.cli import main
 from ray_jobs.state.generations import SCHEMA as GENERATIONS_SCHEMA
 from ray_jobs.state.manifest import read_subjects_manifest, write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus
-from tests.conftest import draw_subject
+from tests.helpers.subjects import draw_subject
 
 
 def _phone_photo(path: Path) -> Path:

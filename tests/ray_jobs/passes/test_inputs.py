@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import storage
+from engine.settings import load_settings
 from ray_jobs.passes.inputs import check_image_rows, check_images_manifest
 from ray_jobs.state.manifest import ManifestError
-from engine.settings import load_settings
 
 
 def _write(uri: str, rows: list[dict], schema: pa.Schema | None = None) -> None:

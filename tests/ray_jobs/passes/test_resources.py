@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from ray_jobs.passes.resources import PassShape, ResourceShortfall, check_pass_resources, choose_cpus_per_actor
+from ray_jobs.passes.resources import (
+    PassShape,
+    ResourceShortfall,
+    check_pass_resources,
+    choose_cpus_per_actor,
+)
 
 ONE_BY_ONE = {"CPU": 1.0, "GPU": 1.0}
 

@@ -921,7 +921,7 @@ def test_pdf_pages_are_refused_like_the_pass_refuses_them(tmp_path):
 
 
 def test_a_mirrored_sideways_phone_video_gets_an_upright_thumbnail(tmp_path):
-    from tests.helpers.media_files import write_video
+    from samples.media_files import write_video
 
     video = write_video(tmp_path / "phone.mp4", width=48, height=80, rotation=90, hflip=True, seconds=0.5)
     rows = [{"id": "phone", "video": str(video), "answer": "A red corner."}]

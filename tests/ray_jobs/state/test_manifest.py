@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from engine.settings import Settings, load_settings
 from engine.diffusion.subject import Subject
+from engine.settings import Settings, load_settings
 from ray_jobs.state.manifest import (
     ManifestError,
     RowError,

@@ -2,12 +2,12 @@
 
 import pytest
 
-from engine.settings import load_settings
 from engine.diffusion.subject import Subject
+from engine.settings import load_settings
+from ray_jobs.fleet.scheduler import oom_adjusted
 from ray_jobs.state.manifest import RowError
 from ray_jobs.state.plan import plan_fleet, row_has_own_folder
 from ray_jobs.state.run_dir import RunConflictError, RunDirectory, SubjectStatus
-from ray_jobs.fleet.scheduler import oom_adjusted
 
 
 def _subject(i: int, cls: str, params=None) -> Subject:

@@ -9,10 +9,11 @@ import pytest
 import xgrammar as xgr
 from PIL import Image
 
-from engine.vlm.constrained import GrammarCompiler
 from engine.settings import load_settings
+from engine.vlm.constrained import GrammarCompiler
 from engine.vlm.model import VLMOutput
-from engine.vlm.tasks import RowRequest, TaskError, make_task
+from engine.vlm.tasks import make_task
+from engine.vlm.tasks.base import RowRequest, TaskError
 from engine.vlm.tasks.detect import max_boxes, relative_to_pixels, split_categories
 
 BUDGET = load_settings("tiny").vlm_max_new_tokens  # 128 tokens

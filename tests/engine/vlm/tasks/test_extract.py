@@ -14,11 +14,12 @@ import torch
 import xgrammar as xgr
 from PIL import Image, ImageDraw, ImageFilter
 
-from engine.vlm.constrained import GrammarCompiler
 from engine.media.images import decode_image
 from engine.settings import load_settings
+from engine.vlm.constrained import GrammarCompiler
 from engine.vlm.model import VLM
-from engine.vlm.tasks import RowRequest, TaskError, make_task
+from engine.vlm.tasks import make_task
+from engine.vlm.tasks.base import RowRequest, TaskError
 from engine.vlm.tasks.extract import answer_bytes, answer_grammar, decoding_schema
 
 BUDGET = load_settings("tiny").vlm_max_new_tokens  # the tiny preset's answer budget, 128 tokens
