@@ -31,7 +31,7 @@ COMPONENTS = {
 
 
 def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
-    """The local directory holding `name`: `tiny`, `tiny-sdxl` and `tiny-prior` are built into the cache, a hub id is
+    """The local directory holding `name`: a tiny name (engine/tiny/registry.py) is built into the cache, a hub id is
     downloaded (safetensors only)."""
     if name in registry.BASE_MODELS:
         return registry.BASE_MODELS[name](cache_dir)
@@ -62,7 +62,7 @@ def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
 
 
 def pipeline_index(path: Path) -> dict:
-    """The pipeline's model_index.json: its `_class_name` says which kind of Stable Diffusion it is."""
+    """The pipeline's model_index.json: its `_class_name` says which kind of base it is (see `base_kind`)."""
     try:
         return json.loads((Path(path) / "model_index.json").read_text())
     except (OSError, ValueError) as err:
