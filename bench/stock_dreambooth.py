@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 from engine.diffusion.train import make_optimizer
 from engine.settings import Settings
+from engine.diffusion.unet import UNetFamily
 
 
 def load_example(path: str, resolution: int) -> torch.Tensor:
@@ -89,7 +90,7 @@ class StockDreamBooth:
                     r=settings.lora_rank,
                     lora_alpha=settings.effective_lora_alpha,
                     init_lora_weights="gaussian",
-                    target_modules=list(settings.lora_target_modules),
+                    target_modules=list(settings.lora_target_modules or UNetFamily.lora_targets),
                 )
             )
         self.unet.train()

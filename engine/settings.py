@@ -32,7 +32,9 @@ class Settings(BaseModel):
     train_text_encoder: bool = False
     lora_rank: int = Field(4, ge=1, le=1024)
     lora_alpha: float | None = Field(None, gt=0)  # None: equal to lora_rank, as diffusers' scripts do
-    lora_target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
+    # None: the base family's (UNet: to_k/to_q/to_v/to_out.0; FLUX: attention and feed-forward layers of both kinds
+    # of block, as diffusers' FLUX scripts target; see engine/diffusion/unet.py and flux.py)
+    lora_target_modules: list[str] | None = None
     text_encoder_lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -50,6 +52,15 @@ class Settings(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: bf16 on GPU, no on CPU
     checkpointing_steps: int = Field(200, ge=1)
     checkpoints_total_limit: int = Field(2, ge=1)
+    # Flow-matching bases (FLUX): where training draws sigmas and how it weighs them, as diffusers' FLUX scripts
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = "none"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    max_sequence_length: int | None = Field(None, ge=1, le=4096)  # T5 / Qwen3 tokens; None: the pipeline's 512
+    # The guidance a guidance-distilled base ([dev]) is told while training (diffusers' FLUX `--guidance_scale`; the
+    # name `guidance_scale` is generation's here)
+    train_guidance_scale: float = Field(3.5, ge=0)
 
     # Data
     resolution: int = Field(512, ge=8, le=4096)
@@ -278,9 +289,18 @@ def _validate(values: dict[str, Any], *, source: str) -> Settings:
         raise SettingsError(_format_error(err, source)) from None
 
 
+# The tiny FLUX bases: the tiny preset, short text sequences, and their pipelines' usual guidance scales.
+TINY_FLUX_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-flux": {"max_sequence_length": 32, "guidance_scale": 3.5},
+    "tiny-flux2": {"max_sequence_length": 32, "guidance_scale": 4.0},
+}
+
+
 def preset_for(base_model: str) -> dict[str, Any]:
-    """The tiny models (`tiny`, `tiny-sdxl`, `tiny-prior`) share the tiny preset; every other base model the standard
-    one."""
+    """The tiny models (`tiny`, `tiny-sdxl`, `tiny-prior`, `tiny-flux`, `tiny-flux2`) share the tiny preset; every
+    other base model the standard one."""
+    if base_model in TINY_FLUX_PRESETS:
+        return {**TINY_PRESET, **TINY_FLUX_PRESETS[base_model]}
     return dict(TINY_PRESET) if base_model in ("tiny", "tiny-sdxl", "tiny-prior") else {}
 
 

@@ -214,8 +214,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="subjects manifest, Parquet (any fsspec URI)")
     parser.add_argument("--out", required=True, help="run directory (any fsspec URI); rerunning resumes it")
     parser.add_argument("--base-model", default="tiny",
-                        help="tiny, tiny-sdxl, tiny-prior, a local diffusers directory, or a hub id (SD 1.x/2.x, "
-                             "SDXL)")
+                        help="tiny, tiny-sdxl, tiny-prior, tiny-flux, tiny-flux2, a local diffusers directory, or a "
+                             "hub id (SD 1.x/2.x, SDXL, FLUX.1 [dev]/[schnell], FLUX.2 [klein])")
     _add_settings_flags(parser)
     parser.add_argument("--gpus-per-job", type=float, default=1.0, help="GPU share per worker; 0.5 packs two per GPU")
     parser.add_argument("--cpus-per-job", type=float, default=1.0, help="CPUs reserved per worker")

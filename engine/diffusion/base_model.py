@@ -1,4 +1,4 @@
-"""The base Stable Diffusion model (1.x/2.x or XL): resolving `tiny` / `tiny-sdxl` / `tiny-prior` / a local directory
+"""The base model (Stable Diffusion 1.x/2.x or XL, FLUX.1, FLUX.2 [klein]): resolving a tiny name / a local directory
 / a hub id, loading it, and sharing it.
 
 A `BaseModel` is loaded once per process and reused for every subject: training attaches a LoRA or unfreezes
@@ -19,9 +19,19 @@ from engine.library_logging import quiet_libraries
 from engine.tiny import registry
 from engine.tiny.common import default_cache_dir
 
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline",
+             "flux2": "Flux2KleinPipeline"}  # fmt: skip
+# The weight-bearing component folders of each kind of base (model_index.json's pipeline class decides the kind).
+COMPONENTS = {
+    "sd": ("unet", "vae", "text_encoder"),
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2"),
+    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2"),
+    "flux2": ("transformer", "vae", "text_encoder"),
+}
+
 
 def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
-    """The local directory holding `name`: `tiny`, `tiny-sdxl` and `tiny-prior` are built into the cache, a hub id is
+    """The local directory holding `name`: a tiny name (engine/tiny/registry.py) is built into the cache, a hub id is
     downloaded (safetensors only)."""
     if name in registry.BASE_MODELS:
         return registry.BASE_MODELS[name](cache_dir)
@@ -52,22 +62,28 @@ def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
 
 
 def pipeline_index(path: Path) -> dict:
-    """The pipeline's model_index.json: its `_class_name` says which kind of Stable Diffusion it is."""
+    """The pipeline's model_index.json: its `_class_name` says which kind of base it is (see `base_kind`)."""
     try:
         return json.loads((Path(path) / "model_index.json").read_text())
     except (OSError, ValueError) as err:
         raise ModelError(f"{path}: cannot read model_index.json ({err})") from None
 
 
-def is_sdxl_index(index: dict) -> bool:
-    """StableDiffusionXLPipeline and its img2img/inpainting siblings share SDXL's components."""
-    return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+def base_kind(index: dict) -> str:
+    """"sd", "sdxl", "flux" or "flux2", from the pipeline class (img2img/inpainting siblings share the components)."""
+    name = str(index.get("_class_name", ""))
+    if name.startswith("Flux2Klein"):
+        return "flux2"
+    if name.startswith("Flux2"):
+        raise ModelError(f"{name}: FLUX.2 [dev] (Mistral text encoder) is not supported; FLUX.2 [klein] is")
+    if name.startswith("Flux"):
+        return "flux"
+    return "sdxl" if name.startswith("StableDiffusionXL") else "sd"
 
 
 def check_safetensors_only(path: Path) -> None:
-    """Refuse a component that only ships pickled weights: loading a pickle can run arbitrary code."""
-    sdxl = is_sdxl_index(pipeline_index(path))
-    for component in ("unet", "vae", "text_encoder", *(["text_encoder_2"] if sdxl else [])):
+    """Refuse a component that only ships pickled weights (loading a pickle can run arbitrary code), or is missing."""
+    for component in COMPONENTS[base_kind(pipeline_index(path))]:
         folder = path / component
         if not folder.is_dir():
             raise ModelError(f"{path}: missing component folder '{component}'")
@@ -79,10 +95,13 @@ def check_safetensors_only(path: Path) -> None:
 
 @dataclass
 class BaseModel:
-    """The components of a Stable Diffusion 1.x/2.x or XL model, loaded once and shared by every subject of a process.
+    """The components of a base model, loaded once and shared by every subject of a process.
 
-    SDXL (model_index.json's `_class_name`, read at loading) has a second tokenizer and text encoder (`tokenizer_2`,
-    `text_encoder_2`; None for SD 1.x/2.x); code that treats every text encoder alike loops over `text_encoder_names`.
+    Its `kind` (model_index.json's `_class_name`, read at loading) says which components it has, named as its stock
+    pipeline names them: a `unet` (SD, SDXL) or a `transformer` (FLUX; `denoiser` is whichever it is); SDXL and
+    FLUX.1 have a second tokenizer and text encoder (`tokenizer_2`, `text_encoder_2`, else None). Code that treats
+    every text encoder alike loops over `text_encoder_names`; what differs by kind is its family's
+    (engine/diffusion/families.py).
     """
 
     path: Path
@@ -90,13 +109,15 @@ class BaseModel:
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None  # SD and SDXL (None for FLUX)
     noise_scheduler: object
     device: torch.device
     index: dict = field(default_factory=dict)  # model_index.json: the pipeline class and its options
     tokenizer_2: object | None = None
     text_encoder_2: torch.nn.Module | None = None
-    # The frozen UNet and text encoders are stored in the training precision on a GPU (bf16 rather than fp32 cast
+    transformer: torch.nn.Module | None = None  # FLUX
+    kind: str = "sd"  # "sd", "sdxl", "flux" or "flux2" (see `base_kind`)
+    # The frozen denoiser and text encoders are stored in the training precision on a GPU (bf16 rather than fp32 cast
     # under autocast on every step); the VAE stays fp32. LoRA weights and fully fine-tuned weights train in fp32.
     weights_dtype: torch.dtype = torch.float32
     lora: LoraPack | None = None  # the LoRA slots attached now, if any (see engine/packed_lora.py)
@@ -104,23 +125,37 @@ class BaseModel:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.kind == "sdxl"
+
+    @property
+    def denoiser_name(self) -> str:
+        """The component that denoises, as the stock pipeline names it (and LoRA files prefix its layers)."""
+        return "transformer" if self.transformer is not None else "unet"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self, self.denoiser_name)
 
     @property
     def text_encoder_names(self) -> tuple[str, ...]:
         """The text-encoder components, in the order SDXL concatenates their hidden states."""
-        return ("text_encoder", "text_encoder_2") if self.is_sdxl else ("text_encoder",)
+        return ("text_encoder", "text_encoder_2") if self.text_encoder_2 is not None else ("text_encoder",)
 
     @property
     def tokenizers(self) -> list:
-        return [self.tokenizer, self.tokenizer_2] if self.is_sdxl else [self.tokenizer]
+        return [self.tokenizer, self.tokenizer_2] if self.text_encoder_2 is not None else [self.tokenizer]
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell along each side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def pipeline_class(self) -> type:
         """The stock diffusers pipeline of this kind of model, for generation and for saving LoRA weights."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
 
-        return StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
+        return getattr(diffusers, PIPELINES[self.kind])
 
     def snapshot(self, component: str) -> None:
         """Keep a CPU copy of a component's base weights, so that full fine-tuning can be undone in memory."""
@@ -129,23 +164,23 @@ class BaseModel:
             self._base_state[component] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
     def compile_unet(self) -> None:
-        """torch.compile the UNet in place (its parameter names unchanged), once per process."""
-        if not getattr(self.unet, "_compiled_call_impl", None):
-            self.unet.compile()
+        """torch.compile the denoiser (UNet or transformer) in place (its parameter names unchanged), once per process."""
+        if not getattr(self.denoiser, "_compiled_call_impl", None):
+            self.denoiser.compile()
 
     def reset(self) -> None:
         """Back to the base weights: take any LoRA pack off, restore fully fine-tuned weights, freeze everything."""
         if self.lora is not None:
             self.lora.detach()
             self.lora = None
-        for component in ("unet", *self.text_encoder_names):
+        for component in (self.denoiser_name, *self.text_encoder_names):
             module = getattr(self, component)
             if component in self._base_state:
                 module.load_state_dict(self._base_state[component])
             module.to(self.weights_dtype)
             for param in module.parameters():
                 param.grad = None
-            if component == "unet":
+            if component == self.denoiser_name:
                 module.disable_gradient_checkpointing()
             else:
                 module.activation_checkpointing_disable()
@@ -157,45 +192,52 @@ class BaseModel:
 def load_base_model(
     path: Path, device: str | torch.device = "cpu", weights_dtype: torch.dtype = torch.float32
 ) -> BaseModel:
-    """Load every component from `path` through from_pretrained, safetensors only, frozen; the UNet and text
+    """Load every component from `path` through from_pretrained, safetensors only, frozen; the denoiser and text
     encoder(s) in `weights_dtype` (see `BaseModel.weights_dtype`), the VAE in fp32."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     quiet_libraries()
     path = Path(path)
     check_safetensors_only(path)
     index = pipeline_index(path)
+    kind = base_kind(index)
+    components = _load_components(path, kind)
     device = torch.device(device)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    text_encoder_2 = tokenizer_2 = None
-    if is_sdxl_index(index):  # the second encoder's projection gives SDXL's pooled prompt embedding
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            path, subfolder="text_encoder_2", use_safetensors=True
-        )
-        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    for module in [m for m in (unet, vae, text_encoder, text_encoder_2) if m is not None]:
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device, dtype=weights_dtype if module is not vae else torch.float32)
-    return BaseModel(
-        path=path,
-        fingerprint=fingerprint(path),
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        unet=unet,
-        noise_scheduler=noise_scheduler,
-        device=device,
-        index=index,
-        tokenizer_2=tokenizer_2,
-        text_encoder_2=text_encoder_2,
-        weights_dtype=weights_dtype,
-    )
+    for name, module in components.items():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device, dtype=weights_dtype if name != "vae" else torch.float32)
+    return BaseModel(path=path, fingerprint=fingerprint(path), device=device, index=index, kind=kind,
+                     weights_dtype=weights_dtype, unet=components.pop("unet", None), **components)  # fmt: skip
+
+
+def _load_components(path: Path, kind: str) -> dict:
+    """The kind's components, each from its folder with its own class (as its stock pipeline loads them)."""
+    import diffusers
+    import transformers
+
+    if kind in ("sd", "sdxl"):
+        classes = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
+                   "text_encoder": transformers.CLIPTextModel, "tokenizer": transformers.CLIPTokenizer,
+                   # the second encoder's projection gives SDXL's pooled prompt embedding
+                   "text_encoder_2": transformers.CLIPTextModelWithProjection,
+                   "tokenizer_2": transformers.CLIPTokenizer, "noise_scheduler": diffusers.DDPMScheduler}  # fmt: skip
+    elif kind == "flux":
+        classes = {"transformer": diffusers.FluxTransformer2DModel, "vae": diffusers.AutoencoderKL,
+                   "text_encoder": transformers.CLIPTextModel, "tokenizer": transformers.CLIPTokenizer,
+                   "text_encoder_2": transformers.T5EncoderModel, "tokenizer_2": transformers.T5TokenizerFast,
+                   "noise_scheduler": diffusers.FlowMatchEulerDiscreteScheduler}  # fmt: skip
+    else:
+        classes = {"transformer": diffusers.Flux2Transformer2DModel, "vae": diffusers.AutoencoderKLFlux2,
+                   "text_encoder": transformers.Qwen3ForCausalLM, "tokenizer": transformers.AutoTokenizer,
+                   "noise_scheduler": diffusers.FlowMatchEulerDiscreteScheduler}  # fmt: skip
+    if kind == "sd":
+        del classes["text_encoder_2"], classes["tokenizer_2"]
+    loaded = {}
+    for name, cls in classes.items():
+        folder = "scheduler" if name == "noise_scheduler" else name
+        weights = {"use_safetensors": True} if name in COMPONENTS[kind] else {}
+        loaded[name] = cls.from_pretrained(path, subfolder=folder, **weights)
+    return loaded
 
 
 def frozen_weights_dtype(mixed_precision: str) -> torch.dtype:

@@ -39,8 +39,10 @@ def class_set_key(base_fingerprint: str, class_prompt: str, settings: Settings) 
             settings.num_class_images,
             settings.num_inference_steps,
             settings.guidance_scale,
-            settings.scheduler,
+            settings.scheduler,  # the UNet bases' sampler; a FLUX base's own FlowMatch Euler is fixed by its fingerprint
             settings.negative_prompt,
+            # text sequence length: FLUX's prompt encoding (none on UNet bases, whose keys stay as they were)
+            *([settings.max_sequence_length] if settings.max_sequence_length is not None else []),
         )
     )
     slug = re.sub(r"[^A-Za-z0-9]+", "-", class_prompt).strip("-").lower()[:40] or "class"

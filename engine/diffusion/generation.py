@@ -1,5 +1,6 @@
-"""Classifier-free-guided generation on a resident base model (SD 1.x/2.x or SDXL, through its stock pipeline), one
-seed per image, several subjects per batch.
+"""Generation on a resident base model through its stock pipeline (SD 1.x/2.x, SDXL: classifier-free guidance over
+the chosen scheduler; FLUX.1 [dev]: guidance embedding; FLUX.2 [klein]: true CFG; both FLUX with FlowMatch Euler at
+the resolution-dependent shift), one seed per image, several subjects per batch.
 
 Each image's starting noise comes from its own generator, so an image is the same whatever batch it lands in.
 With a LoRA pack on the model (engine/packed_lora.py), each image of a batch (both of its CFG halves, and its
@@ -9,7 +10,6 @@ in shared UNet batches, and each image equals its unpacked rendering within roun
 
 from __future__ import annotations
 
-import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from engine import storage
 from engine.diffusion.base_model import BaseModel
+from engine.diffusion.families import family_of
 from engine.diffusion.subject import Subject
 from engine.settings import Settings
 
@@ -41,43 +42,16 @@ ROW_SCHEMA = pa.schema(
 )
 
 
-def make_scheduler(name: str, config: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
-
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(config)
-    raise ValueError(f"unknown scheduler {name!r}")
-
-
-def make_pipeline(base: BaseModel, scheduler: str):
-    """The base model's stock pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline) over its modules,
-    shared, not copied: a LoRA on them shows up here."""
-    modules = dict(
-        unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        scheduler=make_scheduler(scheduler, base.noise_scheduler.config),
-    )  # fmt: skip
-    if base.is_sdxl:
-        modules.update(
-            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
-            # as from_pretrained sets it: an empty negative prompt is a zero embedding, not the encoded ""
-            force_zeros_for_empty_prompt=base.index.get("force_zeros_for_empty_prompt", True),
-        )  # fmt: skip
-    else:
-        modules.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = base.pipeline_class(**modules)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def make_pipeline(base: BaseModel, settings: Settings):
+    """The base model's stock pipeline over its modules, shared, not copied: a LoRA on them shows up here."""
+    return family_of(base).pipeline(base, settings)
 
 
 # Settings the subjects rendered in one batch must share (with the LoRA layout, see engine/train.PACK_SHAPE_KEYS).
 RENDER_SHAPE_KEYS = (
     "mode", "lora_rank", "lora_target_modules", "text_encoder_lora_target_modules", "train_text_encoder",
     "resolution", "num_inference_steps", "guidance_scale", "scheduler", "negative_prompt", "generation_batch_size",
-    "mixed_precision",
+    "mixed_precision", "max_sequence_length",
 )  # fmt: skip
 
 
@@ -104,61 +78,15 @@ def generate(
     i goes through LoRA slot `slots[i]` of the base model's pack."""
     if len(prompts) != len(seeds) or (slots is not None and len(slots) != len(prompts)):
         raise ValueError("one seed (and one slot, if any) per prompt is required")
-    pipe = make_pipeline(base, settings.scheduler)
-    guided = settings.guidance_scale > 1 and base.unet.config.time_cond_proj_dim is None  # as the pipeline decides
+    family = family_of(base)
+    pipe = family.pipeline(base, settings)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
-        batch_prompts = list(prompts[start : start + batch_size])
         batch_slots = list(slots[start : start + batch_size]) if slots is not None else None
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start : start + batch_size]]
-        latents = torch.stack(
-            [
-                torch.randn(
-                    (base.unet.config.in_channels, settings.resolution // _vae_scale(base), settings.resolution // _vae_scale(base)),
-                    generator=g,
-                )
-                for g in generators
-            ]
-        ).to(base.device)
-        negative = [settings.negative_prompt] * len(batch_prompts) if settings.negative_prompt else None
-        text_slots = {name: batch_slots for name in base.text_encoder_names}  # every text encoder, routed alike
-        with settings.autocast(base.device.type), _routed(base, **text_slots):  # bf16 on GPU by default
-            embeddings = _encode_prompts(pipe, batch_prompts, base.device, guided, negative)
-        # The pipeline runs the UNet on [negative half; prompt half] when guided: each image's slot twice.
-        unet_slots = batch_slots and (batch_slots * 2 if guided else batch_slots)
-        with settings.autocast(base.device.type), _routed(base, unet=unet_slots):
-            out = pipe(
-                **embeddings,
-                height=settings.resolution,
-                width=settings.resolution,
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                latents=latents,
-                generator=generators,
-                output_type="pil",
-            )
-        images.extend(out.images)
+        images.extend(family.render(base, pipe, list(prompts[start : start + batch_size]), generators, settings,
+                                    batch_slots))  # fmt: skip
     return images
-
-
-def _encode_prompts(pipe, prompts: list[str], device: torch.device, guided: bool, negative: list[str] | None) -> dict:
-    """The pipeline's own prompt encoding, as the keyword arguments its __call__ takes: SD's prompt and negative
-    embeddings, and SDXL's pooled ones besides (its encode_prompt returns all four, in this order)."""
-    encoded = pipe.encode_prompt(
-        prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
-        negative_prompt=negative,
-    )  # fmt: skip
-    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-    return dict(zip(names, encoded))
-
-
-def _routed(base: BaseModel, **slots: list[int] | None):
-    chosen = {component: s for component, s in slots.items() if s is not None}
-    return base.lora.routed(**chosen) if base.lora is not None and chosen else contextlib.nullcontext()
-
-
-def _vae_scale(base: BaseModel) -> int:
-    return 2 ** (len(base.vae.config.block_out_channels) - 1)
 
 
 @dataclass(frozen=True)
@@ -208,6 +136,7 @@ def render_pack(base: BaseModel, jobs: Sequence[RenderJob]) -> dict[str, list[di
     already present are skipped, so a retried or resumed subject never renders one twice.
     """
     settings = jobs[0].settings
+    sampler = family_of(base).sampler(settings)  # what the rows and PNGs record: FLUX samples with its own
     missing = []
     for job in jobs:
         present = set(storage.listdir(job.images_dir))
@@ -221,10 +150,10 @@ def render_pack(base: BaseModel, jobs: Sequence[RenderJob]) -> dict[str, list[di
             text = {
                 "prompt": item.prompt, "negative_prompt": settings.negative_prompt, "seed": str(item.seed),
                 "num_inference_steps": str(settings.num_inference_steps), "guidance_scale": str(settings.guidance_scale),
-                "scheduler": settings.scheduler, "subject_id": job.subject.subject_id,
+                "scheduler": sampler, "subject_id": job.subject.subject_id,
             }  # fmt: skip
             storage.write_bytes(storage.join(job.images_dir, item.name), png_bytes(image, text))
-    return {job.subject.subject_id: _rows(job) for job in jobs}
+    return {job.subject.subject_id: _rows(job, sampler) for job in jobs}
 
 
 def render_subject(base: BaseModel, subject: Subject, settings: Settings, images_dir: str) -> list[dict]:
@@ -232,7 +161,7 @@ def render_subject(base: BaseModel, subject: Subject, settings: Settings, images
     return render_pack(base, [RenderJob(subject, settings, images_dir)])[subject.subject_id]
 
 
-def _rows(job: RenderJob) -> list[dict]:
+def _rows(job: RenderJob, sampler: str) -> list[dict]:
     subject, settings = job.subject, job.settings
     return [
         {
@@ -245,7 +174,7 @@ def _rows(job: RenderJob) -> list[dict]:
             "image": storage.join(job.images_dir, p.name),
             "guidance_scale": settings.guidance_scale,
             "num_inference_steps": settings.num_inference_steps,
-            "scheduler": settings.scheduler,
+            "scheduler": sampler,
         }
         for p in plan_subject_images(subject, settings)
     ]

@@ -2,10 +2,12 @@
 exported weights. One subject alone (`train_subject`) is a pack of one.
 
 Read `PackTrainer.step` top to bottom: every resident subject draws its own micro-batch from its own RNG → the
-batches are concatenated and noised → one UNet pass, each sample through its own subject's LoRA slot → each
-subject's instance loss + λ·prior loss, each a mean over its own samples → one backward of their sum → each
-subject's own gradient clipping, optimizer and LR-schedule step. The UNet normalises and attends per sample, so
-a subject ends with the weights it would have alone (tests/engine/test_train.py measures how close).
+batches are noised by the base family's objective (noise prediction, or flow matching) and concatenated → one
+denoiser pass (UNet or transformer), each sample through its own subject's LoRA slot → each subject's instance loss
++ λ·prior loss, each a mean over its own samples → one backward of their sum → each subject's own gradient
+clipping, optimizer and LR-schedule step. The denoiser normalises and attends per sample, so a subject ends with the
+weights it would have alone (tests/engine/diffusion/test_train.py and test_flux.py measure how close). What differs
+by base is its family's (engine/diffusion/family.py): text encoding, latent layout, objective, guidance input.
 
 Subjects join (`admit`) and leave (finished, or failed alone: a bad image, a NaN loss) between steps, so a freed
 slot is refilled at once. Full fine-tunes train alone. Every `checkpointing_steps` of its own a subject's whole
@@ -21,13 +23,10 @@ averaged by hand); the logged losses are the global means. Rank 0 alone writes c
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,30 +34,26 @@ import torch.nn.functional as F
 from engine import storage
 from engine.diffusion import data_parallel
 from engine.diffusion.base_model import BaseModel
-from engine.diffusion.checkpoints import CheckpointError, TrainingState, load_latest_checkpoint, save_checkpoint
-from engine.diffusion.instance_data import (
-    PromptEmbeddings,
-    TrainingExamples,
-    encode_prompts,
-    prepare_examples,
-    unet_added_conditions,
+from engine.diffusion.checkpoints import CheckpointError, load_latest_checkpoint
+from engine.diffusion.families import family_of
+from engine.diffusion.family import Noised, PromptEmbeddings
+from engine.diffusion.instance_data import prepare_examples
+from engine.diffusion.subject import CHECKPOINTS, WEIGHTS, Subject
+from engine.diffusion.subject_training import (
+    StepRecord,
+    SubjectTraining,
+    TrainResult,
+    make_optimizer,
+    training_identity,
+    write_train_log,
 )
-from engine.diffusion.subject import CHECKPOINTS, TRAIN_LOG, WEIGHTS, Subject
 from engine.diffusion.weights import attach_lora_pack, export_weights, trained_components
 from engine.settings import Settings
-
-# Settings that change the optimisation itself; a checkpoint made with other values cannot be resumed.
-TRAINING_IDENTITY_KEYS = (
-    "mode", "learning_rate", "train_text_encoder", "lora_rank", "lora_alpha", "lora_target_modules",
-    "text_encoder_lora_target_modules", "train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
-    "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "resolution", "center_crop", "with_prior_preservation", "prior_loss_weight", "max_train_steps", "data_parallel",
-)  # fmt: skip
 
 # Settings every subject of one pack must share: they shape the model's layers or how the pass runs.
 PACK_SHAPE_KEYS = (
     "mode", "lora_rank", "lora_target_modules", "text_encoder_lora_target_modules", "train_text_encoder",
-    "gradient_checkpointing", "mixed_precision", "data_parallel", "resolution",
+    "gradient_checkpointing", "mixed_precision", "data_parallel", "resolution", "max_sequence_length",
 )  # fmt: skip
 
 
@@ -66,110 +61,9 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the step is not applied, so the last checkpoint stays good."""
 
 
-@dataclass
-class StepRecord:
-    step: int
-    loss: float
-    instance_loss: float
-    prior_loss: float
-    lr: float
-    seconds: float
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    log: list[dict[str, Any]]
-    resumed_from: int | None
-    weights_uri: str
-
-    @property
-    def losses(self) -> list[float]:
-        return [r["loss"] for r in self.log]
-
-
 def pack_shape(settings: Settings) -> tuple:
     """Subjects whose settings give equal shapes can train in one pack."""
     return tuple(str(getattr(settings, key)) for key in PACK_SHAPE_KEYS)
-
-
-def training_identity(subject: Subject, settings: Settings, base: BaseModel) -> str:
-    values = {k: getattr(settings, k) for k in TRAINING_IDENTITY_KEYS}
-    values.update(
-        base=base.fingerprint,
-        images=list(subject.instance_images),
-        instance_prompt=subject.instance_prompt,
-        class_prompt=subject.class_prompt,
-        seed=subject.effective_seed,
-    )
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def make_optimizer(params: list[torch.nn.Parameter], settings: Settings, device: torch.device) -> torch.optim.Optimizer:
-    kwargs = dict(
-        lr=settings.effective_learning_rate,
-        betas=(settings.adam_beta1, settings.adam_beta2),
-        weight_decay=settings.adam_weight_decay,
-        eps=settings.adam_epsilon,
-    )
-    if settings.use_8bit_adam and device.type == "cuda":
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(params, **kwargs)
-        except ImportError:
-            pass
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def _target(base: BaseModel, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    kind = base.noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return base.noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
-@dataclass
-class SubjectTraining:
-    """One subject's own share of a pack: its examples, slot, optimizer, schedule, RNG, log and checkpoints."""
-
-    subject: Subject
-    settings: Settings
-    subject_dir: str
-    slot: int
-    identity: str
-    examples: TrainingExamples
-    params: dict[str, torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: Any
-    scaler: torch.amp.GradScaler
-    generator: torch.Generator
-    on_step: Callable[[StepRecord], None] | None
-    log: list[dict[str, Any]] = field(default_factory=list)
-    step: int = 0  # optimizer steps done
-    resumed_from: int | None = None
-    micro: int = 0  # micro-batches accumulated towards the next step
-    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, instance, prior of this step
-    step_began: float = field(default_factory=time.perf_counter)
-
-    @property
-    def checkpoints_uri(self) -> str:
-        return storage.join(self.subject_dir, CHECKPOINTS)
-
-    def checkpoint(self) -> None:
-        state = TrainingState(
-            step=self.step,
-            trainable={name: p.detach() for name, p in self.params.items()},
-            optimizer=self.optimizer.state_dict(),
-            lr_scheduler=self.lr_scheduler.state_dict(),  # JSON: lambdas are functions, stored as None
-            rng={"generator": self.generator.get_state()},
-            extra={"identity": self.identity, "log": self.log,
-                   "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None},
-        )  # fmt: skip
-        save_checkpoint(self.checkpoints_uri, state, keep=self.settings.checkpoints_total_limit)
-        write_train_log(self.subject_dir, self.log)
 
 
 @dataclass
@@ -200,18 +94,21 @@ class PackTrainer:
         self.train_text_encoder = settings.train_text_encoder
         self.gradient_checkpointing = settings.gradient_checkpointing
         self.autocast = settings.autocast(base.device.type)
+        self.family = family_of(base)
+        self.family.check(base, settings)  # the pack's shape settings (resolution, text encoders) fit this base
         self.pack = attach_lora_pack(base, settings, self.capacity) if settings.mode == "lora" else None
-        self.unet: torch.nn.Module = base.unet  # what the step calls: the UNet, or its DistributedDataParallel wrapper
+        # What the step calls: the base's denoiser (UNet or transformer), or its DistributedDataParallel wrapper
+        self.denoiser: torch.nn.Module = base.denoiser
         self.averaged_by_hand: list[torch.nn.Parameter] = []  # data-parallel: trained weights outside the DDP wrapper
         self._prepare_modules()
 
     def _prepare_modules(self) -> None:
         names = self.base.text_encoder_names if self.train_text_encoder else ()
         text_encoders = [getattr(self.base, name) for name in names]
-        for module in [self.base.unet, *text_encoders]:
+        for module in [self.base.denoiser, *text_encoders]:
             module.train()
         if self.gradient_checkpointing:
-            self.base.unet.enable_gradient_checkpointing()
+            self.base.denoiser.enable_gradient_checkpointing()
             for module in text_encoders:
                 module.activation_checkpointing_enable()
 
@@ -225,7 +122,7 @@ class PackTrainer:
     def close(self) -> None:
         """Take every adapter off and restore the base model; the trainer is not used again."""
         self.members.clear()
-        self.unet, self.averaged_by_hand = self.base.unet, []  # the DDP wrapper and its gradient hooks go
+        self.denoiser, self.averaged_by_hand = self.base.denoiser, []  # the DDP wrapper and its gradient hooks go
         self.base.reset()
 
     # -- joining and leaving -----------------------------------------------------------------------------------
@@ -326,12 +223,12 @@ class PackTrainer:
                 )
             # The slot's parameters require grad by now (LoRA slot, or every weight of a full fine-tune): DDP
             # reduces exactly those. Gradients as views of DDP's buckets: no second copy of a full fine-tune's.
-            self.unet = DistributedDataParallel(self.base.unet, gradient_as_bucket_view=True)
+            self.denoiser = DistributedDataParallel(self.base.denoiser, gradient_as_bucket_view=True)
         except BaseException:
             self._release(member.slot)
             raise
-        in_unet = {id(p) for p in self.base.unet.parameters()}
-        self.averaged_by_hand = [p for p in member.params.values() if id(p) not in in_unet]
+        in_denoiser = {id(p) for p in self.base.denoiser.parameters()}
+        self.averaged_by_hand = [p for p in member.params.values() if id(p) not in in_denoiser]
 
     def _attach_slot(self, slot: int, settings: Settings, seed: int) -> dict[str, torch.nn.Parameter]:
         if self.pack is not None:
@@ -350,7 +247,7 @@ class PackTrainer:
     def _release(self, slot: int) -> None:
         self.members.pop(slot, None)
         if self.world_size > 1:  # a data-parallel subject trains alone: the DDP wrapper and its gradient hooks go
-            self.unet, self.averaged_by_hand = self.base.unet, []
+            self.denoiser, self.averaged_by_hand = self.base.denoiser, []
         if self.pack is not None:
             self.pack.clear_slot(slot)
         else:  # a full fine-tune: back to the base weights for whoever comes next
@@ -400,28 +297,23 @@ class PackTrainer:
         before it only accumulate them on each rank (DDP's `no_sync`, which must hold the forward too)."""
         m = members[0]
         if self.world_size > 1 and m.micro + 1 < m.settings.gradient_accumulation_steps:
-            return self.unet.no_sync()
+            return self.denoiser.no_sync()
         return contextlib.nullcontext()
 
     def _forward_backward(self, members: list[SubjectTraining]) -> list[Ended]:
         """The pack's micro-batch forward and backward; returns the subjects whose loss was not finite."""
-        samples = [self._sample(m) for m in members]
-        latents = torch.cat([s[0] for s in samples])
-        noise = torch.cat([s[1] for s in samples])
-        timesteps = torch.cat([s[2] for s in samples])
-        embeddings, added_conditions = self._conditioning(members)
-        noisy = self.base.noise_scheduler.add_noise(latents, noise, timesteps)
-        self._route("unet", [m.slot for m, s in zip(members, samples) for _ in range(s[0].shape[0])])
+        noised = [self._sample(m) for m in members]
+        embeddings, guidance = self._conditioning(members)
+        self._route(self.base.denoiser_name, [m.slot for m, part in zip(members, noised) for _ in part.timesteps])
         with self.autocast:
-            prediction = self.unet(
-                noisy, timesteps, embeddings, added_cond_kwargs=added_conditions, return_dict=False
-            )[0]
-        target = _target(self.base, latents, noise, timesteps)
+            prediction = self.family.predict(
+                self.base, self.denoiser, Noised.cat(noised), embeddings, guidance, members[0].settings.resolution
+            )
 
         losses, offset = [], 0
-        for m, (sample_latents, _, _) in zip(members, samples):
-            n = sample_latents.shape[0]
-            losses.append(self._loss(m, prediction[offset : offset + n].float(), target[offset : offset + n].float()))
+        for m, part in zip(members, noised):
+            n = len(part.timesteps)
+            losses.append(self._loss(m, prediction[offset : offset + n].float(), part))
             offset += n
         values = torch.stack([torch.stack(parts) for parts in losses]).detach()
         if self.world_size > 1:  # the global means: every rank logs, and finds non-finite, the same values
@@ -445,8 +337,9 @@ class PackTrainer:
             m.micro += 1
         return ended
 
-    def _sample(self, m: SubjectTraining) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The subject's micro-batch: instance (then class) latents, noise and timesteps, all from its own RNG.
+    def _sample(self, m: SubjectTraining) -> Noised:
+        """The subject's micro-batch: instance (then class) latents, noised by the family's objective, all from its own
+        RNG.
 
         Data-parallel, every rank draws the whole global micro-batch (train_batch_size x world_size), exactly as one
         process with that batch would, and keeps its own rows of the instance and of the class half: N ranks with
@@ -456,11 +349,8 @@ class PackTrainer:
         if examples.class_ is not None:
             class_latents = examples.class_.sample(torch.randint(len(examples.class_), (bs,), generator=g), g)
             latents = torch.cat([latents, class_latents])
-        noise = torch.randn(latents.shape, generator=g).to(self.base.device)
-        timesteps = torch.randint(
-            0, self.base.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g
-        ).to(self.base.device)
-        return tuple(self._own_rows(t, halves=latents.shape[0] // bs) for t in (latents, noise, timesteps))
+        noised = self.family.noised(self.base, latents, g, m.settings)
+        return noised.rows(lambda batch: self._own_rows(batch, halves=latents.shape[0] // bs))
 
     def _own_rows(self, batch: torch.Tensor, halves: int) -> torch.Tensor:
         """This rank's rows of a global batch made of `halves` equal parts (instance, then class)."""
@@ -470,11 +360,9 @@ class PackTrainer:
         rows = slice(self.rank * local, (self.rank + 1) * local)
         return torch.cat([part[rows] for part in batch.chunk(halves)])
 
-    def _conditioning(self, members: list[SubjectTraining]) -> tuple[torch.Tensor, dict | None]:
-        """Each subject's prompt embeddings, one row per sample: cached, or (text encoders training) one routed pass.
-
-        Returns the UNet's encoder hidden states and its `added_cond_kwargs`: SDXL's pooled embeddings and time ids
-        (None for SD 1.x/2.x, whose UNet takes none)."""
+    def _conditioning(self, members: list[SubjectTraining]) -> tuple[PromptEmbeddings, torch.Tensor | None]:
+        """Each subject's prompt embeddings, one row per sample: cached, or (text encoders training) one routed pass;
+        and the samples' guidance input, where the base takes one ([dev]'s guidance embedding)."""
         prompts = [p for m in members for p in [(m, "instance")] + ([(m, "class")] if m.examples.class_ is not None else [])]
         if not self.train_text_encoder:
             rows = [m.examples.cached_embeddings[which] for m, which in prompts]
@@ -483,29 +371,27 @@ class PackTrainer:
             for name in self.base.text_encoder_names:  # each prompt through its subject's slot in every encoder
                 self._route(name, [m.slot for m, _ in prompts])
             with self.autocast:
-                rows = encode_prompts(self.base, tuple(torch.cat(per_encoder) for per_encoder in zip(*ids))).split()
+                rows = self.family.encode_ids(self.base, tuple(torch.cat(per_encoder) for per_encoder in zip(*ids))).split()
         out, i = [], 0
         for m in members:
             parts = 2 if m.examples.class_ is not None else 1
             out.append(PromptEmbeddings.cat([row.expand(m.settings.train_batch_size) for row in rows[i : i + parts]]))
             i += parts
-        added = unet_added_conditions(out, [m.settings.resolution for m in members])
-        return torch.cat([e.hidden for e in out]), added
+        guidance = [self.family.guidance(self.base, m.settings, len(e.hidden)) for m, e in zip(members, out)]
+        return PromptEmbeddings.cat(out), torch.cat(guidance) if guidance[0] is not None else None
 
     def _route(self, component: str, slots: list[int]) -> None:
         if self.pack is not None:
             self.pack.route(component, slots)
 
     @staticmethod
-    def _loss(m: SubjectTraining, prediction: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    def _loss(m: SubjectTraining, prediction: torch.Tensor, noised: Noised) -> list[torch.Tensor]:
         """The subject's DreamBooth loss over its own samples: [loss, instance loss, prior loss]."""
         if m.examples.class_ is None:
-            loss = F.mse_loss(prediction, target)
+            loss = _mse(prediction, noised.target, noised.weights)
             return [loss, loss.detach(), torch.zeros((), device=loss.device)]
-        pred_instance, pred_class = prediction.chunk(2)
-        target_instance, target_class = target.chunk(2)
-        instance_loss = F.mse_loss(pred_instance, target_instance)
-        prior_loss = F.mse_loss(pred_class, target_class)
+        halves = zip(prediction.chunk(2), noised.target.chunk(2), _halves(noised.weights))
+        instance_loss, prior_loss = (_mse(p, t, w) for p, t, w in halves)
         return [instance_loss + m.settings.prior_loss_weight * prior_loss, instance_loss.detach(), prior_loss.detach()]
 
     def _optimizer_step(self, m: SubjectTraining) -> tuple[StepRecord, Ended | None]:
@@ -530,6 +416,18 @@ class PackTrainer:
             ended = self._finish(m)
             self._release(m.slot)
         return record, ended
+
+
+def _mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error; with per-sample weights, each sample's weighted mean, then their mean (diffusers' FLUX)."""
+    if weights is None:
+        return F.mse_loss(prediction, target.float())
+    squared = weights.float().reshape(-1, *([1] * (prediction.ndim - 1))) * (prediction - target.float()) ** 2
+    return squared.reshape(squared.shape[0], -1).mean(dim=1).mean()
+
+
+def _halves(weights: torch.Tensor | None) -> tuple:
+    return weights.chunk(2) if weights is not None else (None, None)
 
 
 @dataclass
@@ -585,9 +483,3 @@ def train_subject(
                 return ended.result
     finally:
         trainer.close()
-
-
-def write_train_log(subject_dir: str, log: list[dict[str, Any]]) -> None:
-    """The per-step log as JSON lines, rewritten whole (the report reads it; TensorBoard events are a tracker's,
-    see engine/tracking.py)."""
-    storage.write_bytes(storage.join(subject_dir, TRAIN_LOG), "".join(json.dumps(r) + "\n" for r in log).encode())

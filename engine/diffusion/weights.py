@@ -1,10 +1,11 @@
 """A subject's own weights on the shared base model: LoRA configuration, export, and loading back for generation.
 
 Export uses the layouts stock diffusers loads:
-LoRA: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(dir)` (StableDiffusionPipeline, or
-StableDiffusionXLPipeline for an SDXL base: unet, text_encoder and text_encoder_2 layers).
-Full: `unet/` (and `text_encoder/`, SDXL's `text_encoder_2/`) save_pretrained folders for
-`UNet2DConditionModel.from_pretrained(dir, subfolder="unet")`.
+LoRA: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(dir)` of the base's stock pipeline
+(StableDiffusionPipeline, StableDiffusionXLPipeline: unet, text_encoder and text_encoder_2 layers; FluxPipeline,
+Flux2KleinPipeline: transformer layers).
+Full: `unet/` or `transformer/` (and `text_encoder/`, SDXL's `text_encoder_2/`) save_pretrained folders for
+`UNet2DConditionModel.from_pretrained(dir, subfolder="unet")` and its FLUX counterparts.
 LoRA weights live in the slots of a `LoraPack` (engine/packed_lora.py), so one resident model carries several
 subjects at once; `BaseModel.reset()` takes them off again.
 """
@@ -19,13 +20,14 @@ from safetensors.torch import load as load_safetensors
 
 from engine import storage
 from engine.diffusion.base_model import BaseModel
+from engine.diffusion.families import family_of
 from engine.diffusion.packed_lora import LoraLayoutError, LoraPack
 from engine.settings import Settings, SettingsError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def lora_config(settings: Settings, component: str):
+def lora_config(base: BaseModel, settings: Settings, component: str):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -33,24 +35,27 @@ def lora_config(settings: Settings, component: str):
         lora_alpha=settings.effective_lora_alpha,
         lora_dropout=0.0,  # dropout would make a packed sample's update depend on more than its own subject's RNG
         init_lora_weights="gaussian",
-        target_modules=list(_lora_targets(settings, component)),
+        target_modules=list(lora_targets(base, settings, component)),
     )
 
 
 def trained_components(base: BaseModel, settings: Settings) -> list[str]:
-    """The components a subject's own weights live in: the UNet, and every text encoder when they train."""
-    return ["unet", *(base.text_encoder_names if settings.train_text_encoder else ())]
+    """The components a subject's own weights live in: the denoiser, and every text encoder when they train."""
+    return [base.denoiser_name, *(base.text_encoder_names if settings.train_text_encoder else ())]
 
 
-def _lora_targets(settings: Settings, component: str) -> list[str]:
-    return settings.lora_target_modules if component == "unet" else settings.text_encoder_lora_target_modules
+def lora_targets(base: BaseModel, settings: Settings, component: str) -> list[str]:
+    """The LoRA target names in `component`: the settings', or (none set) the base family's."""
+    if component != base.denoiser_name:
+        return settings.text_encoder_lora_target_modules
+    return settings.lora_target_modules or list(family_of(base).lora_targets)
 
 
 def attach_lora_pack(base: BaseModel, settings: Settings, capacity: int) -> LoraPack:
     """`capacity` empty LoRA slots of the settings' layout on the (reset) base model."""
     if base.lora is not None:
         raise RuntimeError("a LoRA pack is already attached; reset the base model first")
-    components = {c: (getattr(base, c), _lora_targets(settings, c)) for c in trained_components(base, settings)}
+    components = {c: (getattr(base, c), lora_targets(base, settings, c)) for c in trained_components(base, settings)}
     try:
         base.lora = LoraPack.attach(components, settings.lora_rank, capacity)
     except LoraLayoutError as err:
@@ -70,6 +75,9 @@ def read_lora_weights(base: BaseModel, settings: Settings, weights_uri: str) -> 
         own = {k[len(prefix):]: v for k, v in exported.items() if k.startswith(prefix)}
         if not own:
             raise ValueError(f"{weights_uri}: no {component} LoRA weights, but the settings say it was trained")
+        if component == "transformer":  # written in peft's layout already (see _save_lora)
+            state[component] = own
+            continue
         to_peft = convert_unet_state_dict_to_peft if component == "unet" else convert_state_dict_to_peft
         state[component] = to_peft(own)
     return state
@@ -114,6 +122,8 @@ def _save_lora(base: BaseModel, state: dict[str, dict[str, torch.Tensor]], setti
     # and the rank and alpha in `<component>_lora_adapter_metadata`, so stock diffusers scales it as it was trained.
     kwargs = {}
     for component in trained_components(base, settings):
-        kwargs[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(state[component])
-        kwargs[f"{component}_lora_adapter_metadata"] = lora_config(settings, component).to_dict()
+        # UNet bases: the diffusers layout their loaders have always read; FLUX: peft's, as diffusers' FLUX scripts write
+        convert = convert_state_dict_to_diffusers if base.denoiser_name == "unet" else dict
+        kwargs[f"{component}_lora_layers"] = convert(state[component])
+        kwargs[f"{component}_lora_adapter_metadata"] = lora_config(base, settings, component).to_dict()
     base.pipeline_class.save_lora_weights(folder, safe_serialization=True, **kwargs)

@@ -94,7 +94,7 @@ def test_loaded_subject_weights_render_like_stock_diffusers(base, tiny_path, sub
         stock.load_lora_weights(result.weights_uri)
     else:
         stock.unet = UNet2DConditionModel.from_pretrained(result.weights_uri, subfolder="unet")
-    from engine.diffusion.generation import make_scheduler
+    from engine.diffusion.unet import make_scheduler
 
     stock.scheduler = make_scheduler("ddim", stock.scheduler.config)
     import torch

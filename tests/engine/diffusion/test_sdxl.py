@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from engine.diffusion.base_model import load_base_model, resolve_base_model
 from engine.diffusion.class_images import ClassImageCache
-from engine.diffusion.generation import make_scheduler, render_subject
+from engine.diffusion.generation import render_subject
+from engine.diffusion.unet import make_scheduler
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import PackJob, train_pack, train_subject
 from engine.diffusion.weights import load_subject_weights
@@ -98,8 +99,7 @@ def test_tiny_sdxl_is_deterministic_and_round_trips_through_stock_from_pretraine
 
 
 def test_training_conditions_the_unet_as_the_stock_pipeline_does(sdxl):
-    from engine.diffusion.generation import make_pipeline
-    from engine.diffusion.instance_data import encode_prompts, tokenize, unet_added_conditions
+    from engine.diffusion.unet import encode_prompts, make_pipeline, tokenize, unet_added_conditions
 
     with torch.no_grad():
         ours = encode_prompts(sdxl, tokenize(sdxl, PROMPT))

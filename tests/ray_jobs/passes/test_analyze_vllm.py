@@ -9,7 +9,6 @@ import re
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq

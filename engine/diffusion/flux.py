@@ -1,0 +1,215 @@
+"""The FLUX families: FLUX.1 (CLIP pooled + T5 hidden states, 2x2-packed latents with VAE shift and scale, a
+guidance embedding on [dev]) and FLUX.2 [klein] (stacked Qwen3 hidden states, batch-normalised 2x2-patchified latents,
+true CFG). Both train by flow matching (engine/diffusion/flow_matching.py) and sample with FlowMatch Euler at the
+resolution-dependent shift, through their stock pipelines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from engine.diffusion.base_model import BaseModel
+from engine.diffusion.family import Family, Noised, PromptEmbeddings, routed
+from engine.diffusion.flow_matching import FlowMatching
+from engine.settings import Settings, SettingsError
+
+SAMPLER = "flow_match_euler"
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # both stock pipelines' default
+# Loss weights other than 1 come only from these schemes; the others only shape where sigmas are drawn.
+WEIGHTED_SCHEMES = ("sigma_sqrt", "cosmap")
+
+
+def max_sequence_length(settings: Settings) -> int:
+    return settings.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+
+
+class FlowFamily(Family):
+    """What FLUX.1 and FLUX.2 share: flow matching, 2x2 latent patches, the stock pipeline's sampler and encoding."""
+
+    trains_text_encoder = False  # the T5 / Qwen3 encoders stay frozen, their embeddings cached (as the services do)
+
+    def __init__(self) -> None:
+        self._objectives: dict[tuple, FlowMatching] = {}
+
+    def check(self, base: BaseModel, settings: Settings) -> None:
+        multiple = base.vae_scale * 2
+        if settings.resolution % multiple:
+            raise SettingsError(
+                f"resolution: {settings.resolution} is not a multiple of {multiple} (this base's VAE scale "
+                f"{base.vae_scale} x its 2x2 latent patches)"
+            )
+        if settings.train_text_encoder:
+            raise SettingsError("train_text_encoder: not supported on FLUX bases (their text encoders stay frozen)")
+
+    def sampler(self, settings: Settings) -> str:
+        return SAMPLER
+
+    def objective(self, base: BaseModel, settings: Settings) -> FlowMatching:
+        scheme = dict(weighting_scheme=settings.weighting_scheme, logit_mean=settings.logit_mean,
+                      logit_std=settings.logit_std, mode_scale=settings.mode_scale)  # fmt: skip
+        key = (id(base.noise_scheduler), *scheme.values())
+        if key not in self._objectives:
+            self._objectives[key] = FlowMatching.from_scheduler(base.noise_scheduler.config, **scheme)
+        return self._objectives[key]
+
+    def noised(self, base: BaseModel, latents: torch.Tensor, generator: torch.Generator, settings: Settings) -> Noised:
+        objective = self.objective(base, settings)
+        noise = torch.randn(latents.shape, generator=generator).to(base.device)
+        sigmas, timesteps = objective.draw(latents.shape[0], generator)
+        weights = objective.weights(sigmas).to(base.device) if settings.weighting_scheme in WEIGHTED_SCHEMES else None
+        sigmas = sigmas.to(base.device)
+        return Noised(objective.noisy(latents, noise, sigmas), objective.target(latents, noise), timesteps.to(base.device),
+                      weights)  # fmt: skip
+
+    def pipeline(self, base: BaseModel, settings: Settings):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        modules = {name: getattr(base, name) for name in ("vae", "transformer", *base.text_encoder_names)}
+        modules.update({name.replace("text_encoder", "tokenizer"): tok
+                        for name, tok in zip(base.text_encoder_names, base.tokenizers)})  # fmt: skip
+        # A fresh scheduler: sampling sets its timesteps, and the base's own keeps the training table
+        modules["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(base.noise_scheduler.config)
+        if base.kind == "flux2":
+            modules["is_distilled"] = base.index.get("is_distilled", False)
+        pipe = base.pipeline_class(**modules)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _latent_grid(self, base: BaseModel, resolution: int) -> int:
+        """The side of the 2x2-patched latent grid at `resolution` (the image token grid)."""
+        return resolution // (base.vae_scale * 2)
+
+
+class FluxFamily(FlowFamily):
+    """FLUX.1 [dev] (guidance-distilled: a guidance embedding) and [schnell] (none)."""
+
+    name = "flux"
+    # diffusers' train_dreambooth_lora_flux.py's default layers, and the single blocks' MLP input. The single blocks'
+    # `proj_out` is left out: its name is also the transformer's final projection, which a suffix match would take.
+    lora_targets = (
+        "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+        "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+        "ff_context.net.2", "proj_mlp",
+    )  # fmt: skip
+
+    def latent_moments(self, base: BaseModel, dist) -> tuple[torch.Tensor, torch.Tensor]:
+        config = base.vae.config
+        return (dist.mean - config.shift_factor) * config.scaling_factor, dist.std * config.scaling_factor
+
+    def encode(self, base: BaseModel, prompts: Sequence[str], settings: Settings) -> PromptEmbeddings:
+        hidden, pooled, _ = self.pipeline(base, settings).encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=base.device, max_sequence_length=max_sequence_length(settings)
+        )
+        return PromptEmbeddings(hidden, pooled)
+
+    def guidance(self, base: BaseModel, settings: Settings, n: int) -> torch.Tensor | None:
+        if not base.transformer.config.guidance_embeds:
+            return None  # [schnell]: no guidance input
+        return torch.full((n,), settings.train_guidance_scale, device=base.device)
+
+    def predict(
+        self,
+        base: BaseModel,
+        denoiser: torch.nn.Module,
+        noised: Noised,
+        embeddings: PromptEmbeddings,
+        guidance: torch.Tensor | None,
+        resolution: int,
+    ) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        n, c, h, w = noised.noisy.shape
+        packed = FluxPipeline._pack_latents(noised.noisy, n, c, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, packed.device, packed.dtype)
+        text_ids = torch.zeros(embeddings.hidden.shape[1], 3, device=packed.device, dtype=packed.dtype)
+        prediction = denoiser(
+            hidden_states=packed, timestep=noised.timesteps / 1000, guidance=guidance,
+            pooled_projections=embeddings.pooled, encoder_hidden_states=embeddings.hidden, txt_ids=text_ids,
+            img_ids=image_ids, return_dict=False,
+        )[0]  # fmt: skip
+        return FluxPipeline._unpack_latents(prediction, h * base.vae_scale, w * base.vae_scale, base.vae_scale)
+
+    def render(
+        self, base: BaseModel, pipe, prompts: list[str], generators: list[torch.Generator], settings: Settings,
+        slots: list[int] | None,
+    ) -> list[Image.Image]:  # fmt: skip
+        from diffusers import FluxPipeline
+
+        side, channels = 2 * self._latent_grid(base, settings.resolution), base.transformer.config.in_channels // 4
+        noise = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
+        latents = FluxPipeline._pack_latents(noise, len(prompts), channels, side, side).to(base.device)
+        # [dev] takes the guidance scale as an embedding: one transformer pass per step, each image's slot once
+        with settings.autocast(base.device.type), routed(base, transformer=slots):
+            out = pipe(
+                prompt=prompts, height=settings.resolution, width=settings.resolution,
+                num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                latents=latents, max_sequence_length=max_sequence_length(settings), output_type="pil",
+            )  # fmt: skip
+        return out.images
+
+
+class Flux2Family(FlowFamily):
+    """FLUX.2 [klein]: undistilled, true classifier-free guidance."""
+
+    name = "flux2"
+    # diffusers' FLUX.2 layers: both attention streams, both feed-forwards, and the single blocks' fused QKV+MLP input
+    # (their output `attn.to_out` shares its suffix with the double blocks' ModuleList, so it cannot be named alone).
+    lora_targets = (
+        "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+        "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+        "ff_context.linear_out", "attn.to_qkv_mlp_proj",
+    )  # fmt: skip
+
+    def latent_moments(self, base: BaseModel, dist) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers import Flux2KleinPipeline
+
+        bn = base.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + base.vae.config.batch_norm_eps)
+        patchify = Flux2KleinPipeline._patchify_latents
+        return (patchify(dist.mean) - mean) / std, patchify(dist.std) / std
+
+    def encode(self, base: BaseModel, prompts: Sequence[str], settings: Settings) -> PromptEmbeddings:
+        hidden, _ = self.pipeline(base, settings).encode_prompt(
+            prompt=list(prompts), device=base.device, max_sequence_length=max_sequence_length(settings)
+        )
+        return PromptEmbeddings(hidden)
+
+    def predict(
+        self,
+        base: BaseModel,
+        denoiser: torch.nn.Module,
+        noised: Noised,
+        embeddings: PromptEmbeddings,
+        guidance: torch.Tensor | None,
+        resolution: int,
+    ) -> torch.Tensor:
+        from diffusers import Flux2KleinPipeline
+
+        n, c, h, w = noised.noisy.shape
+        packed = noised.noisy.reshape(n, c, h * w).permute(0, 2, 1)
+        image_ids = Flux2KleinPipeline._prepare_latent_ids(noised.noisy).to(packed.device)
+        text_ids = Flux2KleinPipeline._prepare_text_ids(embeddings.hidden).to(packed.device)
+        prediction = denoiser(
+            hidden_states=packed, timestep=noised.timesteps / 1000, guidance=None,
+            encoder_hidden_states=embeddings.hidden, txt_ids=text_ids, img_ids=image_ids, return_dict=False,
+        )[0]  # fmt: skip
+        return prediction.permute(0, 2, 1).reshape(n, c, h, w)
+
+    def render(
+        self, base: BaseModel, pipe, prompts: list[str], generators: list[torch.Generator], settings: Settings,
+        slots: list[int] | None,
+    ) -> list[Image.Image]:  # fmt: skip
+        side, channels = self._latent_grid(base, settings.resolution), base.transformer.config.in_channels
+        latents = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators]).to(base.device)
+        # The stock pipeline runs the prompt half and then the empty-prompt half, each over the whole batch: both
+        # passes go through each image's slot.
+        with settings.autocast(base.device.type), routed(base, transformer=slots):
+            out = pipe(
+                prompt=prompts, height=settings.resolution, width=settings.resolution,
+                num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                latents=latents, max_sequence_length=max_sequence_length(settings), output_type="pil",
+            )  # fmt: skip
+        return out.images
