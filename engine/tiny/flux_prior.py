@@ -6,7 +6,7 @@ with tokenizers built in code, AutoencoderKL, FlowMatchEulerDiscreteScheduler wi
 and loaded with `save_pretrained` / `from_pretrained`. The VAE is tiny-prior's (4x downsampling, 8x8x4 latents at
 32 px), so the transformer sees 16 image tokens of 16 channels after FLUX's 2x2 packing.
 
-Dataset: tiny-prior's four drawn classes (`engine.tiny_prior`), drawn fresh from the seed, "a photo of a <class>".
+Dataset: tiny-prior's four drawn classes (`engine.tiny.prior`), drawn fresh from the seed, "a photo of a <class>".
 
 Training, on 1 CPU thread (fixed, so a seed gives the same bytes):
 1. the VAE as an autoencoder of the shapes (tiny-prior's recipe); its latents' mean and spread become the
@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.library_logging import quiet_libraries
-from engine.tiny_models import build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
-from engine.tiny_prior import CLASSES, _encode_pool, _separate_prompts, _train_vae, class_prompt
+from engine.tiny.flux import FLUX_SCHEDULER, build_t5_tokenizer
+from engine.tiny.prior import CLASSES, _encode_pool, _separate_prompts, _train_vae, class_prompt
+from engine.tiny.sd import build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
 
 # Bump when the dataset, the training or its length changes, so stale caches are rebuilt rather than reused.
 TINY_FLUX_PRIOR_VERSION = 1
@@ -47,18 +48,9 @@ FLOW_STEPS, FLOW_BATCH, FLOW_LR = 1200, 16, 2e-3
 DISTILL_STEPS, DISTILL_LR = 300, 5e-4
 
 
-def build_t5_tokenizer(model_max_length: int = 512):
-    """A character-level T5 tokenizer (a `tokenizers` Unigram with every printable ASCII character), built in code."""
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(chr(c), -3.0) for c in range(ord("!"), ord("~") + 1)]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
-
-
 def _start_pipeline(seed: int):
     """FLUX.1 [dev]'s layout at a size a CPU trains in a minute: 2 double-stream and 2 single-stream blocks, 4 heads of
-    16, text width 32; tiny-prior's VAE; the scheduler config FLUX.1 ships."""
+    16, text width 32; tiny-prior's VAE; tiny-flux's tokenizers and FLUX.1's scheduler config (engine/tiny/flux.py)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
@@ -80,12 +72,9 @@ def _start_pipeline(seed: int):
             attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
             axes_dims_rope=[4, 6, 6], guidance_embeds=True,
         )  # fmt: skip
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )  # fmt: skip
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)  # fmt: skip
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                        transformer=transformer)  # fmt: skip
 
 
 class _Prompts:
