@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.tiny_models import _byte_alphabet, build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
-from engine.tiny_vlm import chat_template
+from engine.tiny.sd import _byte_alphabet, build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
+from engine.tiny.vlm import chat_template
 
 # Bump when the architecture or construction changes, so stale caches are rebuilt rather than reused.
 TINY_FLUX_VERSION = 1
@@ -39,12 +39,15 @@ def build_t5_tokenizer(model_max_length: int = 512):
 def build_qwen_tokenizer():
     """A character-level Qwen2 tokenizer (byte-level BPE without merges) with Qwen's special tokens and Qwen3's chat
     template, which FLUX.2 [klein] applies to every prompt (thinking closed)."""
+    from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     vocab = {tok: i for i, tok in enumerate(_byte_alphabet() + specials)}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
                                pad_token="<|endoftext|>", model_max_length=512)  # fmt: skip
+    # Whole tokens in any text, as Qwen's are (only eos and pad are registered by the constructor)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer.chat_template = chat_template(thinking=True)
     return tokenizer
 
