@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.tiny.sd import _byte_alphabet, build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
+from engine.tiny.common import _byte_alphabet, build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
 from engine.tiny.vlm import chat_template
 
 # Bump when the architecture or construction changes, so stale caches are rebuilt rather than reused.

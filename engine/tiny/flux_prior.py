@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.library_logging import quiet_libraries
+from engine.tiny.common import build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
 from engine.tiny.flux import FLUX_SCHEDULER, build_t5_tokenizer
 from engine.tiny.prior import CLASSES, _encode_pool, _separate_prompts, _train_vae, class_prompt
-from engine.tiny.sd import build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
 
 # Bump when the dataset, the training or its length changes, so stale caches are rebuilt rather than reused.
 TINY_FLUX_PRIOR_VERSION = 1

@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from engine.tiny.eval_models import ensure_tiny_eval_model
+from engine.tiny.flux_prior import ensure_tiny_flux_prior
 from engine.tiny.prior import ensure_tiny_prior
 from engine.tiny.sd import ensure_tiny_sd, ensure_tiny_sdxl
 from engine.tiny.vlm import ensure_tiny_vlm
@@ -18,6 +19,7 @@ BASE_MODELS: dict[str, Ensure] = {
     "tiny": ensure_tiny_sd,
     "tiny-sdxl": ensure_tiny_sdxl,
     "tiny-prior": ensure_tiny_prior,
+    "tiny-flux-prior": ensure_tiny_flux_prior,
 }
 VLMS: dict[str, Ensure] = {
     "tiny": partial(ensure_tiny_vlm, variant="dense"),
