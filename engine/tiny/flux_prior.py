@@ -25,7 +25,7 @@ What it costs and learns (the project's 2-core box, shared; bench/RESULTS.md, "t
 - Seed 0 (the one the product builds): each class prompt renders its own class through the stock pipeline
   (tests/engine/tiny/test_flux_prior.py), at guidance 1 and 3.5 and at 32 or 77 T5 tokens. Not every seed does:
   seed 1's "ball" prompt renders nearer another class.
-- A rank-8 LoRA trained on it by flow matching (100 steps) takes the instance prompt's images 70-80 % of the way to
+- A rank-8 LoRA trained on it by flow matching (100 steps) takes the instance prompt's images 70-85 % of the way to
   the VAE's own reconstruction of the photos: the VAE, not the transformer, limits how near the subject they get.
 """
 
