@@ -23,8 +23,9 @@ What it costs and learns (the project's 2-core box, shared; bench/RESULTS.md, "t
 - A build takes 106 CPU s on a lightly loaded box (133-139 s under heavy load). Two builds of a seed give identical
   safetensors bytes.
 - Seed 0 (the one the product builds): each class prompt renders its own class through the stock pipeline
-  (tests/engine/tiny/test_flux_prior.py), at guidance 1 and 3.5 and at 32 or 77 T5 tokens. Not every seed does:
-  seed 1's "ball" prompt renders nearer another class.
+  (tests/engine/tiny/test_flux_prior.py), at guidance 1 and 3.5 and at 32 or 77 T5 tokens; seed 2 too at 32. Not
+  every seed does: seed 1's "ball" prompt renders nearer another class. At 512 T5 tokens a class fails at seeds 1
+  and 2: render with `max_sequence_length=TEXT_LENGTH`.
 - A rank-8 LoRA trained on it by flow matching (100 steps) takes the instance prompt's images 70-85 % of the way to
   the VAE's own reconstruction of the photos: the VAE, not the transformer, limits how near the subject they get.
 """
