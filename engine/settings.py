@@ -293,6 +293,7 @@ def _validate(values: dict[str, Any], *, source: str) -> Settings:
 TINY_FLUX_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-flux": {"max_sequence_length": 32, "guidance_scale": 3.5},
     "tiny-flux2": {"max_sequence_length": 32, "guidance_scale": 4.0},
+    "tiny-flux-prior": {"max_sequence_length": 32, "guidance_scale": 3.5},  # it was pretrained with 32 T5 tokens
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engine.tiny.eval_models import ensure_tiny_eval_model
 from engine.tiny.flux import ensure_tiny_flux, ensure_tiny_flux2
+from engine.tiny.flux_prior import ensure_tiny_flux_prior
 from engine.tiny.prior import ensure_tiny_prior
 from engine.tiny.sd import ensure_tiny_sd, ensure_tiny_sdxl
 from engine.tiny.vlm import ensure_tiny_vlm
@@ -21,6 +22,7 @@ BASE_MODELS: dict[str, Ensure] = {
     "tiny-prior": ensure_tiny_prior,
     "tiny-flux": ensure_tiny_flux,
     "tiny-flux2": ensure_tiny_flux2,
+    "tiny-flux-prior": ensure_tiny_flux_prior,
 }
 VLMS: dict[str, Ensure] = {
     "tiny": partial(ensure_tiny_vlm, variant="dense"),
