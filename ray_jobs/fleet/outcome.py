@@ -73,8 +73,12 @@ class Outcome:
         return cls(subject_id, **{k: entry[k] for k in HISTORY_FIELDS if k in entry and entry[k] is not None})
 
     def history_entry(self) -> dict[str, Any]:
-        """The fields the subject's history keeps, every one of them (null where this kind of attempt has none)."""
-        return {k: getattr(self, k) for k in HISTORY_FIELDS}
+        """The fields the subject's history keeps that this attempt set; a training attempt always says where it resumed
+        from (null: from the start)."""
+        entry = {k: getattr(self, k) for k in HISTORY_FIELDS if k == "ok" or getattr(self, k) is not None}
+        if self.steps_run is not None:
+            entry["resumed_from"] = self.resumed_from
+        return entry
 
 
 @dataclass
