@@ -80,6 +80,11 @@ def judge_photo(subject_id: str, image: str, noun: str, found: dict[str, Any] | 
     boxes = [b for b in found.get("boxes") or [] if b.get("label") == noun]
     if len(boxes) == 1:
         box = {k: float(boxes[0][k]) for k in ("x1", "y1", "x2", "y2")}
+        side = max(box["x2"] - box["x1"], box["y2"] - box["y1"]) * (1 + 2 * MARGIN)
+        if side < settings.min_image_side:  # a crop that small could not be read back for training
+            return PhotoVerdict(subject_id, image, True, f"one {noun} found, but a square around it would be "
+                                f"{side:.0f} px, under min_image_side ({settings.min_image_side}): kept whole",
+                                categories=codes)  # fmt: skip
         return PhotoVerdict(subject_id, image, True, f"one {noun} found: cropped around it", box, categories=codes)
     count = "no" if not boxes else str(len(boxes))
     return PhotoVerdict(subject_id, image, True, f"{count} {noun} found: kept whole", categories=codes)

@@ -33,6 +33,9 @@ def test_one_instance_is_cropped_none_or_several_kept_whole_flagged_or_unreadabl
     assert two.kept and two.box is None and two.reason == "2 dog found: kept whole"
     none = judge_photo("s0", "a.png", "dog", {"boxes": [], "error": None}, SAFE, settings)
     assert none.kept and none.reason == "no dog found: kept whole"
+    speck = {"label": "dog", "x1": 10.0, "y1": 20.0, "x2": 12.0, "y2": 23.0}  # a crop around it could not train
+    small = judge_photo("s0", "a.png", "dog", {"boxes": [speck], "error": None}, SAFE, settings)
+    assert small.kept and small.box is None and "under min_image_side" in small.reason and "kept whole" in small.reason
     flagged = {"safe": False, "score": 0.9, "categories": ["S1"], "error": None}
     refused = judge_photo("s0", "a.png", "dog", {"boxes": [box], "error": None}, flagged, settings)
     assert not refused.kept and refused.categories == ("S1",) and "flagged by moderation (S1" in refused.reason
