@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.diffusion.base_model import resolve_base_model
+from engine.diffusion.families import with_family_defaults
 from engine.diffusion.prompts import base_tokenizers, prompt_warnings
 from engine.hub import ModelError, fingerprint
 from engine.settings import Settings
@@ -90,10 +91,11 @@ def record_prompt_warnings(run: RunDirectory, manifest: SubjectsManifest, status
 
 def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, RunDirectory]:
     """Take every subject of the manifest through `stages`, skipping what RUN shows done. Returns (exit, run)."""
+    base_path = resolve_base_model(request.base_model)
+    request = replace(request, settings=with_family_defaults(request.settings, base_path))
     manifest = read_subjects_manifest(request.manifest, request.settings, check_images=False)
     run = RunDirectory(request.out, request.lease)
     run.check_and_clean()
-    base_path = resolve_base_model(request.base_model)
     run.start(
         command=request.command,
         manifest_uri=request.manifest,

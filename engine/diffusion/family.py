@@ -70,6 +70,9 @@ class Family:
     name: str
     lora_targets: tuple[str, ...]  # the LoRA targets when the settings name none (diffusers' scripts' defaults)
     trains_text_encoder: bool  # whether `train_text_encoder` is supported on this family
+    # Settings only this family's training reads: part of a subject's training identity on this family alone, so a
+    # setting added for one family leaves the other families' checkpoints resumable.
+    training_keys: tuple[str, ...] = ()
 
     def check(self, base: BaseModel, settings: Settings) -> None:
         """Raise SettingsError for settings this base cannot train or render with (the message names the setting)."""

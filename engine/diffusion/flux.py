@@ -29,6 +29,9 @@ class FlowFamily(Family):
     """What FLUX.1 and FLUX.2 share: flow matching, 2x2 latent patches, the stock pipeline's sampler and encoding."""
 
     trains_text_encoder = False  # the T5 / Qwen3 encoders stay frozen, their embeddings cached (as the services do)
+    training_keys = (
+        "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "train_guidance_scale",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self._objectives: dict[tuple, FlowMatching] = {}

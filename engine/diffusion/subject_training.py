@@ -14,17 +14,18 @@ import torch
 from engine import storage
 from engine.diffusion.base_model import BaseModel
 from engine.diffusion.checkpoints import TrainingState, save_checkpoint
+from engine.diffusion.families import family_of
 from engine.diffusion.instance_data import TrainingExamples
 from engine.diffusion.subject import CHECKPOINTS, TRAIN_LOG, Subject
 from engine.settings import Settings
 
-# Settings that change the optimisation itself; a checkpoint made with other values cannot be resumed.
+# Settings that change the optimisation itself on every family (plus the family's own `training_keys`); a checkpoint
+# made with other values cannot be resumed.
 TRAINING_IDENTITY_KEYS = (
     "mode", "learning_rate", "train_text_encoder", "lora_rank", "lora_alpha", "lora_target_modules",
     "text_encoder_lora_target_modules", "train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
     "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "resolution", "center_crop", "with_prior_preservation", "prior_loss_weight", "max_train_steps", "data_parallel",
-    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "train_guidance_scale",
 )  # fmt: skip
 
 @dataclass
@@ -50,7 +51,10 @@ class TrainResult:
 
 
 def training_identity(subject: Subject, settings: Settings, base: BaseModel) -> str:
-    values = {k: getattr(settings, k) for k in TRAINING_IDENTITY_KEYS}
+    family = family_of(base)
+    values = {k: getattr(settings, k) for k in (*TRAINING_IDENTITY_KEYS, *family.training_keys)}
+    # The layers trained, not how they were named: "the family's default" and that list spelled out are one identity.
+    values["lora_target_modules"] = settings.lora_target_modules or list(family.lora_targets)
     values.update(
         base=base.fingerprint,
         images=list(subject.instance_images),

@@ -11,6 +11,7 @@ from engine.diffusion.checkpoints import CheckpointError, complete_steps
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.instance_data import load_pixels
 from engine.diffusion.subject import Subject
+from engine.diffusion.subject_training import training_identity
 from engine.diffusion.train import NonFiniteLossError, train_subject
 from engine.settings import load_settings
 from tests.helpers.training import Interrupted, assert_same_training, lora_weights, stop_at
@@ -64,6 +65,18 @@ def test_resuming_with_other_settings_is_refused(base, subject_images, tmp_path)
     changed = settings.with_overrides({"lora_rank": 2})
     with pytest.raises(CheckpointError, match="other training settings"):
         train_subject(base, _subject(subject_images), changed, str(tmp_path / "s"), class_uris)
+
+
+def test_training_identity_names_the_layers_trained_not_who_chose_them(base, subject_images):
+    """A checkpoint stays resumable when a later version spells a default differently or adds another family's
+    setting: "the family's default targets" and that list written out are one identity, and FLUX's flow-matching
+    settings are not part of an SD subject's."""
+    subject, settings = _subject(subject_images), load_settings("tiny")
+    identity = training_identity(subject, settings, base)
+    spelled_out = settings.with_overrides({"lora_target_modules": ["to_k", "to_q", "to_v", "to_out.0"]})
+    assert training_identity(subject, spelled_out, base) == identity
+    assert training_identity(subject, settings.with_overrides({"weighting_scheme": "mode"}), base) == identity
+    assert training_identity(subject, settings.with_overrides({"lora_target_modules": ["to_q"]}), base) != identity
 
 
 def _stock_pipeline(tiny_path, weights=None, mode="lora"):

@@ -2,6 +2,8 @@
 
 import pytest
 
+from engine.diffusion.base_model import resolve_base_model
+from engine.diffusion.families import with_family_defaults
 from engine.diffusion.subject import Subject
 from engine.settings import load_settings
 from ray_jobs.fleet.scheduler import oom_adjusted
@@ -99,6 +101,16 @@ def test_a_run_refuses_another_manifest_or_settings_unless_extended(tmp_path):
         _start(run, settings=load_settings("tiny", overrides={"max_train_steps": 5}))
     _start(run, fingerprint="def", extend=True)
     assert len(run.read_run()["invocations"]) == 4
+
+
+def test_a_run_recorded_with_the_default_targets_spelled_out_resumes_without_extend(tmp_path):
+    """Runs recorded their LoRA targets as a list before the default became "the base family's"; the driver records
+    the family's list, so such a RUN is the same settings, not a conflict."""
+    tiny = resolve_base_model("tiny")
+    run = RunDirectory(str(tmp_path / "run"))
+    recorded = load_settings("tiny", overrides={"lora_target_modules": ["to_k", "to_q", "to_v", "to_out.0"]})
+    _start(run, settings=recorded)
+    _start(run, settings=with_family_defaults(load_settings("tiny"), tiny))
 
 
 def test_statuses_round_trip_through_the_run_directory(tmp_path):
