@@ -183,10 +183,18 @@ class BaseModel:
             if component == self.denoiser_name:
                 module.disable_gradient_checkpointing()
             else:
-                module.activation_checkpointing_disable()
+                text_encoder_checkpointing(module, False)
             module.requires_grad_(False)
             module.eval()
         self.vae.requires_grad_(False)
+
+
+def text_encoder_checkpointing(module: torch.nn.Module, on: bool) -> None:
+    """Activation checkpointing on a transformers text encoder. transformers renamed `gradient_checkpointing_*` to
+    `activation_checkpointing_*` after 5.19 (the old names warn until v6); the pin allows both, and the vLLM CPU rig
+    runs 5.19."""
+    prefix = "activation_checkpointing" if hasattr(module, "activation_checkpointing_enable") else "gradient_checkpointing"
+    getattr(module, f"{prefix}_{'enable' if on else 'disable'}")()
 
 
 def load_base_model(

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from engine import storage
 from engine.diffusion import data_parallel
-from engine.diffusion.base_model import BaseModel
+from engine.diffusion.base_model import BaseModel, text_encoder_checkpointing
 from engine.diffusion.checkpoints import CheckpointError, load_latest_checkpoint
 from engine.diffusion.families import family_of
 from engine.diffusion.family import Noised, PromptEmbeddings
@@ -110,7 +110,7 @@ class PackTrainer:
         if self.gradient_checkpointing:
             self.base.denoiser.enable_gradient_checkpointing()
             for module in text_encoders:
-                module.activation_checkpointing_enable()
+                text_encoder_checkpointing(module, True)
 
     @property
     def free_slots(self) -> int:

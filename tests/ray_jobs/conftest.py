@@ -37,3 +37,17 @@ def ray_cluster(s3_endpoint, model_cache):
     ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vllm_cluster(model_cache):
+    """A local cluster whose workers inherit a small vLLM KV cache (the CPU backend reserves 4 GiB by default)."""
+    import ray
+    import vllm  # noqa: F401  (a missing vLLM fails here, never skips)
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # address="local": a new cluster of its own, never the latest one another process on this machine started
+    # (ray.init's default joins that one, found through /tmp/ray/ray_current_cluster).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

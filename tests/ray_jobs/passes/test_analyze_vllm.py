@@ -4,7 +4,6 @@ a rerun that answers only new ids."""
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -21,20 +20,6 @@ pytestmark = pytest.mark.vllm
 
 # torch.compile costs about a minute per engine start on two CPU cores and gains nothing on the tiny models.
 VLLM = ["--set", "vlm_engine=vllm", "--set", "vlm_engine_args={enforce_eager: true}", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def vllm_cluster(model_cache):
-    """A local cluster whose workers inherit a small vLLM KV cache (the CPU backend reserves 4 GiB by default)."""
-    import ray
-    import vllm  # noqa: F401  (a missing vLLM fails here, never skips)
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # address="local": a new cluster of its own, never the latest one another process on this machine started
-    # (ray.init's default joins that one, found through /tmp/ray/ray_current_cluster).
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def _busy_model_actors() -> list[psutil.Process]:
