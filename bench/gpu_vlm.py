@@ -87,7 +87,8 @@ from engine.media.documents import render_pages  # noqa: E402
 from engine.media.video import Video  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
 from engine.tiny.vlm import SPECIAL_TOKENS, build_config, build_processor, build_tokenizer  # noqa: E402
-from engine.vlm.model import VLM, pixel_budget  # noqa: E402
+from engine.vlm.chat import pixel_budget  # noqa: E402
+from engine.vlm.model import VLM  # noqa: E402
 from engine.vlm.tasks import make_task  # noqa: E402
 
 TEXT_30B_A3B = dict(

@@ -51,7 +51,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
-from engine.vlm.model import pixel_budget, resolve_vlm  # noqa: E402
+from engine.vlm.chat import pixel_budget, resolve_vlm  # noqa: E402
 from engine.vlm.tasks import make_task  # noqa: E402
 from ray_jobs.passes.analyze import AnalyzeRequest, analyze  # noqa: E402
 

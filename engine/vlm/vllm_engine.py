@@ -15,8 +15,8 @@ import torch
 from engine.library_logging import quiet_libraries
 from engine.media.video import Video
 from engine.settings import Settings
+from engine.vlm.chat import ChatModel, Visual, VLMOutput, pixel_budget, resolve_vlm, until
 from engine.vlm.constrained import Grammar
-from engine.vlm.model import THINK_END, Visual, VLMOutput, pixel_budget, resolve_vlm
 
 # The verdict scores of moderation need the raw log-probabilities of two tokens at the answer's first position.
 # vLLM returns the top ones, after the grammar's mask: 20 (vLLM's default ceiling) holds every token a grammar lets
@@ -35,7 +35,7 @@ def max_model_len(settings: Settings, model_limit: int) -> int:
     return min(budget, model_limit)
 
 
-class VLLMEngine:
+class VLLMEngine(ChatModel):
     """The transformers engine's interface (`name`, `processor`, `thinks`, `chat_prompt`, `generate_constrained`)
     on a `vllm.LLM`. One per model actor: it holds the model for the actor's life."""
 
@@ -50,10 +50,7 @@ class VLLMEngine:
         trust = settings.trust_remote_code
         # The processor gives the prompts their chat template and the tasks their token ids, as on transformers.
         self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=trust)
-        tokenizer = self.processor.tokenizer
-        self.eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        self.think_end_id = tokenizer.convert_tokens_to_ids(THINK_END) if THINK_END in tokenizer.get_vocab() else None
-        self.thinks = self.chat_prompt("x").rstrip().endswith("<think>")
+        self._read_chat_tokens()
         config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust)
         text_config = getattr(config, "text_config", config)
         dtype = settings.vlm_dtype
@@ -78,12 +75,6 @@ class VLLMEngine:
     def close(self) -> None:
         """Stop vLLM's engine processes now, rather than whenever this object is collected (their memory with them)."""
         self.llm.llm_engine.engine_core.shutdown()
-
-    def chat_prompt(self, instruction: str, video: bool = False) -> str:
-        visual = {"type": "video" if video else "image"}
-        messages = [{"role": "user", "content": [visual, {"type": "text", "text": instruction}]}]
-        extra = {} if self.settings.enable_thinking is None else {"enable_thinking": self.settings.enable_thinking}
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
 
     def _request(self, prompt: str, visual: Visual) -> dict:
         if isinstance(visual, Video):
@@ -128,11 +119,6 @@ class VLLMEngine:
             structured_outputs=structured, logprobs=FIRST_LOGPROBS if logprobs else None, detokenize=False,
         )  # fmt: skip
 
-    @staticmethod
-    def _until(tokens: Sequence[int], stops: list[int]) -> list[int]:
-        end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-        return list(tokens[:end])
-
     def _first_logits(self, logprobs: list | None) -> torch.Tensor:
         """A vocabulary-sized row of the answer's first log-probabilities (−inf where vLLM returned none): a softmax
         over any two of them equals one over the raw logits, the normaliser cancelling."""
@@ -151,11 +137,8 @@ class VLLMEngine:
     ) -> list[VLMOutput]:
         """One answer per image or video, each to its own instruction (or one for all), its answer constrained by
         its grammar (None: free)."""
-        tokenizer = self.processor.tokenizer
-        if isinstance(instructions, str):
-            instructions = [instructions] * len(images)
         grammars = list(grammars) if grammars is not None else [None] * len(images)
-        prompts = [self.chat_prompt(text, isinstance(v, Video)) for v, text in zip(images, instructions, strict=True)]
+        prompts = self.prompts(images, instructions)
         reasoning: list[str | None] = [None] * len(images)
         reasoning_tokens = [0] * len(images)
         failed: dict[int, Exception] = {}
@@ -168,13 +151,8 @@ class VLLMEngine:
                     if isinstance(out, Exception):
                         failed[i] = out
                     else:
-                        thought[i] = self._until(out.outputs[0].token_ids, stops)
-            reasoning = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in thought]
-            reasoning_tokens = [len(t) + 1 for t in thought]  # + the closing tag
-            # The reasoning goes back in as text, without special tokens: a vision token a model emitted there
-            # would read as one more image placeholder in the prompt.
-            prompts = [p + tokenizer.decode(t, skip_special_tokens=True) + f"{THINK_END}\n\n"
-                       for p, t in zip(prompts, thought)]
+                        thought[i] = until(out.outputs[0].token_ids, stops)
+            prompts, reasoning, reasoning_tokens = self.continue_after_reasoning(prompts, thought)
         limit = self.settings.vlm_max_new_tokens
         params = [self._params(limit, self.eos_ids, g, want_first_logits) for g in grammars]
         asked = [i for i in range(len(images)) if i not in failed]  # a row refused while reasoning is not asked again
@@ -187,20 +165,8 @@ class VLLMEngine:
                 results.append(VLMOutput("", None, 0, None, error=f"{type(output).__name__}: {output}"))
                 continue
             generated = output.outputs[0]
-            tokens = self._until(generated.token_ids, self.eos_ids)
+            first = self._first_logits(generated.logprobs) if want_first_logits else None
             finished = generated.finish_reason == "stop"  # stopped by EOS rather than the token budget
-            answer_tokens = tokens
-            if self.thinks and self.think_end_id in tokens:
-                last = len(tokens) - 1 - tokens[::-1].index(self.think_end_id)
-                more = tokenizer.decode(tokens[:last], skip_special_tokens=True).strip()
-                reasoning[i] = f"{reasoning[i]}\n{more}".strip() if reasoning[i] else more
-                answer_tokens = tokens[last + 1 :]
-            results.append(
-                VLMOutput(
-                    answer=tokenizer.decode(answer_tokens, skip_special_tokens=True),
-                    reasoning=reasoning[i] or None,
-                    num_output_tokens=reasoning_tokens[i] + len(tokens) + int(finished),
-                    first_answer_logits=self._first_logits(generated.logprobs) if want_first_logits else None,
-                )
-            )
+            tokens = until(generated.token_ids, self.eos_ids)
+            results.append(self.output(tokens, finished, reasoning[i], reasoning_tokens[i], first))
         return results

@@ -68,7 +68,8 @@ def test_a_link_in_run_that_leads_outside_is_refused(ray_cluster, tmp_path, caps
 
 
 def test_remote_code_in_a_model_directory_runs_only_when_trusted(tmp_path):
-    from engine.vlm.model import VLM, resolve_vlm
+    from engine.vlm.chat import resolve_vlm
+    from engine.vlm.model import VLM
 
     model, marker = tmp_path / "vlm", tmp_path / "REMOTE-CODE-RAN"
     shutil.copytree(resolve_vlm("tiny"), model)

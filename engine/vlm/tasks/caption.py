@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from engine.settings import Settings
-from engine.vlm.model import VLMOutput
+from engine.vlm.chat import VLMOutput
 from engine.vlm.tasks.base import RowRequest, VLMTask
 
 PROMPT = (

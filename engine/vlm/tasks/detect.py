@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from engine.settings import Settings
+from engine.vlm.chat import VLMOutput
 from engine.vlm.constrained import Grammar
-from engine.vlm.model import VLMOutput
 from engine.vlm.tasks.base import RowRequest, TaskError, VLMTask
 from engine.vlm.tasks.extract import literal_bytes
 

@@ -15,8 +15,8 @@ import jsonschema
 import pyarrow as pa
 
 from engine.settings import Settings
+from engine.vlm.chat import VLMOutput
 from engine.vlm.constrained import Grammar
-from engine.vlm.model import VLMOutput
 from engine.vlm.tasks.base import RowRequest, TaskError, VLMTask
 
 PROMPT = (

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from engine.settings import Settings
+from engine.vlm.chat import VLMOutput
 from engine.vlm.constrained import Grammar
-from engine.vlm.model import VLMOutput
 from engine.vlm.tasks.base import RowRequest, TaskError, VLMTask
 
 # The 13 MLCommons hazard categories, as Llama Guard 3 Vision names them.

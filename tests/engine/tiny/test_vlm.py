@@ -120,7 +120,7 @@ def test_moe_variant_routes_among_experts():
 
 def test_pixel_budget_bounds_the_image_grid():
     from engine.settings import Settings
-    from engine.vlm.model import pixel_budget
+    from engine.vlm.chat import pixel_budget
 
     processor, _ = load("dense")
     text = processor.apply_chat_template(user_turn("Read it."), add_generation_prompt=True)

@@ -12,8 +12,9 @@ from PIL import Image
 
 from engine.hub import ModelError
 from engine.settings import load_settings
+from engine.vlm.chat import resolve_vlm
 from engine.vlm.constrained import GrammarCompiler
-from engine.vlm.model import VLM, resolve_vlm
+from engine.vlm.model import VLM
 from engine.vlm.tasks import make_task
 from engine.vlm.tasks.base import RowRequest, TaskError
 

@@ -10,8 +10,8 @@ import xgrammar as xgr
 from PIL import Image
 
 from engine.settings import load_settings
+from engine.vlm.chat import VLMOutput
 from engine.vlm.constrained import GrammarCompiler
-from engine.vlm.model import VLMOutput
 from engine.vlm.tasks import make_task
 from engine.vlm.tasks.base import RowRequest, TaskError
 from engine.vlm.tasks.detect import max_boxes, relative_to_pixels, split_categories
