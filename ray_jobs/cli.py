@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from engine import storage
 from engine.hub import ModelError
 from engine.settings import Settings, SettingsError, load_settings, parse_assignments
 from engine.vlm.tasks import TASKS
@@ -26,7 +27,7 @@ from ray_jobs.report.run_report import write_run_report
 from ray_jobs.report.thumbnails import PDF_DPI
 from ray_jobs.state.lease import Lease, LeaseHeld, LeaseLost, output_lease_uri, run_lease_uri
 from ray_jobs.state.manifest import ManifestError, read_subjects_manifest
-from ray_jobs.state.run_dir import NotARunError, RunConflictError
+from ray_jobs.state.run_dir import RUN_JSON, NotARunError, RunConflictError
 from ray_jobs.state.states import FAILED
 
 
@@ -303,7 +304,11 @@ def _leased(args: argparse.Namespace) -> tuple[str, str] | None:
     if args.command == "evaluate":
         return run_lease_uri(args.run), f"dreamfleet evaluate {args.run}"
     if args.command == "analyze":
-        return output_lease_uri(args.out), f"dreamfleet analyze {args.input} --out {args.out}"
+        # An output inside a RUN (RUN/moderation.parquet) is written by that RUN's driver too: it takes the RUN's lease.
+        run = args.out.rstrip("/").rpartition("/")[0]
+        inside_run = run and any(storage.exists(uri) for uri in (storage.join(run, RUN_JSON), run_lease_uri(run)))
+        uri = run_lease_uri(run) if inside_run else output_lease_uri(args.out)
+        return uri, f"dreamfleet analyze {args.input} --out {args.out}"
     return None
 
 

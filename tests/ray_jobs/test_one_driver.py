@@ -53,7 +53,8 @@ def test_a_second_driver_exits_2_naming_the_holder_and_the_first_writes_every_ro
 
     first, codes = _in_background(["train", manifest, "--out", run, *FAST], run_lease_uri(run))
     for argv in (["train", manifest, "--out", run], ["generate", manifest, "--out", run],
-                 ["run", manifest, "--out", run], ["evaluate", run]):  # fmt: skip
+                 ["run", manifest, "--out", run], ["evaluate", run],
+                 ["analyze", manifest, "--task", "moderate", "--out", f"{run}/moderation.parquet"]):  # fmt: skip
         _refused([*argv, "--no-progress"], capsys, f"dreamfleet train {manifest} --out {run}")
     while not (Path(run) / "run.json").exists() and first.is_alive():
         time.sleep(0.05)
