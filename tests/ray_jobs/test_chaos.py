@@ -41,12 +41,13 @@ class Kill:
 
 
 class Killer(threading.Thread):
-    """Kills a random fleet worker every few seconds, `worker_kills` times, then the VLM actor once when it appears."""
+    """Kills a random fleet worker every few seconds, `worker_kills` times, then the VLM actor once when it appears.
+    The first `train_kills` of them wait for a worker in training, so packs are hit however long the class sets take
+    on a loaded machine; the others take any busy worker (class images, training, rendering)."""
 
-    def __init__(self, run_uri: str, worker_kills: int, seed: int = 0, method: str = ""):
+    def __init__(self, run_uri: str, worker_kills: int, train_kills: int, seed: int = 0):
         super().__init__(daemon=True)
-        self.run_uri, self.worker_kills = run_uri, worker_kills
-        self.method = method  # kill workers only in this method ("train"), or in any
+        self.run_uri, self.worker_kills, self.train_kills = run_uri, worker_kills, train_kills
         self.kills: list[Kill] = []
         self.stop = threading.Event()
         self.rng = random.Random(seed)
@@ -67,7 +68,7 @@ class Killer(threading.Thread):
         worker_kills, next_kill = 0, time.monotonic() + self.rng.uniform(1.0, 3.0)
         while not self.stop.wait(0.1):
             if worker_kills < self.worker_kills:
-                workers = self.busy(f"SubjectWorker.{self.method}" if self.method else "SubjectWorker")
+                workers = self.busy("SubjectWorker.train" if worker_kills < self.train_kills else "SubjectWorker")
                 if workers and time.monotonic() >= next_kill:
                     self.kill(self.rng.choice(workers))
                     worker_kills, next_kill = worker_kills + 1, time.monotonic() + self.rng.uniform(1.0, 3.0)
@@ -95,7 +96,7 @@ class Killer(threading.Thread):
 
 
 def _run_under_kills(tmp_path: Path, subjects: int, prompts: list[str], worker_kills: int, *flags: str,
-                     steps: int = STEPS, interval: int = INTERVAL, method: str = ""):
+                     steps: int = STEPS, interval: int = INTERVAL, train_kills: int = 2):
     """`dreamfleet run` on `subjects` subjects while a Killer works: (exit code, killer, args, RUN)."""
     rows = make_subject_rows(tmp_path / "images", subjects)
     for row in rows:
@@ -110,7 +111,7 @@ def _run_under_kills(tmp_path: Path, subjects: int, prompts: list[str], worker_k
             # A kill before a subject's first new checkpoint uses up one of its attempts; be generous, so this test
             # is about losing nothing (test_fleet.py covers the attempt budget).
             "--set", "max_attempts=10", *flags]  # fmt: skip
-    killer = Killer(run, worker_kills=worker_kills, method=method)
+    killer = Killer(run, worker_kills=worker_kills, train_kills=train_kills)
     killer.start()
     try:
         code = main(args)
@@ -189,7 +190,7 @@ def test_a_flux_run_survives_random_kills_and_loses_or_duplicates_nothing(ray_cl
     code, killer, _, run = _run_under_kills(tmp_path, 4, ["a photo of sks thing on a table"], 3,
                                             "--base-model", "tiny-flux", "--set", "pack_subjects=2",
                                             "--set", "num_inference_steps=4", steps=300, interval=25,
-                                            method="train")  # fmt: skip
+                                            train_kills=3)  # fmt: skip
     assert code == 0
     _assert_nothing_lost_or_doubled(run, killer, subjects=4, prompts=1, worker_kills=3, steps=300)
 
