@@ -1,4 +1,5 @@
-"""Chaos: `dreamfleet run` while a killer SIGKILLs random worker processes, and once the VLM pass's model actor.
+"""Chaos: `dreamfleet run` while a killer SIGKILLs random worker processes, and once the VLM pass's model actor;
+its driver killed in curation, training and the VLM pass; an `analyze` driver killed again and again.
 
 What a user relies on after such a run: it finishes; every subject is done exactly once; generations.parquet and
 moderation.parquet hold every row once; no temporary or half-written file is left in RUN; and each kill cost at most
@@ -195,8 +196,10 @@ def test_a_flux_run_survives_random_kills_and_loses_or_duplicates_nothing(ray_cl
     _assert_nothing_lost_or_doubled(run, killer, subjects=4, prompts=1, worker_kills=3, steps=300)
 
 
-def test_a_driver_killed_in_training_and_again_in_the_vlm_pass_resumes_and_finishes(ray_cluster, tmp_path):
-    """The driver runs as with `ray job submit`, a separate process on the cluster; it is SIGKILLed twice."""
+def test_a_driver_killed_in_curation_in_training_and_in_the_vlm_pass_resumes_and_finishes(ray_cluster, tmp_path):
+    """The driver runs as with `ray job submit`, a separate process on the cluster; it is SIGKILLed three times: in
+    curation's detect pass once a part is committed, in training once a subject checkpointed, in the moderation
+    pass while it answers."""
     rows = make_subject_rows(tmp_path / "images", 3)
     for row in rows:
         row["prompts"] = ["a photo of sks thing"]
@@ -205,6 +208,7 @@ def test_a_driver_killed_in_training_and_again_in_the_vlm_pass_resumes_and_finis
     args = ["run", manifest, "--out", run, "--no-progress", "--workers", "2",
             "--set", "max_train_steps=100", "--set", "checkpointing_steps=10", "--set", "num_class_images=2",
             "--set", "num_images_per_prompt=4", "--set", "vlm_batch_size=1", "--set", "vlm_rows_per_file=1",
+            "--set", "curate=true", "--set", "moderation_threshold=1.01",  # nothing flagged: every photo kept
             "--set", "evaluate=false"]  # fmt: skip
     address = ray_cluster.get_runtime_context().gcs_address
 
@@ -220,9 +224,15 @@ def test_a_driver_killed_in_training_and_again_in_the_vlm_pass_resumes_and_finis
         process.send_signal(signal.SIGKILL)
         process.wait()
 
+    def detect_parts() -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for p in (Path(run) / "curation" / "detect.parquet").glob("*.parquet")}
+
     def checkpointed() -> bool:
         return any(complete_steps(storage.join(run, "subjects", s, "checkpoints")) for s in ("s0", "s1", "s2"))
 
+    kill_when(driver(), lambda: bool(detect_parts()), "curation committed a part")
+    committed = detect_parts()
+    assert not (Path(run) / "curation.parquet").exists()  # killed mid-curation
     kill_when(driver(), checkpointed, "any subject checkpointed")
     interrupted = {sid for sid, s in RunDirectory(run).read_statuses().items() if s.state == "training"}
     assert interrupted
@@ -232,10 +242,17 @@ def test_a_driver_killed_in_training_and_again_in_the_vlm_pass_resumes_and_finis
     statuses = RunDirectory(run).read_statuses()
     assert {s.state for s in statuses.values()} == {"done"}
     assert max(statuses[sid].history[0]["resumed_from"] or 0 for sid in interrupted) > 0  # from a checkpoint
+    # Curation lost only what was in flight: the parts committed before the kill were kept, and every photo has one
+    # verdict and was answered once.
+    assert {p: detect_parts()[p] for p in committed} == committed
+    photos = sorted(uri for row in rows for uri in row["instance_images"])
+    assert sorted(pq.read_table(Path(run) / "curation.parquet").column("image").to_pylist()) == photos
+    detected = pq.read_table(Path(run) / "curation" / "detect.parquet").column("id").to_pylist()
+    assert len(detected) == len(set(detected)) == len(photos)
     generations = pq.read_table(Path(run) / "generations.parquet").column("id").to_pylist()
     moderated = pq.read_table(Path(run) / "moderation.parquet").column("id").to_pylist()
     assert len(generations) == 12 and sorted(moderated) == sorted(generations)
-    assert not list(Path(run).glob("moderation.parquet.checkpoint/*.pending.parquet"))
+    assert not list(Path(run).glob("**/*.checkpoint/*.pending.parquet"))
     assert not [p for p in Path(run).rglob("*") if ".tmp-" in p.name]
 
 
