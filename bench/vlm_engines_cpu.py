@@ -37,42 +37,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # Ray workers
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
 from engine.settings import load_settings  # noqa: E402
 from ray_jobs.passes.analyze import AnalyzeRequest, analyze  # noqa: E402
+from samples.receipts import draw_receipts, write_images_manifest  # noqa: E402
 
 ENGINES = {"transformers": {}, "vllm": {"vlm_engine": "vllm", "vlm_engine_args": {"enforce_eager": True}}}
-
-
-def draw_documents(folder: Path, count: int) -> list[str]:
-    """`count` receipt-like PNGs, each with its own number and total (as bench/vlm_pass_vs_loop.py draws them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        image = Image.new("RGB", (128, 96), "white")
-        draw = ImageDraw.Draw(image)
-        coffee, bagel = 3.5 * (1 + i % 3), 2.25 + i % 5
-        lines = [f"RECEIPT #{1000 + i}", "Store 17  Cashier: Anna", f"{1 + i % 3} x Coffee  {coffee:.2f}",
-                 f"1 x Bagel  {bagel:.2f}", f"TOTAL  {coffee + bagel:.2f}", "THANK YOU"]  # fmt: skip
-        for row, line in enumerate(lines):
-            draw.text((4, 2 + 15 * row), line, fill="black")
-        path = folder / f"doc-{i:04d}.png"
-        image.save(path)
-        paths.append(str(path))
-    return paths
-
-
-def write_manifest(folder: Path, images: list[str], files: int = 4) -> str:
-    """The images manifest as a folder of `files` Parquet files, as datasets come."""
-    folder.mkdir(parents=True)
-    for k in range(files):
-        part = images[k::files]
-        table = pa.table({"id": pa.array([Path(p).stem for p in part], pa.string()), "image": pa.array(part)})
-        pq.write_table(table, folder / f"part-{k}.parquet")
-    return str(folder)
 
 
 def construction_seconds(engine: str) -> float:
@@ -107,8 +77,8 @@ def main() -> None:
     results: dict = {"sizes": args.sizes, "batch": args.batch, "load_average_at_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("DREAMFLEET_CACHE", str(Path(tmp) / "cache"))
-        images = draw_documents(Path(tmp) / "docs", max(args.sizes))
-        manifests = {n: write_manifest(Path(tmp) / f"manifest-{n}", images[:n]) for n in args.sizes}
+        images = draw_receipts(Path(tmp) / "docs", max(args.sizes))
+        manifests = {n: write_images_manifest(Path(tmp) / f"manifest-{n}", images[:n]) for n in args.sizes}
         for engine in args.engines:
             results[f"{engine}_construction_s"] = round(construction_seconds(engine), 1)
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never another's

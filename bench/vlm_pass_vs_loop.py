@@ -44,47 +44,18 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # Ray workers
 
-import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from engine.library_logging import quiet_libraries  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
 from engine.vlm.chat import pixel_budget, resolve_vlm  # noqa: E402
 from engine.vlm.tasks import make_task  # noqa: E402
 from ray_jobs.passes.analyze import AnalyzeRequest, analyze  # noqa: E402
+from samples.receipts import draw_receipts, write_images_manifest  # noqa: E402
 
 ANSWER_COLUMN = {"caption": "caption", "ocr": "text"}
-
-
-def draw_documents(folder: Path, count: int) -> list[str]:
-    """`count` receipt-like PNGs, each with its own number and total."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        image = Image.new("RGB", (128, 96), "white")
-        draw = ImageDraw.Draw(image)
-        coffee, bagel = 3.5 * (1 + i % 3), 2.25 + i % 5
-        lines = [f"RECEIPT #{1000 + i}", "Store 17  Cashier: Anna", f"{1 + i % 3} x Coffee  {coffee:.2f}",
-                 f"1 x Bagel  {bagel:.2f}", f"TOTAL  {coffee + bagel:.2f}", "THANK YOU"]  # fmt: skip
-        for row, line in enumerate(lines):
-            draw.text((4, 2 + 15 * row), line, fill="black")
-        path = folder / f"doc-{i:03d}.png"
-        image.save(path)
-        paths.append(str(path))
-    return paths
-
-
-def write_manifest(folder: Path, images: list[str], files: int = 4) -> str:
-    """The images manifest as a folder of `files` Parquet files, as datasets come."""
-    folder.mkdir(parents=True)
-    for k in range(files):
-        part = images[k::files]
-        ids = [Path(p).stem for p in part]
-        table = pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(part, pa.string())})
-        pq.write_table(table, folder / f"part-{k}.parquet")
-    return str(folder)
 
 
 class PerImageLoop:
@@ -160,8 +131,8 @@ def main() -> None:
     vlm = VLM("tiny", settings, "cpu")
     sides: dict[str, list] = {"loop": [], "engine": [], "pass": []}
     with tempfile.TemporaryDirectory(prefix="bench-vlm-") as work:
-        images = draw_documents(Path(work) / "docs", args.rows)
-        manifest = write_manifest(Path(work) / "manifest", images)
+        images = draw_receipts(Path(work) / "docs", args.rows)
+        manifest = write_images_manifest(Path(work) / "manifest", images)
         began = time.perf_counter()
         ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)  # fmt: skip
