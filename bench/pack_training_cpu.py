@@ -1,4 +1,4 @@
-"""Packed LoRA training and generation on the `tiny` model, CPU, one torch thread: cost per subject against one at a time.
+"""Packed LoRA training and generation on a tiny model, CPU, one torch thread: cost per subject against one at a time.
 
 Training: N subjects (drawn balls, each its own shift and colour, its own seed), the tiny preset with prior
 preservation on (one shared class set, made before any timing), `--steps` steps each, trained
@@ -13,8 +13,13 @@ defaults (10 DDIM steps, CFG, generation_batch_size 8), rendered
   (a) one subject at a time: `load_subject_weights` + `render_subject`, then `base.reset()`, against
   (b) all of them in the slots of one `attach_lora_pack(base, settings, capacity=N)` through one `render_pack`.
 
+`--base-model tiny-flux` measures the same on the FLUX family (a FluxTransformer2DModel with the guidance embedding
+on, flow matching, LoRA on the attention and feed-forward layers of both block kinds, max_sequence_length 32,
+FlowMatch Euler at guidance embedding 3.5); the tiny preset of whichever base is named.
+
 Run from the repo root (a few minutes on 2 cores):
-    .venv/bin/python bench/pack_training_cpu.py [--subjects 8] [--steps 40] [--packs 1 2 4 8] [--rounds 1]
+    .venv/bin/python bench/pack_training_cpu.py [--base-model tiny] [--subjects 8] [--steps 40] [--packs 1 2 4 8]
+        [--rounds 1]
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from bench.timing import Timing, timed  # noqa: E402
 from engine.diffusion.base_model import BaseModel, load_base_model, resolve_base_model  # noqa: E402
 from engine.diffusion.class_images import ClassImageCache  # noqa: E402
+from engine.diffusion.families import family_of  # noqa: E402
 from engine.diffusion.generation import RenderJob, render_pack, render_subject  # noqa: E402
 from engine.diffusion.subject import Subject  # noqa: E402
 from engine.diffusion.train import PackJob, train_pack, train_subject  # noqa: E402
@@ -147,6 +153,7 @@ def print_tables(rounds: list[dict], n: int, images: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=8)
+    parser.add_argument("--base-model", default="tiny", help="a tiny base: tiny, tiny-sdxl, tiny-flux, tiny-flux2")
     parser.add_argument("--steps", type=int, default=40, help="training steps per subject (tiny default: 100)")
     parser.add_argument("--packs", type=int, nargs="+", default=[1, 2, 4, 8], help="capacities K to measure")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every variant; medians are reported")
@@ -154,8 +161,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    base = load_base_model(resolve_base_model("tiny"), "cpu")
-    settings: Settings = load_settings("tiny", overrides={"max_train_steps": args.steps})
+    base = load_base_model(resolve_base_model(args.base_model), "cpu")
+    settings: Settings = load_settings(args.base_model, overrides={"max_train_steps": args.steps})
     with tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp:
         work = Path(tmp)
         subjects = make_subjects(work, args.subjects)
@@ -170,9 +177,10 @@ def main() -> None:
     print(f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); 1-min load average "
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")  # fmt: skip
-    print(f"settings: tiny preset, max_train_steps {args.steps}, prior preservation on ({len(class_uris)} class images), "
-          f"checkpointing_steps {settings.checkpointing_steps}, resolution {settings.resolution}, "
-          f"generation_batch_size {settings.generation_batch_size}, {settings.num_inference_steps} DDIM steps")  # fmt: skip
+    print(f"settings: {args.base_model} preset, max_train_steps {args.steps}, prior preservation on "
+          f"({len(class_uris)} class images), checkpointing_steps {settings.checkpointing_steps}, resolution "
+          f"{settings.resolution}, max_sequence_length {settings.max_sequence_length}, generation_batch_size "
+          f"{settings.generation_batch_size}, {settings.num_inference_steps} {family_of(base).sampler(settings)} steps")
     print_tables(rounds, args.subjects, images)
 
 
