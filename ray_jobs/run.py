@@ -205,6 +205,7 @@ def gate_subjects(run: RunDirectory, manifest: SubjectsManifest, request: FleetR
     judged = run_quality_gate(run, manifest.subjects, request.manifest, request.settings, run_attempt)
     if not judged:
         return
+    assemble_generations(run, manifest.passthrough, request.settings)  # the kept retrains' rows, as RUN holds them
     counts = summarize(run.read_statuses())
     run.finish(counts)
     if request.metrics is not None:  # the rounds' own runs set these for their subjects: RUN's figures again
