@@ -1,6 +1,7 @@
 """`dreamfleet demo`: the whole product on the embedded default (local Ray, tiny models, CPU) in a few minutes:
-synthetic subjects through train → generate → moderate → evaluate, and rendered receipts through OCR and extraction.
-Everything it uses is drawn here; nothing is downloaded."""
+synthetic subjects through curate → train → generate → moderate → evaluate → the quality gate on `tiny-prior` (a
+tiny SD pretrained offline on drawn shapes, so subjects are learned, not noise), and rendered receipts through OCR
+and extraction. Everything it uses is drawn here; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -16,28 +17,45 @@ from ray_jobs.passes.analyze import AnalyzeRequest, analyze
 from ray_jobs.report.run_report import write_run_report
 from ray_jobs.run import FleetRequest, run_manifest
 from ray_jobs.state.manifest import write_subjects_manifest
+from ray_jobs.state.run_dir import RunDirectory
 
-# (subject id, class noun, shape, colour, background)
+BASE_MODEL = "tiny-prior"
+# (subject id, class noun, shape, colour, background, params): tiny-prior's classes, each subject one instance of
+# it. ring-violet's params are a recipe too short to learn it (as a user's hasty manifest might say): the gate,
+# relative to the run's other subjects, should catch it and train it again with more steps.
 SUBJECTS = [
-    ("ball-red", "ball", "ellipse", (220, 40, 40), (30, 60, 200)),
-    ("ball-gold", "ball", "ellipse", (240, 200, 20), (20, 120, 60)),
-    ("box-teal", "box", "rectangle", (20, 180, 170), (240, 230, 210)),
-    ("box-violet", "box", "rectangle", (140, 60, 200), (250, 250, 250)),
+    ("ball-red", "ball", "ellipse", (230, 60, 30), (30, 90, 200), {}),
+    ("box-green", "box", "rectangle", (40, 200, 60), (200, 60, 150), {}),
+    ("star-blue", "star", "star", (40, 80, 230), (240, 200, 60), {}),
+    ("ring-violet", "ring", "ring", (170, 50, 220), (60, 200, 90), {"max_train_steps": 10}),
 ]
+PHOTOS = 4
+THUMBNAIL = 10  # px: the size of the photo curation refuses (under `min_image_side`: too small to learn from)
+# The quality gate of the demo: a subject whose mean DINO is more than 10 % under the run's median is retried.
+# Relative, not an absolute bar: the paper's bars are for its models, and the tiny ones have no scale of their own.
+GATE_RELATIVE = 0.9
 
 
 def draw(shape: str, colour, background, shift: int, size: int = 64) -> Image.Image:
     image = Image.new("RGB", (size, size), background)
-    box = (12 + shift, 14 - shift // 2, 48 + shift, 50 - shift // 2)
-    getattr(ImageDraw.Draw(image), shape)(box, fill=colour)
+    box = (14 + shift, 16 - shift // 2, 50 + shift, 52 - shift // 2)
+    pen = ImageDraw.Draw(image)
+    if shape == "star":
+        cx, cy, r = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, (box[2] - box[0]) / 2
+        pen.regular_polygon((cx, cy, r), 5, fill=colour)  # a pentagon-ish star is enough at 32 px
+        pen.polygon([(cx, cy - r * 1.1), (cx - r * 0.35, cy), (cx + r * 0.35, cy)], fill=colour)
+    elif shape == "ring":
+        pen.ellipse(box, outline=colour, width=8)
+    else:
+        getattr(pen, shape)(box, fill=colour)
     return image
 
 
 def make_subjects_manifest(folder: Path) -> str:
     rows = []
-    for sid, noun, shape, colour, background in SUBJECTS:
+    for sid, noun, shape, colour, background, params in SUBJECTS:
         images = []
-        for k in range(4):
+        for k in range(PHOTOS):
             path = folder / "images" / sid / f"{k}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             draw(shape, colour, background, shift=2 * k).save(path)
@@ -49,13 +67,31 @@ def make_subjects_manifest(folder: Path) -> str:
                 "instance_prompt": f"a photo of sks {noun}",
                 "class_prompt": f"a photo of a {noun}",
                 # the bare class prompt too: its images measure PRES (did the subject take the class over?)
-                "prompts": [f"a photo of sks {noun} on a table", f"a photo of sks {noun} in the snow",
-                            f"a photo of a {noun}"],
+                "prompts": [f"a photo of sks {noun}", f"a photo of sks {noun} on a table", f"a photo of a {noun}"],
+                "params": json.dumps(params),
             }
         )
+    # One photo is a thumbnail, as photo folders often hold: curation refuses it, and its subject trains without it.
+    thumbnail = Path(rows[0]["instance_images"][-1]).with_name("thumbnail.png")
+    draw(SUBJECTS[0][2], SUBJECTS[0][3], SUBJECTS[0][4], shift=0).resize((THUMBNAIL, THUMBNAIL)).save(thumbnail)
+    rows[0]["instance_images"].append(str(thumbnail))
     manifest = str((folder / "subjects.parquet").resolve())
     write_subjects_manifest(manifest, rows)
     return manifest
+
+
+def show_loop(run: RunDirectory) -> None:
+    """What curation refused and what the gate did, from RUN's own records."""
+    for row in pq.read_table(run.curation).to_pylist() if Path(run.curation).exists() else []:
+        if not row["kept"]:
+            print(f"curation refused {row['image']} ({row['subject_id']}): {row['reason']}")
+    for sid, status in sorted(run.read_statuses().items()):
+        if not status.gate:
+            continue
+        scores = ", ".join(f"attempt {a['attempt']} {json.dumps(a['params'])}: DINO "
+                           f"{(a['scores'] or {}).get('dino', float('nan')):.3f}" for a in status.gate["attempts"])
+        print(f"quality gate retried {sid} (DINO bar {status.gate['bars'].get('dino', float('nan')):.3f}, "
+              f"{GATE_RELATIVE} x the run's median): {scores}; kept attempt {status.gate['kept']}, {status.state}")
 
 
 # Receipts with known fields: what OCR should read and extraction should find on each.
@@ -100,20 +136,22 @@ def run_demo(out: str, verbose: bool = False) -> int:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = make_subjects_manifest(folder)
-    print(f"demo: {len(SUBJECTS)} synthetic subjects, 2 class prompts → {manifest}")
+    print(f"demo: {len(SUBJECTS)} synthetic subjects of {BASE_MODEL}'s drawn world, curated, trained, rendered, "
+          f"moderated, scored and gated → {manifest}")
     request = FleetRequest(
         manifest=manifest,
         out=str((folder / "run").resolve()),
-        settings=load_settings("tiny"),
-        base_model="tiny",
+        settings=load_settings(BASE_MODEL, overrides={"curate": True, "gate_relative": GATE_RELATIVE}),
+        base_model=BASE_MODEL,
         workers=2,
         command="demo",
         verbose=verbose,
     )
     code, run = run_manifest(request, ("train", "generate", "moderate", "evaluate"))
     print(f"run directory: {run.uri}")
-    print(f"generated images: {run.uri}/generations.parquet; moderation: {run.uri}/moderation.parquet; "
-          f"DINO / CLIP-I / CLIP-T: {run.uri}/evaluation.parquet")
+    print(f"curation verdicts: {run.curation}; generated images: {run.uri}/generations.parquet; moderation: "
+          f"{run.uri}/moderation.parquet; DINO / CLIP-I / CLIP-T: {run.uri}/evaluation.parquet")
+    show_loop(run)
 
     documents, schema = make_documents(folder)
     print(f"demo: {len(DOCUMENTS)} rendered receipts → OCR and field extraction ({documents})")
@@ -123,6 +161,7 @@ def run_demo(out: str, verbose: bool = False) -> int:
                                   schema_file=schema if task == "extract" else None, verbose=verbose)  # fmt: skip
         code = max(code, analyze(analysis))
     print(f"report: {write_run_report(run.uri)}")
-    print("the tiny models are random: the pipeline is real, the words are noise. Use --vlm-model and "
+    print(f"{BASE_MODEL} was pretrained on drawn shapes, so its subjects are learned; the tiny VLM and the tiny "
+          "evaluation models are random: their words, boxes and verdicts are noise. Use --vlm-model and "
           "--base-model with real weights for real answers.")
     return code

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from engine import storage
 from engine.diffusion.subject import Subject
 from engine.settings import Settings
-from ray_jobs.state.gate import GateAttempt, attempt, best, gate_on, needs_retry, next_recipe
+from ray_jobs.state.gate import GateAttempt, attempt, best, gate_bars, gate_on, medians, needs_retry, next_recipe
 from ray_jobs.state.kept import archive_first_attempt, install_attempt, installable
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.plan import subject_settings
@@ -66,14 +66,17 @@ def run_quality_gate(run: RunDirectory, subjects: list[Subject], manifest_uri: s
         return {}
     by_id = {s.subject_id: s for s in subjects}
     statuses = run.read_statuses(list(by_id))
-    # A subject with a record went through its rounds in an earlier invocation: judged from the record.
-    recorded = {sid: [attempt(a["attempt"], a["run"], a["params"], a["scores"], settings) for a in s.gate["attempts"]]
-                for sid, s in statuses.items() if s.gate and s.gate.get("attempts")}  # fmt: skip
+    # A subject with a record went through its rounds in an earlier invocation: judged from the record (RUN's scores
+    # may be its kept retrain's by now).
+    records = {sid: s.gate["attempts"] for sid, s in statuses.items() if s.gate and s.gate.get("attempts")}
     # Only rendered and scored subjects can be judged; a subject with no prompts has nothing to score.
+    firsts = {sid: status.evaluation for sid, status in statuses.items()
+              if status.state in RENDERED_STATES and status.evaluation and sid not in records}  # fmt: skip
+    run_medians = medians([*firsts.values(), *(attempts[0]["scores"] for attempts in records.values())])
+    recorded = {sid: [attempt(a["attempt"], a["run"], a["params"], a["scores"], settings, run_medians) for a in record]
+                for sid, record in records.items()}  # fmt: skip
     history: dict[str, list[GateAttempt]] = {
-        sid: [attempt(0, run.uri, by_id[sid].params, status.evaluation, settings)]
-        for sid, status in statuses.items()
-        if status.state in RENDERED_STATES and status.evaluation and sid not in recorded
+        sid: [attempt(0, run.uri, by_id[sid].params, scores, settings, run_medians)] for sid, scores in firsts.items()
     } | recorded
     judged = {sid for sid, attempts in history.items() if attempts[0].shortfall}
     for number in range(1, settings.gate_retries + 1):
@@ -92,16 +95,18 @@ def run_quality_gate(run: RunDirectory, subjects: list[Subject], manifest_uri: s
         print(f"quality gate: {len(retry)} subject(s) under the gate train again ({', '.join(sorted(retry))}), "
               f"round {number} of {settings.gate_retries}, in {folder}")  # fmt: skip
         run_attempt(attempt_manifest, folder, settings.with_overrides(
-            {"gate_min_dino": None, "gate_min_clip_t": None}, source="quality gate"))  # a retrain is not gated again
+            {"gate_min_dino": None, "gate_min_clip_t": None, "gate_relative": None},
+            source="quality gate"))  # a retrain is not gated again
         scored = RunDirectory(folder).read_statuses(sorted(retry))
         for sid, params in retry.items():
             status = scored.get(sid)
             scores = status.evaluation if status is not None and status.state in RENDERED_STATES else None
-            history[sid].append(attempt(number, folder, params, scores, settings))
-    return {sid: _record(run, sid, history[sid], settings) for sid in sorted(judged)}
+            history[sid].append(attempt(number, folder, params, scores, settings, run_medians))
+    bars = gate_bars(settings, run_medians)
+    return {sid: _record(run, sid, history[sid], bars) for sid in sorted(judged)}
 
 
-def _record(run: RunDirectory, subject_id: str, attempts: list[GateAttempt], settings: Settings) -> str:
+def _record(run: RunDirectory, subject_id: str, attempts: list[GateAttempt], bars: dict[str, float]) -> str:
     """Write a judged subject's gate record and state into its status.json, then put a kept retrain in place (or
     finish putting it there, after a kill); its state."""
     kept = best(attempts)
@@ -109,7 +114,7 @@ def _record(run: RunDirectory, subject_id: str, attempts: list[GateAttempt], set
     if status.gate and status.gate.get("installed"):
         return status.state  # recorded and in place in an earlier invocation
     record = {
-        "bars": {"dino": settings.gate_min_dino, "clip_t": settings.gate_min_clip_t},
+        "bars": bars,  # each gated score's bar (absolute, or from the run's medians with gate_relative)
         "attempts": [{**a.to_json(), "subject": subject_dir(a.run, subject_id)} for a in attempts],
         "kept": kept.attempt,
         "kept_subject": subject_dir(kept.run, subject_id),  # its weights/ and images/, until put in place

@@ -2,7 +2,9 @@
 attempt trains with, and which attempt is kept.
 
 A subject is under the gate when its mean DINO is under `gate_min_dino` or its mean CLIP-T under `gate_min_clip_t`
-(either None: not gated). The next attempt's recipe answers the score that failed, as the DreamBooth paper reads
+(either None: not gated), or, with `gate_relative` = X, under the run's median first-attempt mean of that score by
+more than (1 - X) of the median's size (X times the median, for a positive one): a bar for models the paper gives
+none for, taken from the run rather than tuned to it. The next attempt's recipe answers the score that failed, as the DreamBooth paper reads
 them: DINO low means the subject was not learned (more steps); CLIP-T low means the prompt lost to the subject, the
 paper's sign of overfitting (fewer steps, and more prior weight where prior preservation is on). Both low is not
 overfitting (that raises DINO): the subject was not learned, so DINO's remedy.
@@ -40,17 +42,41 @@ class GateAttempt:
 
 
 def gate_on(settings: Settings) -> bool:
-    return any(getattr(settings, bar) is not None for _, bar in GATED) and settings.evaluate
+    absolute = any(getattr(settings, bar) is not None for _, bar in GATED)
+    return (absolute or settings.gate_relative is not None) and settings.evaluate
 
 
-def shortfall(scores: dict[str, Any] | None, settings: Settings) -> dict[str, float]:
+def medians(first_scores: list[dict[str, Any] | None]) -> dict[str, float]:
+    """The run's median of each gated score over its subjects' first attempts (those scored)."""
+    found = {}
+    for metric, _ in GATED:
+        values = sorted(v for s in first_scores if isinstance(v := (s or {}).get(metric), int | float)
+                        and math.isfinite(v))  # fmt: skip
+        if values:
+            middle = len(values) // 2
+            found[metric] = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    return found
+
+
+def gate_bars(settings: Settings, run_medians: dict[str, float] | None = None) -> dict[str, float]:
+    """Each gated score's bar: its absolute one, the relative one from the run's medians, the higher of both."""
+    bars = {}
+    for metric, bar_name in GATED:
+        candidates = [getattr(settings, bar_name)]
+        median = (run_medians or {}).get(metric)
+        if settings.gate_relative is not None and median is not None:
+            candidates.append(median - (1 - settings.gate_relative) * abs(median))
+        if present := [c for c in candidates if c is not None]:
+            bars[metric] = max(present)
+    return bars
+
+
+def shortfall(scores: dict[str, Any] | None, settings: Settings,
+              run_medians: dict[str, float] | None = None) -> dict[str, float]:  # fmt: skip
     """Each gated score under its bar, with how far under it is; a score missing (nothing scored) is under by its
     whole bar plus one, so any scored attempt beats it."""
     under = {}
-    for metric, bar_name in GATED:
-        bar = getattr(settings, bar_name)
-        if bar is None:
-            continue
+    for metric, bar in gate_bars(settings, run_medians).items():
         value = (scores or {}).get(metric)
         if not isinstance(value, int | float) or not math.isfinite(value):
             under[metric] = abs(bar) + 1.0
@@ -59,9 +85,9 @@ def shortfall(scores: dict[str, Any] | None, settings: Settings) -> dict[str, fl
     return under
 
 
-def attempt(number: int, run: str, params: dict[str, Any], scores: dict[str, Any] | None,
-            settings: Settings) -> GateAttempt:  # fmt: skip
-    return GateAttempt(number, run, dict(params), scores, shortfall(scores, settings))
+def attempt(number: int, run: str, params: dict[str, Any], scores: dict[str, Any] | None, settings: Settings,
+            run_medians: dict[str, float] | None = None) -> GateAttempt:  # fmt: skip
+    return GateAttempt(number, run, dict(params), scores, shortfall(scores, settings, run_medians))
 
 
 def next_recipe(last: GateAttempt, subject_settings: Settings) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def installable(run: RunDirectory, subject_id: str, attempt_run: str) -> str | N
         wanted = set(ours.column("id").to_pylist()) if ours is not None else set()
         missing = wanted - (set(theirs.column("id").to_pylist()) if theirs is not None else set())
         if missing:
-            return f"{attempt_run}/{name} lacks {len(missing)} of the subject's rows (e.g. {sorted(missing)[0]})"
+            return f"{attempt_run}/{name} lacks {len(missing)} of the subject's rows (e.g. {min(missing)})"
     return None
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from engine.settings import load_settings
-from ray_jobs.state.gate import attempt, best, gate_on, needs_retry, next_recipe, shortfall
+from ray_jobs.state.gate import attempt, best, gate_bars, gate_on, medians, needs_retry, next_recipe, shortfall
 
 
 def _settings(**values):
@@ -61,3 +61,17 @@ def test_the_better_attempt_is_kept_and_retries_stop_at_the_bar_or_the_budget():
     assert attempt(1, "r", {"max_train_steps": 150}, {"dino": 0.4, "clip_i": 0.2, "evaluated_at": "t"},
                    settings).to_json() == {"attempt": 1, "run": "r", "params": {"max_train_steps": 150},
                                            "scores": {"dino": 0.4, "clip_i": 0.2}, "under_gate": ["dino"]}
+
+
+def test_a_relative_gate_takes_its_bar_from_the_runs_median_first_attempt():
+    settings = _settings(gate_relative=0.9)
+    assert gate_on(settings) and not gate_on(_settings(gate_relative=0.9, evaluate=False))
+    run = medians([{"dino": 0.5, "clip_t": 0.2}, {"dino": 0.7}, {"dino": 0.6, "clip_t": 0.3}, None])
+    assert run == {"dino": 0.6, "clip_t": pytest.approx(0.25)}
+    assert gate_bars(settings, run) == {"dino": pytest.approx(0.54), "clip_t": pytest.approx(0.225)}
+    assert shortfall({"dino": 0.5, "clip_t": 0.3}, settings, run) == {"dino": pytest.approx(0.04)}
+    assert shortfall({"dino": 0.55, "clip_t": 0.3}, settings, run) == {}  # within 10 % of the median
+    # A negative median (random tiny models) is not made lenient by the fraction: the bar stays under it.
+    assert gate_bars(settings, {"dino": -0.2}) == {"dino": pytest.approx(-0.22)}
+    # With an absolute bar as well, the higher bar holds.
+    assert gate_bars(_settings(gate_relative=0.9, gate_min_dino=0.58), run)["dino"] == 0.58

@@ -69,7 +69,7 @@ def _contents(folder: Path) -> dict[str, object]:
 def _swap(run: Path) -> str:
     attempts = [attempt(0, str(run), {}, {"dino": 0.2}, SETTINGS),
                 attempt(1, str(run / "gate/attempt-1"), {"max_train_steps": 6}, {"dino": 0.6}, SETTINGS)]  # fmt: skip
-    return _record(RunDirectory(str(run)), "s0", attempts, SETTINGS)
+    return _record(RunDirectory(str(run)), "s0", attempts, {"dino": 0.5})
 
 
 @pytest.fixture
