@@ -21,7 +21,7 @@ from collections.abc import Callable
 from engine import storage
 from engine.diffusion.subject import Subject
 from engine.settings import Settings
-from ray_jobs.state.gate import GateAttempt, attempt, best, gate_bars, gate_on, medians, needs_retry, next_recipe
+from ray_jobs.state.gate import GATED, GateAttempt, attempt, best, gate_bars, gate_on, medians, needs_retry, next_recipe
 from ray_jobs.state.kept import archive_first_attempt, install_attempt, installable
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.plan import subject_settings
@@ -114,7 +114,8 @@ def _record(run: RunDirectory, subject_id: str, attempts: list[GateAttempt], bar
     if status.gate and status.gate.get("installed"):
         return status.state  # recorded and in place in an earlier invocation
     record = {
-        "bars": bars,  # each gated score's bar (absolute, or from the run's medians with gate_relative)
+        # each gated score's bar (absolute, or from the run's medians with gate_relative); None: not gated
+        "bars": {metric: bars.get(metric) for metric, _ in GATED},
         "attempts": [{**a.to_json(), "subject": subject_dir(a.run, subject_id)} for a in attempts],
         "kept": kept.attempt,
         "kept_subject": subject_dir(kept.run, subject_id),  # its weights/ and images/, until put in place
