@@ -161,9 +161,10 @@ class Settings(BaseModel):
     # the report flags under 0.50 / 0.20, below every method there), but not for other models or the tiny ones.
     gate_min_dino: float | None = Field(None, ge=-1, le=1)
     gate_min_clip_t: float | None = Field(None, ge=-1, le=1)
-    # A bar relative to the run itself, for models no paper gives a bar for (the tiny ones): a subject whose mean
-    # DINO or CLIP-T is under this fraction of the run's median subject mean of that score (first attempts) is under
-    # the gate too. None: off. With an absolute bar as well, the higher of the two is the bar.
+    # A DINO bar relative to the run itself, for models no paper gives a bar for (the tiny ones): a subject whose
+    # mean DINO is under this fraction of the run's median subject DINO (first attempts) is under the gate too. DINO
+    # only: it compares each subject with its own photos, on one scale for the run, where CLIP-T's scale changes with
+    # each subject's prompts. None: off. With gate_min_dino as well, the higher of the two is the bar.
     gate_relative: float | None = Field(None, gt=0, le=1)
     gate_retries: int = Field(1, ge=0, le=8)
 

@@ -6,6 +6,7 @@ and extraction. Everything it uses is drawn here; nothing is downloaded."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from engine.settings import load_settings
+from engine.tiny.registry import VLMS
 from ray_jobs.passes.analyze import AnalyzeRequest, analyze
 from ray_jobs.report.run_report import write_run_report
 from ray_jobs.run import FleetRequest, run_manifest
@@ -20,35 +22,44 @@ from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
 
 BASE_MODEL = "tiny-prior"
-# (subject id, class noun, shape, colour, background, params): tiny-prior's classes, each subject one instance of
-# it. ring-violet's params are a recipe too short to learn it (as a user's hasty manifest might say): the gate,
-# relative to the run's other subjects, should catch it and train it again with more steps.
+# (subject id, class noun, shape, colour, background, params): tiny-prior's classes, each subject one instance in a
+# colour its class never has there (its balls are warm, boxes green, stars blue, rings purple), so what the images
+# show of it was learned, not the prior's. ring-green's params are a recipe too short to learn it (as a hasty
+# manifest might say): the gate, relative to the run's other subjects, should catch it and train it longer.
 SUBJECTS = [
-    ("ball-red", "ball", "ellipse", (230, 60, 30), (30, 90, 200), {}),
-    ("box-green", "box", "rectangle", (40, 200, 60), (200, 60, 150), {}),
-    ("star-blue", "star", "star", (40, 80, 230), (240, 200, 60), {}),
-    ("ring-violet", "ring", "ring", (170, 50, 220), (60, 200, 90), {"max_train_steps": 10}),
+    ("ball-blue", "ball", "ellipse", (40, 90, 230), (235, 220, 140), {}),
+    ("box-red", "box", "rectangle", (220, 40, 40), (60, 70, 130), {}),
+    ("star-gold", "star", "star", (240, 200, 30), (50, 40, 110), {}),
+    ("ring-green", "ring", "ring", (40, 200, 60), (230, 230, 230), {"max_train_steps": 20}),
 ]
 PHOTOS = 4
-THUMBNAIL = 10  # px: the size of the photo curation refuses (under `min_image_side`: too small to learn from)
+SIZE = 32  # px: tiny-prior's resolution
+THUMBNAIL = 10  # px: the photo curation refuses (under `min_image_side`: too small to learn from)
 # The quality gate of the demo: a subject whose mean DINO is more than 10 % under the run's median is retried.
 # Relative, not an absolute bar: the paper's bars are for its models, and the tiny ones have no scale of their own.
 GATE_RELATIVE = 0.9
+# A VLM that has learned tiny-prior's world, where this build has one; else the random `tiny` VLM, whose boxes crop
+# the photos at random (the refused thumbnail is refused by its size, whatever the VLM).
+VLM = "tiny-prior" if "tiny-prior" in VLMS else "tiny"
 
 
-def draw(shape: str, colour, background, shift: int, size: int = 64) -> Image.Image:
-    image = Image.new("RGB", (size, size), background)
-    box = (14 + shift, 16 - shift // 2, 50 + shift, 52 - shift // 2)
+def draw(shape: str, colour, background, shift: int, size: int = SIZE) -> Image.Image:
+    """The subject at twice `size`, box-filtered down as tiny-prior draws its classes."""
+    big = 2 * size
+    image = Image.new("RGB", (big, big), background)
+    left, top = round(big * 0.2) + shift, round(big * 0.22) - shift // 2
+    box = (left, top, left + round(big * 0.58), top + round(big * 0.58))
     pen = ImageDraw.Draw(image)
     if shape == "star":
         cx, cy, r = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, (box[2] - box[0]) / 2
-        pen.regular_polygon((cx, cy, r), 5, fill=colour)  # a pentagon-ish star is enough at 32 px
-        pen.polygon([(cx, cy - r * 1.1), (cx - r * 0.35, cy), (cx + r * 0.35, cy)], fill=colour)
+        points = [(cx + q * math.sin(k * math.pi / 5), cy - q * math.cos(k * math.pi / 5))
+                  for k, q in zip(range(10), [r, r * 0.45] * 5)]  # fmt: skip
+        pen.polygon(points, fill=colour)
     elif shape == "ring":
-        pen.ellipse(box, outline=colour, width=8)
+        pen.ellipse(box, outline=colour, width=round(big * 0.12))
     else:
         getattr(pen, shape)(box, fill=colour)
-    return image
+    return image.resize((size, size), Image.Resampling.BOX)
 
 
 def make_subjects_manifest(folder: Path) -> str:
@@ -58,7 +69,7 @@ def make_subjects_manifest(folder: Path) -> str:
         for k in range(PHOTOS):
             path = folder / "images" / sid / f"{k}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            draw(shape, colour, background, shift=2 * k).save(path)
+            draw(shape, colour, background, shift=3 * k).save(path)
             images.append(str(path.resolve()))
         rows.append(
             {
@@ -73,7 +84,7 @@ def make_subjects_manifest(folder: Path) -> str:
         )
     # One photo is a thumbnail, as photo folders often hold: curation refuses it, and its subject trains without it.
     thumbnail = Path(rows[0]["instance_images"][-1]).with_name("thumbnail.png")
-    draw(SUBJECTS[0][2], SUBJECTS[0][3], SUBJECTS[0][4], shift=0).resize((THUMBNAIL, THUMBNAIL)).save(thumbnail)
+    draw(*SUBJECTS[0][2:5], shift=0).resize((THUMBNAIL, THUMBNAIL)).save(thumbnail)
     rows[0]["instance_images"].append(str(thumbnail))
     manifest = str((folder / "subjects.parquet").resolve())
     write_subjects_manifest(manifest, rows)
@@ -143,6 +154,7 @@ def run_demo(out: str, verbose: bool = False) -> int:
         out=str((folder / "run").resolve()),
         settings=load_settings(BASE_MODEL, overrides={"curate": True, "gate_relative": GATE_RELATIVE}),
         base_model=BASE_MODEL,
+        vlm_model=VLM,
         workers=2,
         command="demo",
         verbose=verbose,
@@ -157,7 +169,7 @@ def run_demo(out: str, verbose: bool = False) -> int:
     print(f"demo: {len(DOCUMENTS)} rendered receipts → OCR and field extraction ({documents})")
     for task in ("ocr", "extract"):
         result = str((folder / f"documents-{task}.parquet").resolve())
-        analysis = AnalyzeRequest(input=documents, task=task, out=result, settings=request.settings,
+        analysis = AnalyzeRequest(input=documents, task=task, out=result, settings=request.settings, vlm_model=VLM,
                                   schema_file=schema if task == "extract" else None, verbose=verbose)  # fmt: skip
         code = max(code, analyze(analysis))
     print(f"report: {write_run_report(run.uri)}")

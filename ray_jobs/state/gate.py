@@ -2,9 +2,9 @@
 attempt trains with, and which attempt is kept.
 
 A subject is under the gate when its mean DINO is under `gate_min_dino` or its mean CLIP-T under `gate_min_clip_t`
-(either None: not gated), or, with `gate_relative` = X, under the run's median first-attempt mean of that score by
-more than (1 - X) of the median's size (X times the median, for a positive one): a bar for models the paper gives
-none for, taken from the run rather than tuned to it. The next attempt's recipe answers the score that failed, as the DreamBooth paper reads
+(either None: not gated), or, with `gate_relative` = X, its DINO under the run's median first-attempt DINO by more
+than (1 - X) of the median's size (X times the median, for a positive one): a bar for models the paper gives none
+for, taken from the run rather than tuned to it. DINO only: CLIP-T's scale changes with each subject's prompts. The next attempt's recipe answers the score that failed, as the DreamBooth paper reads
 them: DINO low means the subject was not learned (more steps); CLIP-T low means the prompt lost to the subject, the
 paper's sign of overfitting (fewer steps, and more prior weight where prior preservation is on). Both low is not
 overfitting (that raises DINO): the subject was not learned, so DINO's remedy.
@@ -19,6 +19,7 @@ from typing import Any
 from engine.settings import Settings
 
 GATED = (("dino", "gate_min_dino"), ("clip_t", "gate_min_clip_t"))
+RELATIVE = "dino"  # the score `gate_relative` sets a bar for
 MORE_STEPS = 1.5  # DINO low: half as many steps again
 FEWER_STEPS = 0.5  # CLIP-T low: half the steps...
 MORE_PRIOR_WEIGHT = 2.0  # ...and the prior loss twice as heavy
@@ -59,12 +60,12 @@ def medians(first_scores: list[dict[str, Any] | None]) -> dict[str, float]:
 
 
 def gate_bars(settings: Settings, run_medians: dict[str, float] | None = None) -> dict[str, float]:
-    """Each gated score's bar: its absolute one, the relative one from the run's medians, the higher of both."""
+    """Each gated score's bar: its absolute one, DINO's relative one from the run's medians, the higher of both."""
     bars = {}
     for metric, bar_name in GATED:
         candidates = [getattr(settings, bar_name)]
         median = (run_medians or {}).get(metric)
-        if settings.gate_relative is not None and median is not None:
+        if metric == RELATIVE and settings.gate_relative is not None and median is not None:
             candidates.append(median - (1 - settings.gate_relative) * abs(median))
         if present := [c for c in candidates if c is not None]:
             bars[metric] = max(present)

@@ -21,13 +21,13 @@ def test_the_demo_shows_curation_refusing_a_photo_and_the_gate_retrying_a_subjec
     refused = [r for r in pq.read_table(run.curation).to_pylist() if not r["kept"]]
     assert [Path(r["image"]).name for r in refused] == ["thumbnail.png"]
     assert "min_image_side" in refused[0]["reason"] or "small" in refused[0]["reason"], refused
-    assert f"curation refused {refused[0]['image']} (ball-red): {refused[0]['reason']}" in console
+    assert f"curation refused {refused[0]['image']} (ball-blue): {refused[0]['reason']}" in console
 
     statuses = run.read_statuses()
     gated = {sid: s for sid, s in statuses.items() if s.gate}
-    assert "ring-violet" in gated, {sid: s.evaluation for sid, s in statuses.items()}  # the too-short recipe
-    record = gated["ring-violet"].gate
-    assert [a["params"] for a in record["attempts"]] == [{"max_train_steps": 10}, {"max_train_steps": 15}]
-    assert "quality gate retried ring-violet" in console
+    assert "ring-green" in gated, {sid: s.evaluation for sid, s in statuses.items()}  # the too-short recipe
+    record = gated["ring-green"].gate
+    assert [a["params"] for a in record["attempts"]] == [{"max_train_steps": 20}, {"max_train_steps": 30}]
+    assert "quality gate retried ring-green" in console
     assert all(s.state in ("done", "below_gate") for s in statuses.values()), statuses
     assert (out / "run/report.html").exists() and (out / "documents-extract.parquet").exists()
