@@ -22,22 +22,23 @@ from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.run_dir import RunDirectory
 
 BASE_MODEL = "tiny-prior"
-# (subject id, class noun, shape, colour, background, params): tiny-prior's classes, each subject one instance in a
-# colour its class never has there (its balls are warm, boxes green, stars blue, rings purple), so what the images
-# show of it was learned, not the prior's. ring-green's params are a recipe too short to learn it (as a hasty
-# manifest might say): the gate, relative to the run's other subjects, should catch it and train it longer.
+# (subject id, class noun, shape, colour, backgrounds): tiny-prior's classes, each subject one instance in a colour
+# its class never has there (its balls are warm, boxes green, stars blue, rings purple), so what the images show of
+# it was learned, not the prior's. ring-green's photos were taken on four different grounds, as casual photos are:
+# its renderings can match each photo only so well, so its DINO stands out under the run's, and the gate retries it.
 SUBJECTS = [
-    ("ball-blue", "ball", "ellipse", (40, 90, 230), (235, 220, 140), {}),
-    ("box-red", "box", "rectangle", (220, 40, 40), (60, 70, 130), {}),
-    ("star-gold", "star", "star", (240, 200, 30), (50, 40, 110), {}),
-    ("ring-green", "ring", "ring", (40, 200, 60), (230, 230, 230), {"max_train_steps": 20}),
+    ("ball-blue", "ball", "ellipse", (40, 90, 230), [(235, 220, 140)]),
+    ("box-red", "box", "rectangle", (220, 40, 40), [(60, 70, 130)]),
+    ("star-gold", "star", "star", (240, 200, 30), [(50, 40, 110)]),
+    ("ring-green", "ring", "ring", (40, 200, 60), [(250, 250, 250), (10, 10, 10), (220, 30, 30), (30, 40, 220)]),
 ]
 PHOTOS = 4
 SIZE = 32  # px: tiny-prior's resolution
 THUMBNAIL = 10  # px: the photo curation refuses (under `min_image_side`: too small to learn from)
-# The quality gate of the demo: a subject whose mean DINO is more than 10 % under the run's median is retried.
-# Relative, not an absolute bar: the paper's bars are for its models, and the tiny ones have no scale of their own.
-GATE_RELATIVE = 0.9
+# The quality gate of the demo: a subject whose mean DINO is more than 3 median absolute deviations under the run's
+# median is retried (the usual robust outlier rule). Relative, not an absolute bar: the paper's bars are for its
+# models, and the tiny random evaluation models put every subject's DINO within a few hundredths.
+GATE_RELATIVE = 3.0
 # A VLM that has learned tiny-prior's world, where this build has one; else the random `tiny` VLM, whose boxes crop
 # the photos at random (the refused thumbnail is refused by its size, whatever the VLM).
 VLM = "tiny-prior" if "tiny-prior" in VLMS else "tiny"
@@ -64,12 +65,12 @@ def draw(shape: str, colour, background, shift: int, size: int = SIZE) -> Image.
 
 def make_subjects_manifest(folder: Path) -> str:
     rows = []
-    for sid, noun, shape, colour, background, params in SUBJECTS:
+    for sid, noun, shape, colour, backgrounds in SUBJECTS:
         images = []
         for k in range(PHOTOS):
             path = folder / "images" / sid / f"{k}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            draw(shape, colour, background, shift=3 * k).save(path)
+            draw(shape, colour, backgrounds[k % len(backgrounds)], shift=3 * k).save(path)
             images.append(str(path.resolve()))
         rows.append(
             {
@@ -79,12 +80,11 @@ def make_subjects_manifest(folder: Path) -> str:
                 "class_prompt": f"a photo of a {noun}",
                 # the bare class prompt too: its images measure PRES (did the subject take the class over?)
                 "prompts": [f"a photo of sks {noun}", f"a photo of sks {noun} on a table", f"a photo of a {noun}"],
-                "params": json.dumps(params),
             }
         )
     # One photo is a thumbnail, as photo folders often hold: curation refuses it, and its subject trains without it.
     thumbnail = Path(rows[0]["instance_images"][-1]).with_name("thumbnail.png")
-    draw(*SUBJECTS[0][2:5], shift=0).resize((THUMBNAIL, THUMBNAIL)).save(thumbnail)
+    draw(*SUBJECTS[0][2:4], SUBJECTS[0][4][0], shift=0).resize((THUMBNAIL, THUMBNAIL)).save(thumbnail)
     rows[0]["instance_images"].append(str(thumbnail))
     manifest = str((folder / "subjects.parquet").resolve())
     write_subjects_manifest(manifest, rows)
@@ -101,8 +101,9 @@ def show_loop(run: RunDirectory) -> None:
             continue
         scores = ", ".join(f"attempt {a['attempt']} {json.dumps(a['params'])}: DINO "
                            f"{(a['scores'] or {}).get('dino', float('nan')):.3f}" for a in status.gate["attempts"])
-        print(f"quality gate retried {sid} (DINO bar {status.gate['bars'].get('dino', float('nan')):.3f}, "
-              f"{GATE_RELATIVE} x the run's median): {scores}; kept attempt {status.gate['kept']}, {status.state}")
+        print(f"quality gate retried {sid} (DINO bar {status.gate['bars'].get('dino', float('nan')):.3f}: "
+              f"{GATE_RELATIVE:g} median absolute deviations under the run's median): {scores}; kept attempt "
+              f"{status.gate['kept']}, {status.state}")
 
 
 # Receipts with known fields: what OCR should read and extraction should find on each.

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from engine import storage
 from engine.diffusion.subject import Subject
 from engine.settings import Settings
-from ray_jobs.state.gate import GATED, GateAttempt, attempt, best, gate_bars, gate_on, medians, needs_retry, next_recipe
+from ray_jobs.state.gate import GATED, GateAttempt, attempt, best, gate_bars, gate_on, needs_retry, next_recipe, spreads
 from ray_jobs.state.kept import archive_first_attempt, install_attempt, installable
 from ray_jobs.state.manifest import write_subjects_manifest
 from ray_jobs.state.plan import subject_settings
@@ -72,11 +72,11 @@ def run_quality_gate(run: RunDirectory, subjects: list[Subject], manifest_uri: s
     # Only rendered and scored subjects can be judged; a subject with no prompts has nothing to score.
     firsts = {sid: status.evaluation for sid, status in statuses.items()
               if status.state in RENDERED_STATES and status.evaluation and sid not in records}  # fmt: skip
-    run_medians = medians([*firsts.values(), *(attempts[0]["scores"] for attempts in records.values())])
-    recorded = {sid: [attempt(a["attempt"], a["run"], a["params"], a["scores"], settings, run_medians) for a in record]
+    run_spreads = spreads([*firsts.values(), *(attempts[0]["scores"] for attempts in records.values())])
+    recorded = {sid: [attempt(a["attempt"], a["run"], a["params"], a["scores"], settings, run_spreads) for a in record]
                 for sid, record in records.items()}  # fmt: skip
     history: dict[str, list[GateAttempt]] = {
-        sid: [attempt(0, run.uri, by_id[sid].params, scores, settings, run_medians)] for sid, scores in firsts.items()
+        sid: [attempt(0, run.uri, by_id[sid].params, scores, settings, run_spreads)] for sid, scores in firsts.items()
     } | recorded
     judged = {sid for sid, attempts in history.items() if attempts[0].shortfall}
     for number in range(1, settings.gate_retries + 1):
@@ -101,8 +101,8 @@ def run_quality_gate(run: RunDirectory, subjects: list[Subject], manifest_uri: s
         for sid, params in retry.items():
             status = scored.get(sid)
             scores = status.evaluation if status is not None and status.state in RENDERED_STATES else None
-            history[sid].append(attempt(number, folder, params, scores, settings, run_medians))
-    bars = gate_bars(settings, run_medians)
+            history[sid].append(attempt(number, folder, params, scores, settings, run_spreads))
+    bars = gate_bars(settings, run_spreads)
     return {sid: _record(run, sid, history[sid], bars) for sid in sorted(judged)}
 
 
@@ -114,7 +114,7 @@ def _record(run: RunDirectory, subject_id: str, attempts: list[GateAttempt], bar
     if status.gate and status.gate.get("installed"):
         return status.state  # recorded and in place in an earlier invocation
     record = {
-        # each gated score's bar (absolute, or from the run's medians with gate_relative); None: not gated
+        # each gated score's bar (absolute, or from the run's spread with gate_relative); None: not gated
         "bars": {metric: bars.get(metric) for metric, _ in GATED},
         "attempts": [{**a.to_json(), "subject": subject_dir(a.run, subject_id)} for a in attempts],
         "kept": kept.attempt,
