@@ -174,7 +174,7 @@ def run_demo(out: str, verbose: bool = False) -> int:
                                   schema_file=schema if task == "extract" else None, verbose=verbose)  # fmt: skip
         code = max(code, analyze(analysis))
     print(f"report: {write_run_report(run.uri)}")
-    print(f"{BASE_MODEL} was pretrained on drawn shapes, so its subjects are learned; the tiny VLM and the tiny "
-          "evaluation models are random: their words, boxes and verdicts are noise. Use --vlm-model and "
-          "--base-model with real weights for real answers.")
+    print(f"{BASE_MODEL} was pretrained on drawn shapes, so what its renderings show of a subject was learned (in "
+          "a CPU demo's steps, little); the tiny VLM and the tiny evaluation models are random: their words, boxes, "
+          "verdicts and scores are noise. Use --vlm-model and --base-model with real weights for real answers.")
     return code
