@@ -63,7 +63,7 @@ def _is_file(uri: str) -> bool:
     return fs.isfile(path)
 
 
-def _mirror(source: str, target: str) -> None:
+def mirror(source: str, target: str) -> None:
     """Make `target` hold exactly what `source` (a file or a folder) holds, each file copied atomically."""
     if _is_file(source):
         storage.copy_file(source, target)
@@ -101,7 +101,7 @@ def archive_first_attempt(run: RunDirectory, subject_id: str) -> str:
         return target  # archived whole: RUN may already hold the retrain, which must not be archived over it
     source = subject_dir(run.uri, subject_id)
     for name in ATTEMPT_FILES:
-        _mirror(storage.join(source, name), storage.join(target, name))
+        mirror(storage.join(source, name), storage.join(target, name))
     storage.write_parquet(storage.join(target, GENERATIONS),
                           _moved(_read(storage.join(source, GENERATIONS)), source, target))  # fmt: skip
     for name in PASS_TABLES:
@@ -120,7 +120,7 @@ def install_attempt(run: RunDirectory, subject_id: str, attempt_run: str) -> Non
         run.lease.check()  # LeaseLost: another driver has RUN now
     source, target = subject_dir(attempt_run, subject_id), subject_dir(run.uri, subject_id)
     for name in ATTEMPT_FILES:
-        _mirror(storage.join(source, name), storage.join(target, name))
+        mirror(storage.join(source, name), storage.join(target, name))
     storage.write_parquet(storage.join(target, GENERATIONS),
                           _moved(_read(storage.join(source, GENERATIONS)), source, target))  # fmt: skip
     for name in PASS_TABLES:

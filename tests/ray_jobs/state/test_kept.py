@@ -4,6 +4,7 @@ as a swap that was never interrupted."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ from engine import storage
 from engine.settings import load_settings
 from ray_jobs.gate import _record
 from ray_jobs.state.gate import attempt
+from ray_jobs.state.kept import mirror
 from ray_jobs.state.run_dir import RunDirectory, SubjectStatus
 
 SETTINGS = load_settings("tiny", overrides={"gate_min_dino": 0.5})
@@ -146,3 +148,29 @@ def test_a_kill_at_any_write_of_the_swap_and_a_rerun_end_as_an_uninterrupted_swa
 
 def _normalised(contents: dict[str, object], root: Path) -> str:
     return repr(contents).replace(str(root), "RUN")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_folder_or_file_is_mirrored_exactly_on_a_disk_and_an_object_store(where, request, tmp_path):
+    """What the swap copies with: each file copied whole (server-side within one bucket), what the source lacks
+    removed, nothing at the source left nothing at the target."""
+    if where == "local":
+        root = str(tmp_path)
+    else:
+        request.getfixturevalue("s3_endpoint")
+        bucket = f"kept-{uuid.uuid4().hex[:12]}"
+        storage.filesystem(f"s3://{bucket}")[0].mkdir(bucket)
+        root = f"s3://{bucket}"
+    source, target = storage.join(root, "attempt"), storage.join(root, "run")
+    storage.write_bytes(storage.join(source, "weights/lora.safetensors"), b"retrain")
+    storage.write_bytes(storage.join(source, "weights/text_encoder/config.json"), b"{}")
+    storage.write_bytes(storage.join(source, "train_log.jsonl"), b"log")
+    storage.write_bytes(storage.join(target, "weights/lora.safetensors"), b"first")
+    storage.write_bytes(storage.join(target, "weights/unet.safetensors"), b"first, another layout")
+    mirror(storage.join(source, "weights"), storage.join(target, "weights"))
+    assert storage.find(storage.join(target, "weights")) == ["lora.safetensors", "text_encoder/config.json"]
+    assert storage.read_bytes(storage.join(target, "weights/lora.safetensors")) == b"retrain"
+    mirror(storage.join(source, "train_log.jsonl"), storage.join(target, "train_log.jsonl"))
+    assert storage.read_bytes(storage.join(target, "train_log.jsonl")) == b"log"
+    mirror(storage.join(source, "checkpoints"), storage.join(target, "weights"))  # none there: none here
+    assert storage.find(storage.join(target, "weights")) == [] and storage.find(storage.join(source, "weights"))
