@@ -161,6 +161,13 @@ class Settings(BaseModel):
     # the report flags under 0.50 / 0.20, below every method there), but not for other models or the tiny ones.
     gate_min_dino: float | None = Field(None, ge=-1, le=1)
     gate_min_clip_t: float | None = Field(None, ge=-1, le=1)
+    # A DINO bar relative to the run itself, for models no paper gives a bar for (the tiny ones): a subject whose
+    # mean DINO is more than this many median absolute deviations under the median of the run's subjects (first
+    # attempts) is under the gate too: the robust outlier rule (3 is the usual k), scale-free, so one k serves
+    # random tiny evaluation models (every mean within hundredths) and real ones. DINO only: it compares each
+    # subject with its own photos, where CLIP-T's scale changes with each subject's prompts. None: off. With
+    # gate_min_dino as well, the higher of the two is the bar.
+    gate_relative: float | None = Field(None, ge=0)
     gate_retries: int = Field(1, ge=0, le=8)
 
     @model_validator(mode="after")
@@ -231,7 +238,8 @@ EVAL_SETTINGS = frozenset(
      "eval_cpus_per_actor"}
 )
 LOOP_SETTINGS = frozenset(
-    {"curate", "withhold_unsafe", "moderation_threshold", "gate_min_dino", "gate_min_clip_t", "gate_retries"}
+    {"curate", "withhold_unsafe", "moderation_threshold", "gate_min_dino", "gate_min_clip_t", "gate_relative",
+     "gate_retries"}
 )
 RUN_ONLY_SETTINGS = frozenset(
     {"preset", "max_attempts", "mixed_precision", "pack_subjects", "compile_unet", "trackers", "lease_ttl"}

@@ -160,6 +160,31 @@ def put_file(local_path: Path, uri: str) -> None:
         fs.put_file(str(local_path), path)  # a single (multipart) upload, visible only once complete
 
 
+def copy_file(source: str, target: str) -> None:
+    """Copy one file to `target` atomically (a reader sees the old file or the copy): a local copy renamed into
+    place, a server-side copy within one object store, else a read and a write."""
+    source_fs, source_path = filesystem(source)
+    target_fs, target_path = filesystem(target)
+    if isinstance(source_fs, LocalFileSystem) and isinstance(target_fs, LocalFileSystem):
+        put_file(Path(source_path), target)
+    elif source_fs is target_fs:
+        retried(target_fs.copy)(source_path, target_path)
+    else:
+        write_bytes(target, read_bytes(source))
+
+
+@retried
+def find(uri: str) -> list[str]:
+    """Paths of every file under `uri` (recursively), relative to it; empty when it does not exist."""
+    fs, path = filesystem(uri)
+    root = path.rstrip("/")
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        return []
+    return sorted(f[len(root) + 1 :] for f in found if f.startswith(root + "/"))
+
+
 def upload_dir(local_dir: Path, uri: str) -> None:
     """Copy a local directory's files to `uri`, each file written atomically."""
     for file in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):

@@ -6,6 +6,7 @@ and an evaluation pass over everything generated.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from engine.diffusion.base_model import resolve_base_model
 from engine.diffusion.families import with_family_defaults
 from engine.diffusion.prompts import base_tokenizers, prompt_warnings
+from engine.diffusion.subject import Subject
 from engine.hub import ModelError, fingerprint
 from engine.settings import Settings
 from engine.tracking import TrackingGroup, finish_group, start_group
@@ -153,7 +155,7 @@ def run_manifest(request: FleetRequest, stages: tuple[str, ...]) -> tuple[int, R
         withhold_unsafe(run, request)
     evaluated = evaluate_generations(run, request) if "evaluate" in stages else exit_status.OK
     if "evaluate" in stages:
-        gate_subjects(run, manifest, request)
+        gate_subjects(run, manifest, subjects, request)
     run.check_and_clean()
     succeeded = complete and not manifest.errors and moderated == evaluated == exit_status.OK
     return (exit_status.OK if succeeded else exit_status.SOME_FAILED), run
@@ -195,18 +197,23 @@ def withhold_unsafe(run: RunDirectory, request: FleetRequest) -> None:
               "`withheld` in generations.parquet; `dreamfleet report --show-withheld` shows them)")
 
 
-def gate_subjects(run: RunDirectory, manifest: SubjectsManifest, request: FleetRequest) -> None:
+def gate_subjects(run: RunDirectory, manifest: SubjectsManifest, curated: list[Subject], request: FleetRequest) -> None:
     """The quality gate after evaluation (ray_jobs/gate.py): each retrain round is a `run` of its own under
-    RUN/gate/; the subjects still under the gate end `below_gate`, which leaves the exit status as it is."""
+    RUN/gate/; the subjects still under the gate end `below_gate`, which leaves the exit status as it is. A retrain
+    trains on the photos curation kept in RUN (its crops), not curating them again."""
 
     def run_attempt(manifest_uri: str, out: str, settings: Settings) -> None:
         # --extend: a later invocation may gate other subjects into the same round's folder
-        attempt = replace(request, manifest=manifest_uri, out=out, settings=settings, extend=True, command="run")
+        attempt = replace(request, manifest=manifest_uri, out=out, settings=settings.with_overrides(
+            {"curate": False}, source="quality gate"), extend=True, command="run")  # fmt: skip
         run_manifest(attempt, ("train", "generate", "moderate", "evaluate"))
 
-    judged = run_quality_gate(run, manifest.subjects, request.manifest, request.settings, run_attempt)
+    kept_photos = {s.subject_id: s for s in curated}
+    subjects = [_curated(s, kept_photos[s.subject_id]) if s.subject_id in kept_photos else s for s in manifest.subjects]
+    judged = run_quality_gate(run, subjects, request.manifest, request.settings, run_attempt)
     if not judged:
         return
+    assemble_generations(run, manifest.passthrough, request.settings)  # the kept retrains' rows, as RUN holds them
     counts = summarize(run.read_statuses())
     run.finish(counts)
     if request.metrics is not None:  # the rounds' own runs set these for their subjects: RUN's figures again
@@ -216,6 +223,13 @@ def gate_subjects(run: RunDirectory, manifest: SubjectsManifest, request: FleetR
     below = sorted(sid for sid, state in judged.items() if state == BELOW_GATE)
     print(f"quality gate: {len(judged) - len(below)} of {len(judged)} subject(s) under the gate passed after "
           f"retraining; below_gate (not a failure): {', '.join(below) or 'none'}")
+
+
+def _curated(original: Subject, curated: Subject) -> Subject:
+    """`curated` with its crops' paths absolute: the retrain's manifest reads a relative path as the manifest's."""
+    own = set(original.instance_images)
+    return replace(curated, instance_images=tuple(uri if uri in own or "://" in uri else os.path.abspath(uri)
+                                                  for uri in curated.instance_images))  # fmt: skip
 
 
 def evaluate_generations(run: RunDirectory, request: FleetRequest) -> int:

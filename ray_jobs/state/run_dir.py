@@ -36,6 +36,7 @@ MODERATION = "moderation.parquet"  # a pass output: a folder of part files
 EVALUATION = "evaluation.parquet"  # a pass output: a folder of part files
 CURATION = "curation.parquet"  # one row per instance photo, when `curate` is on
 REPORT = "report.html"
+GATE = "gate"  # the quality gate's retrain rounds (RUN/gate/attempt-<k>/), and the replaced first attempts
 STATUS_READ_THREADS = 32  # reading statuses is storage round trips; overlap them on object stores
 
 

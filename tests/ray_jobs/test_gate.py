@@ -5,8 +5,15 @@ still under it; the exit status is as without the gate, and a rerun redoes nothi
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
+from engine.diffusion.checkpoints import complete_steps
 from engine.settings import load_settings
 from ray_jobs.cli import main
 from ray_jobs.metrics import RunMetrics
@@ -41,7 +48,7 @@ def test_a_subject_under_the_gate_is_retrained_once_and_ends_below_gate(ray_clus
     assert retry["params"] == {"max_train_steps": 6}  # DINO too low: half as many steps again
     assert retry["run"] == str(run / "gate" / "attempt-1") and retry["scores"]["images"] == 2
     kept = Path(status.gate["kept_subject"])
-    assert kept.parent.parent in (run, run / "gate" / "attempt-1") and (kept / "weights").is_dir()
+    assert kept == run / "subjects/s0" and (kept / "weights").is_dir()  # the kept attempt is in place in RUN
     # The retrain trained its adjusted recipe, rendered and was scored in its own run directory.
     attempt = RunDirectory(retry["run"]).read_status("s0")
     assert attempt.state == "done" and attempt.evaluation["dino"] == retry["scores"]["dino"]
@@ -67,3 +74,50 @@ def test_a_subject_under_the_gate_is_retrained_once_and_ends_below_gate(ray_clus
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert RunDirectory(str(run)).read_status("s0").gate["attempts"] == status.gate["attempts"]
     assert metrics.registry.get_sample_value("dreamfleet_subjects", {"state": "below_gate"}) == 1
+
+
+def test_a_driver_killed_in_the_gates_retrain_loses_at_most_that_retrains_work(ray_cluster, tmp_path):
+    """The driver runs as with `ray job submit`; it is SIGKILLed once the gate's retrain round has checkpointed, and
+    the same command again finishes the round: the retrain resumes from its checkpoint, the subject ends with its
+    gate outcome, and RUN's tables hold each image's row once."""
+    rows = make_subject_rows(tmp_path / "images", 1)
+    rows[0]["prompts"] = ["a photo of sks ball on a table"]
+    manifest, run = str(tmp_path / "subjects.parquet"), tmp_path / "run"
+    write_subjects_manifest(manifest, rows)
+    # A DINO bar no image reaches, so the retrain happens for sure; 30 steps in it, checkpointed every 5.
+    args = ["run", manifest, "--out", str(run), "--no-progress", "--set", "max_train_steps=20",
+            "--set", "checkpointing_steps=5", "--set", "num_class_images=2", "--set", "num_images_per_prompt=2",
+            "--set", "gate_min_dino=1.0"]  # fmt: skip
+    address = ray_cluster.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "ray_jobs", *args, "--address", address],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    retrain = run / "gate/attempt-1/subjects/s0/checkpoints"
+    deadline = time.time() + 400
+    while not complete_steps(str(retrain)):
+        assert driver.poll() is None and time.time() < deadline, "the driver ended before the retrain checkpointed"
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    checkpoint = complete_steps(str(retrain))[-1]
+    assert RunDirectory(str(run)).read_status("s0").gate is None  # killed mid-round: nothing recorded yet
+
+    assert main(args) == 0
+    status = RunDirectory(str(run)).read_status("s0")
+    assert status.state == "below_gate" and len(status.gate["attempts"]) == 2
+    retrained = RunDirectory(str(run / "gate/attempt-1")).read_status("s0")
+    final = [h for h in retrained.history if h["stage"] == "train" and h["ok"]]
+    assert len(final) == 1 and (final[0]["resumed_from"] or 0) >= checkpoint  # only the in-flight steps were lost
+    assert final[0]["steps_run"] == 30 - (final[0]["resumed_from"] or 0)
+    # RUN holds the kept attempt, each image's row once in each of its tables.
+    kept = run / "gate/attempt-1" if status.gate["kept"] == 1 else run / "gate/attempt-0"
+    assert status.gate.get("installed", False) == (status.gate["kept"] == 1)
+    ids = sorted(pq.read_table(run / "generations.parquet").column("id").to_pylist())
+    assert len(set(ids)) == len(ids) == 2
+    for table in ("moderation.parquet", "evaluation.parquet"):
+        assert sorted(pq.read_table(run / table).column("id").to_pylist()) == ids, table
+    if status.gate["kept"] == 1:
+        for image in (run / "subjects/s0/images").glob("*.png"):
+            assert image.read_bytes() == (kept / "subjects/s0/images" / image.name).read_bytes()
+        assert status.evaluation["dino"] == status.gate["attempts"][1]["scores"]["dino"]
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+    assert not list(run.rglob("*.checkpoint/*.pending.parquet"))

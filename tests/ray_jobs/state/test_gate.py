@@ -7,7 +7,7 @@ import math
 import pytest
 
 from engine.settings import load_settings
-from ray_jobs.state.gate import attempt, best, gate_on, needs_retry, next_recipe, shortfall
+from ray_jobs.state.gate import attempt, best, gate_bars, gate_on, needs_retry, next_recipe, shortfall, spreads
 
 
 def _settings(**values):
@@ -61,3 +61,21 @@ def test_the_better_attempt_is_kept_and_retries_stop_at_the_bar_or_the_budget():
     assert attempt(1, "r", {"max_train_steps": 150}, {"dino": 0.4, "clip_i": 0.2, "evaluated_at": "t"},
                    settings).to_json() == {"attempt": 1, "run": "r", "params": {"max_train_steps": 150},
                                            "scores": {"dino": 0.4, "clip_i": 0.2}, "under_gate": ["dino"]}
+
+
+def test_a_relative_gate_is_k_median_absolute_deviations_under_the_runs_median_first_attempt_dino():
+    settings = _settings(gate_relative=3)
+    assert gate_on(settings) and not gate_on(_settings(gate_relative=3, evaluate=False))
+    # Random tiny evaluation models: every mean within hundredths, one subject well under the rest.
+    run = spreads([{"dino": 0.94, "clip_t": 0.2}, {"dino": 0.93}, {"dino": 0.97, "clip_t": -0.1}, {"dino": 0.84},
+                   None])  # fmt: skip
+    assert run["dino"] == (pytest.approx(0.935), pytest.approx(0.02)) and run["clip_t"][0] == pytest.approx(0.05)
+    assert gate_bars(settings, run) == {"dino": pytest.approx(0.875)}  # DINO only: CLIP-T's scale is each prompt's
+    assert shortfall({"dino": 0.84, "clip_t": -0.1}, settings, run) == {"dino": pytest.approx(0.035)}
+    assert shortfall({"dino": 0.93, "clip_t": -0.1}, settings, run) == {}
+    # The same rule on a real model's scale: only the spread sets how far under is too far.
+    real = spreads([{"dino": 0.70}, {"dino": 0.60}, {"dino": 0.65}, {"dino": 0.30}])
+    assert gate_bars(settings, real)["dino"] == pytest.approx(0.625 - 3 * 0.05)
+    assert gate_bars(settings, spreads([{"dino": 0.5}])) == {"dino": 0.5}  # one subject: nothing stands out under it
+    # With an absolute bar as well, the higher bar holds.
+    assert gate_bars(_settings(gate_relative=3, gate_min_dino=0.9), run)["dino"] == 0.9
