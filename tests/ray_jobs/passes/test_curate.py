@@ -66,12 +66,13 @@ def test_curation_refuses_names_crops_and_fails_only_the_subject_left_short(ray_
             width, height = Image.open(crop).size
             assert width == height <= min(Image.open(verdict["image"]).size)
 
-    # The report shows every photo's verdict, and the box a kept photo was cropped around.
+    # The report shows every photo's verdict, the box a kept photo was cropped around, and its caption.
     assert main(["report", str(run)]) == 0
     html = (run / "report.html").read_text()
     assert html.count('class="curation safe"') == 5 and html.count('class="curation error"') == 3
     assert html.count("refused: unusable:") == 2
     assert html.count('<g class="box">') == sum(v["box"] is not None for v in verdicts)
+    assert html.count('<q class="caption">') == sum(bool(v["caption"]) for v in verdicts) > 0
 
     # The same command again: no photo answered twice, no crop rewritten, the same verdicts.
     answers = [p for p in (run / "curation").rglob("*.parquet") if p.is_file() and not p.name.startswith("photos")]
