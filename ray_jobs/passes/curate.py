@@ -97,12 +97,13 @@ def _pass_settings(task: str, settings: Settings) -> Settings:
 
 
 def curate(run: RunDirectory, subjects: list[Subject], request: CurationRequest, metrics=None) -> Curated:
-    """Curate every subject's photos: the two passes, the verdicts, RUN/curation.parquet, the crops."""
+    """Curate every subject's photos: the passes, the verdicts, RUN/curation.parquet, the crops, the prompts."""
     folder = storage.join(run.uri, FOLDER)
     photos = pa.Table.from_pylist(photo_rows(subjects), schema=PHOTOS_SCHEMA)
-    # Moderation's input leaves out `categories` (the noun to find): moderation writes its own column of that name.
     own = {s.subject_id: subject_settings(s, request.settings) for s in subjects}
     captioned_ids = {sid for sid, settings in own.items() if settings.instance_prompt_mode == "caption"}
+    # Moderation's and caption's inputs leave out `categories` (the noun to find): moderation writes its own column
+    # of that name, and a caption is of the whole photo.
     inputs = {"detect": (storage.join(folder, "photos.parquet"), photos),
               "moderate": (storage.join(folder, "photos-to-screen.parquet"), photos.drop_columns(["categories"]))}
     outputs = {"detect": storage.join(folder, "detect.parquet"), "moderate": storage.join(folder, "moderation.parquet")}
