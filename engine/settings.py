@@ -149,6 +149,13 @@ class Settings(BaseModel):
     # (`--vlm-model tiny-prior` has learned the tiny world's shapes).
     curate: bool = False
     min_instance_images: int = Field(1, ge=1, le=64)  # usable photos a subject needs after curation, else it fails
+    # A photo where grounding finds no instance of the class noun, or several: kept whole (the photo may still show
+    # the subject: the VLM missed it, or the subject is a pair), or refused like a flagged photo. Kept by default:
+    # the random `tiny` VLM finds nothing or several in photos that do show the subject.
+    curate_unlocated: Literal["keep", "refuse"] = "keep"
+    # `fixed`: every instance photo trains with `instance_prompt`; `caption`: with `instance_prompt, <caption>`, the
+    # caption curation's VLM wrote for that photo (the identifier token stays first). Needs `curate`.
+    instance_prompt_mode: Literal["fixed", "caption"] = "fixed"
 
     # What `run` delivers: images its moderation pass marks unsafe are withheld (kept, flagged, never deleted)
     withhold_unsafe: bool = True
@@ -180,6 +187,12 @@ class Settings(BaseModel):
     def _tensor_parallel_on_vllm(self) -> Settings:
         if self.vlm_tensor_parallel_size > 1 and self.vlm_engine != "vllm":
             raise ValueError("vlm_tensor_parallel_size above 1 needs vlm_engine=vllm")
+        return self
+
+    @model_validator(mode="after")
+    def _captions_from_curation(self) -> Settings:
+        if self.instance_prompt_mode == "caption" and not self.curate:
+            raise ValueError("instance_prompt_mode=caption needs curate=true: the captions are curation's")
         return self
 
     @model_validator(mode="after")

@@ -28,6 +28,11 @@ class PromptEmbeddings:
         pooled = self.pooled.split(1) if self.pooled is not None else [None] * self.hidden.shape[0]
         return [PromptEmbeddings(h, p) for h, p in zip(self.hidden.split(1), pooled)]
 
+    def select(self, rows: torch.Tensor) -> PromptEmbeddings:
+        """The rows at indices `rows` (a row may be picked more than once)."""
+        rows = rows.to(self.hidden.device)
+        return PromptEmbeddings(self.hidden[rows], self.pooled[rows] if self.pooled is not None else None)
+
     def expand(self, n: int) -> PromptEmbeddings:
         """One prompt's embeddings as n rows (views, not copies): one per sample conditioned on it."""
         pooled = self.pooled.expand(n, -1) if self.pooled is not None else None

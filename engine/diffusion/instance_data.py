@@ -64,7 +64,10 @@ def encode_latents(base: BaseModel, pixels: torch.Tensor, batch_size: int = 8) -
 @dataclass
 class TrainingExamples:
     instance: LatentPool
-    instance_ids: tuple[torch.Tensor, ...]  # one per text encoder, where they can train (see `Family.tokenize`)
+    # Each instance photo's prompt, as a row of `instance_ids` and of the cached "instance" embeddings: the distinct
+    # prompts are encoded once (a fixed instance prompt: one row, which every photo uses)
+    instance_prompt_of: torch.Tensor  # [photos], int64
+    instance_ids: tuple[torch.Tensor, ...]  # [prompts, L] per text encoder, where they can train (`Family.tokenize`)
     class_: LatentPool | None
     class_ids: tuple[torch.Tensor, ...] | None
     cached_embeddings: dict[str, PromptEmbeddings] | None  # "instance" (and "class"); None while text encoders train
@@ -73,14 +76,20 @@ class TrainingExamples:
 def prepare_examples(
     base: BaseModel,
     instance_uris: Sequence[str],
-    instance_prompt: str,
+    instance_prompts: Sequence[str],
     settings: Settings,
     class_uris: Sequence[str] | None = None,
     class_prompt: str | None = None,
 ) -> TrainingExamples:
+    """Cache a subject's examples; `instance_prompts` holds each instance photo's own prompt, in order."""
+    if len(instance_prompts) != len(instance_uris):
+        raise ValueError(f"{len(instance_prompts)} instance prompts for {len(instance_uris)} instance images")
     family = family_of(base)
     instance = encode_latents(base, load_pixels(instance_uris, settings))
-    instance_ids = family.tokenize(base, instance_prompt, settings)
+    prompts = list(dict.fromkeys(instance_prompts))
+    prompt_of = torch.tensor([prompts.index(p) for p in instance_prompts], dtype=torch.long)
+    instance_ids = tuple(torch.cat(per_encoder) for per_encoder in zip(*(family.tokenize(base, p, settings)
+                                                                          for p in prompts)))  # fmt: skip
     class_pool = class_ids = None
     if class_uris:
         class_pool = encode_latents(base, load_pixels(class_uris, settings))
@@ -88,7 +97,7 @@ def prepare_examples(
     cached = None
     if not settings.train_text_encoder:
         with torch.no_grad():
-            cached = {"instance": family.encode(base, [instance_prompt], settings)}
+            cached = {"instance": family.encode(base, prompts, settings)}
             if class_ids is not None:
                 cached["class"] = family.encode(base, [class_prompt or ""], settings)
-    return TrainingExamples(instance, instance_ids, class_pool, class_ids, cached)
+    return TrainingExamples(instance, prompt_of, instance_ids, class_pool, class_ids, cached)

@@ -32,11 +32,22 @@ class Subject:
     num_images_per_prompt: int | None = None
     seed: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    # Each instance photo's own prompt, in `instance_images` order (curation's `instance_prompt, <caption>`);
+    # empty: every photo trains with `instance_prompt`
+    instance_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Subject ids become directory names: the pattern (no '/', no leading '.') keeps them inside the run.
         if not SUBJECT_ID_PATTERN.fullmatch(self.subject_id):
             raise ValueError(f"invalid subject_id {self.subject_id!r}: must match {SUBJECT_ID_PATTERN.pattern}")
+        if self.instance_prompts and len(self.instance_prompts) != len(self.instance_images):
+            raise ValueError(f"subject {self.subject_id!r}: {len(self.instance_prompts)} instance prompts for "
+                             f"{len(self.instance_images)} instance images")  # fmt: skip
+
+    @property
+    def photo_prompts(self) -> tuple[str, ...]:
+        """The prompt each instance photo trains with."""
+        return self.instance_prompts or (self.instance_prompt,) * len(self.instance_images)
 
     @property
     def effective_seed(self) -> int:

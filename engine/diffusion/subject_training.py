@@ -62,6 +62,8 @@ def training_identity(subject: Subject, settings: Settings, base: BaseModel) -> 
         class_prompt=subject.class_prompt,
         seed=subject.effective_seed,
     )
+    if subject.instance_prompts:  # only when set: a fixed-prompt subject keeps the identity (and checkpoints) it had
+        values["instance_prompts"] = list(subject.instance_prompts)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -116,7 +118,8 @@ class SubjectTraining:
             optimizer=self.optimizer.state_dict(),
             lr_scheduler=self.lr_scheduler.state_dict(),  # JSON: lambdas are functions, stored as None
             rng={"generator": self.generator.get_state()},
-            extra={"identity": self.identity, "log": self.log,
+            # the prompt each instance photo trained with, beside the identity that hashes it: readable
+            extra={"identity": self.identity, "instance_prompts": list(self.subject.photo_prompts), "log": self.log,
                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None},
         )  # fmt: skip
         save_checkpoint(self.checkpoints_uri, state, keep=self.settings.checkpoints_total_limit)

@@ -1,8 +1,9 @@
 """DreamBooth training of a pack of subjects on one resident base model, from cached examples to checkpoints and
 exported weights. One subject alone (`train_subject`) is a pack of one.
 
-Read `PackTrainer.step` top to bottom: every resident subject draws its own micro-batch from its own RNG → the
-batches are noised by the base family's objective (noise prediction, or flow matching) and concatenated → one
+Read `PackTrainer.step` top to bottom: every resident subject draws its own micro-batch from its own RNG, each
+instance sample conditioned on its own photo's prompt (the instance prompt, or curation's `instance_prompt, <caption>`)
+→ the batches are noised by the base family's objective (noise prediction, or flow matching) and concatenated → one
 denoiser pass (UNet or transformer), each sample through its own subject's LoRA slot → each subject's instance loss
 + λ·prior loss, each a mean over its own samples → one backward of their sum → each subject's own gradient
 clipping, optimizer and LR-schedule step. The denoiser normalises and attends per sample, so a subject ends with the
@@ -25,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -174,7 +175,7 @@ class PackTrainer:
                 "inputs; remove the subject's checkpoints to start over"
             )
         examples = prepare_examples(
-            self.base, subject.instance_images, subject.instance_prompt, settings,
+            self.base, subject.instance_images, subject.photo_prompts, settings,
             class_image_uris if use_prior else None, subject.class_prompt,
         )  # fmt: skip
         slot = next(s for s in range(self.capacity) if s not in self.members)
@@ -302,8 +303,8 @@ class PackTrainer:
 
     def _forward_backward(self, members: list[SubjectTraining]) -> list[Ended]:
         """The pack's micro-batch forward and backward; returns the subjects whose loss was not finite."""
-        noised = [self._sample(m) for m in members]
-        embeddings, guidance = self._conditioning(members)
+        noised, photos = zip(*(self._sample(m) for m in members))
+        embeddings, guidance = self._conditioning(members, photos)
         self._route(self.base.denoiser_name, [m.slot for m, part in zip(members, noised) for _ in part.timesteps])
         with self.autocast:
             prediction = self.family.predict(
@@ -337,20 +338,22 @@ class PackTrainer:
             m.micro += 1
         return ended
 
-    def _sample(self, m: SubjectTraining) -> Noised:
+    def _sample(self, m: SubjectTraining) -> tuple[Noised, torch.Tensor]:
         """The subject's micro-batch: instance (then class) latents, noised by the family's objective, all from its own
-        RNG.
+        RNG; and which instance photo each of its instance samples is (each trains with its own photo's prompt).
 
         Data-parallel, every rank draws the whole global micro-batch (train_batch_size x world_size), exactly as one
         process with that batch would, and keeps its own rows of the instance and of the class half: N ranks with
         batch B train as one process with batch N x B, and every rank's RNG stays where a checkpoint expects it."""
         bs, g, examples = m.settings.train_batch_size * self.world_size, m.generator, m.examples
-        latents = examples.instance.sample(torch.randint(len(examples.instance), (bs,), generator=g), g)
+        photos = torch.randint(len(examples.instance), (bs,), generator=g)
+        latents = examples.instance.sample(photos, g)
         if examples.class_ is not None:
             class_latents = examples.class_.sample(torch.randint(len(examples.class_), (bs,), generator=g), g)
             latents = torch.cat([latents, class_latents])
         noised = self.family.noised(self.base, latents, g, m.settings)
-        return noised.rows(lambda batch: self._own_rows(batch, halves=latents.shape[0] // bs))
+        own = noised.rows(lambda batch: self._own_rows(batch, halves=latents.shape[0] // bs))
+        return own, self._own_rows(photos, halves=1)
 
     def _own_rows(self, batch: torch.Tensor, halves: int) -> torch.Tensor:
         """This rank's rows of a global batch made of `halves` equal parts (instance, then class)."""
@@ -360,25 +363,47 @@ class PackTrainer:
         rows = slice(self.rank * local, (self.rank + 1) * local)
         return torch.cat([part[rows] for part in batch.chunk(halves)])
 
-    def _conditioning(self, members: list[SubjectTraining]) -> tuple[PromptEmbeddings, torch.Tensor | None]:
-        """Each subject's prompt embeddings, one row per sample: cached, or (text encoders training) one routed pass;
-        and the samples' guidance input, where the base takes one ([dev]'s guidance embedding)."""
-        prompts = [p for m in members for p in [(m, "instance")] + ([(m, "class")] if m.examples.class_ is not None else [])]
+    def _conditioning(self, members: list[SubjectTraining], photos: Sequence[torch.Tensor],
+                      ) -> tuple[PromptEmbeddings, torch.Tensor | None]:  # fmt: skip
+        """Each sample's prompt embeddings, one row per sample: an instance sample its own photo's prompt, a class
+        sample the class prompt; cached, or (text encoders training) one routed pass over the prompts the micro-batch
+        uses. And the samples' guidance input, where the base takes one ([dev]'s guidance embedding)."""
+        # Per subject: the distinct prompts its instance samples use, and which of them each sample takes
+        drawn = [torch.unique(m.examples.instance_prompt_of[p], return_inverse=True) for m, p in zip(members, photos)]
         if not self.train_text_encoder:
-            rows = [m.examples.cached_embeddings[which] for m, which in prompts]
+            instance = [m.examples.cached_embeddings["instance"].select(used) for m, (used, _) in zip(members, drawn)]
+            class_ = [m.examples.cached_embeddings.get("class") for m in members]
         else:
-            ids = [m.examples.instance_ids if w == "instance" else m.examples.class_ids for m, w in prompts]
-            for name in self.base.text_encoder_names:  # each prompt through its subject's slot in every encoder
-                self._route(name, [m.slot for m, _ in prompts])
-            with self.autocast:
-                rows = self.family.encode_ids(self.base, tuple(torch.cat(per_encoder) for per_encoder in zip(*ids))).split()
-        out, i = [], 0
-        for m in members:
-            parts = 2 if m.examples.class_ is not None else 1
-            out.append(PromptEmbeddings.cat([row.expand(m.settings.train_batch_size) for row in rows[i : i + parts]]))
-            i += parts
+            instance, class_ = self._encode_trained(members, [used for used, _ in drawn])
+        out = []
+        for (_, pick), own, prior in zip(drawn, instance, class_):
+            priors = [prior.expand(len(pick))] if prior is not None else []
+            out.append(PromptEmbeddings.cat([own.select(pick), *priors]))
         guidance = [self.family.guidance(self.base, m.settings, len(e.hidden)) for m, e in zip(members, out)]
         return PromptEmbeddings.cat(out), torch.cat(guidance) if guidance[0] is not None else None
+
+    def _encode_trained(self, members: list[SubjectTraining], used: list[torch.Tensor],
+                        ) -> tuple[list[PromptEmbeddings], list[PromptEmbeddings | None]]:  # fmt: skip
+        """Each subject's instance prompts `used` (and its class prompt) through the training text encoders in one
+        pass, each prompt through its subject's slot in every encoder."""
+        ids, slots = [], []
+        for m, rows in zip(members, used):
+            ids.append(tuple(per_encoder[rows.to(per_encoder.device)] for per_encoder in m.examples.instance_ids))
+            slots += [m.slot] * len(rows)
+            if m.examples.class_ is not None:
+                ids.append(m.examples.class_ids)
+                slots.append(m.slot)
+        for name in self.base.text_encoder_names:
+            self._route(name, slots)
+        with self.autocast:
+            encoded = self.family.encode_ids(self.base, tuple(torch.cat(per_encoder) for per_encoder in zip(*ids)))
+        instance, class_, offset = [], [], 0
+        for m, rows in zip(members, used):
+            instance.append(encoded.select(torch.arange(offset, offset + len(rows))))
+            offset += len(rows)
+            class_.append(encoded.select(torch.tensor([offset])) if m.examples.class_ is not None else None)
+            offset += m.examples.class_ is not None
+        return instance, class_
 
     def _route(self, component: str, slots: list[int]) -> None:
         if self.pack is not None:

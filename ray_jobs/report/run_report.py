@@ -195,11 +195,13 @@ class LossCurve:
 
 @dataclass(frozen=True)
 class PhotoCuration:
-    """An instance photo's row of RUN/curation.parquet: kept or refused, why, and the box it was cropped around."""
+    """An instance photo's row of RUN/curation.parquet: kept or refused, why, the box it was cropped around, and the
+    caption it trained with (caption mode)."""
 
     kept: bool
     reason: str
     box: Box | None
+    caption: str | None = None
 
     def overlay(self, picture: Picture) -> BoxOverlay | None:
         if self.box is None or not self.box.drawable or picture.size is None:
@@ -210,9 +212,10 @@ class PhotoCuration:
 def _curation(run_uri: str, notes: list[str]) -> dict[tuple[str, str], PhotoCuration]:
     """RUN/curation.parquet by (subject, photo URI); empty when the run was not curated."""
     rows = _read_optional_table(RunDirectory(run_uri).curation,
-                                ["subject_id", "image", "kept", "reason", "box"], notes)  # fmt: skip
+                                ["subject_id", "image", "kept", "reason", "box", "caption"], notes)  # fmt: skip
     return {(r["subject_id"], r["image"]): PhotoCuration(bool(r["kept"]), r["reason"] or "",
-                                                         Box.of({**r["box"], "label": "crop"}) if r["box"] else None)
+                                                         Box.of({**r["box"], "label": "crop"}) if r["box"] else None,
+                                                         r.get("caption"))
             for r in rows}  # fmt: skip
 
 

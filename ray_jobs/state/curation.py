@@ -2,9 +2,10 @@
 refused and why (RUN/curation.parquet, one row per photo).
 
 A photo is refused when the VLM passes could not read it, or moderation flags it (its verdict, or its score against
-`moderation_threshold`). A kept photo with exactly one instance of the subject's class noun found is cropped to a
-square around it with a margin; with none or several it is kept whole (the reason says which). A subject left with
-fewer usable photos than `min_instance_images` fails alone, naming each refused photo.
+`moderation_threshold`). A photo with exactly one instance of the subject's class noun found is cropped to a square
+around it with a margin; with none or several it is kept whole, or refused with `curate_unlocated: refuse` (the
+reason says which). With `instance_prompt_mode: caption` each photo trains with `instance_prompt, <its caption>`. A
+subject left with fewer usable photos than `min_instance_images` fails alone, naming each refused photo.
 """
 
 from __future__ import annotations
@@ -65,18 +66,38 @@ class PhotoVerdict:
         return {**self.__dict__, "categories": list(self.categories)}
 
 
+def plural(noun: str) -> str:
+    """English's regular plural, enough for a reason's "3 boxes found"."""
+    if noun.endswith(("s", "x", "z", "ch", "sh")):
+        return noun + "es"
+    if noun.endswith("y") and noun[-2:-1] not in set("aeiou"):
+        return noun[:-1] + "ies"
+    return noun + "s"
+
+
+def photo_prompt(instance_prompt: str, caption: str | None) -> str:
+    """What a photo trains with under `instance_prompt_mode: caption`: the instance prompt (its identifier token
+    first), then the photo's caption on one line."""
+    caption = " ".join((caption or "").split())
+    return f"{instance_prompt}, {caption}" if caption else instance_prompt
+
+
 def judge_photo(subject_id: str, image: str, noun: str, found: dict[str, Any] | None, screened: dict[str, Any] | None,
-                settings: Settings) -> PhotoVerdict:  # fmt: skip
-    """A photo's verdict from its `detect` row (`found`) and its `moderate` row (`screened`)."""
-    if found is None or screened is None:
+                settings: Settings, captioned: dict[str, Any] | None = None) -> PhotoVerdict:  # fmt: skip
+    """A photo's verdict from its `detect` row (`found`), its `moderate` row (`screened`) and, with
+    `instance_prompt_mode: caption`, its `caption` row (`captioned`)."""
+    captions = settings.instance_prompt_mode == "caption"
+    if found is None or screened is None or (captions and captioned is None):
         return PhotoVerdict(subject_id, image, False, "not curated: no answer from the curation passes")
-    if found.get("error") or screened.get("error"):
-        return PhotoVerdict(subject_id, image, False, f"unusable: {found.get('error') or screened.get('error')}")
+    answers = [found, screened] + ([captioned] if captions else [])
+    if error := next((a["error"] for a in answers if a.get("error")), None):
+        return PhotoVerdict(subject_id, image, False, f"unusable: {error}")
+    caption = " ".join(captioned["caption"].split()) if captions else None
     codes = tuple(screened.get("categories") or ())
     if is_unsafe(screened.get("safe"), screened.get("score"), None, settings.moderation_threshold):
         listed = ", ".join(codes) or "no category named"
         return PhotoVerdict(subject_id, image, False, f"flagged by moderation ({listed}; score "
-                            f"{screened.get('score', 0.0):.2f})", categories=codes)  # fmt: skip
+                            f"{screened.get('score', 0.0):.2f})", caption=caption, categories=codes)  # fmt: skip
     boxes = [b for b in found.get("boxes") or [] if b.get("label") == noun]
     if len(boxes) == 1:
         box = {k: float(boxes[0][k]) for k in ("x1", "y1", "x2", "y2")}
@@ -84,10 +105,13 @@ def judge_photo(subject_id: str, image: str, noun: str, found: dict[str, Any] | 
         if side < settings.min_image_side:  # a crop that small could not be read back for training
             return PhotoVerdict(subject_id, image, True, f"one {noun} found, but a square around it would be "
                                 f"{side:.0f} px, under min_image_side ({settings.min_image_side}): kept whole",
-                                categories=codes)  # fmt: skip
-        return PhotoVerdict(subject_id, image, True, f"one {noun} found: cropped around it", box, categories=codes)
-    count = "no" if not boxes else str(len(boxes))
-    return PhotoVerdict(subject_id, image, True, f"{count} {noun} found: kept whole", categories=codes)
+                                caption=caption, categories=codes)  # fmt: skip
+        return PhotoVerdict(subject_id, image, True, f"one {noun} found: cropped around it", box, caption, codes)
+    found_what = f"no {noun} found" if not boxes else f"{len(boxes)} {plural(noun)} found"
+    if settings.curate_unlocated == "refuse":
+        return PhotoVerdict(subject_id, image, False, f"{found_what}: refused (curate_unlocated: refuse)",
+                            caption=caption, categories=codes)  # fmt: skip
+    return PhotoVerdict(subject_id, image, True, f"{found_what}: kept whole", caption=caption, categories=codes)
 
 
 def square_crop(width: int, height: int, box: dict[str, float], margin: float = MARGIN) -> tuple[int, int, int, int]:

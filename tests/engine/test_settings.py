@@ -27,6 +27,8 @@ def test_tiny_preset_is_small_but_explicit_settings_win(tmp_path):
         ({"learning_rate": 0}, "learning_rate"),
         ({"mode": "qlora"}, "mode"),
         ({"lr_warmup_steps": 900, "max_train_steps": 10}, "exceeds max_train_steps"),
+        ({"instance_prompt_mode": "caption"}, "instance_prompt_mode=caption needs curate=true"),
+        ({"curate_unlocated": "crop"}, "curate_unlocated"),
     ],
 )
 def test_bad_settings_are_refused_with_the_setting_named(overrides, message):

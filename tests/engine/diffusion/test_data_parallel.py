@@ -82,7 +82,9 @@ def two_ranks(base, tiny_path, tmp_path_factory) -> tuple[Path, Subject, list[st
     out = tmp_path_factory.mktemp("data-parallel")
     (out / "images").mkdir()
     images = tuple(str(draw_subject(out / "images" / f"{i}.png", shift=i)) for i in range(4))
-    subject = Subject("ball-1", images, PROMPT, CLASS_PROMPT, seed=7)
+    # A prompt per photo (curation's captions): each rank conditions its own rows on their own photos' prompts
+    subject = Subject("ball-1", images, PROMPT, CLASS_PROMPT, seed=7,
+                      instance_prompts=tuple(f"{PROMPT}, view {i}" for i in range(4)))  # fmt: skip
     class_uris = ClassImageCache(str(out / "class_images")).ensure(base, CLASS_PROMPT, _settings(LORA, 2, 1)).uris
     ports = [data_parallel.free_port(), data_parallel.free_port()]
     mp.start_processes(_rank, args=(ports, str(tiny_path), subject, class_uris, str(out)), nprocs=2,

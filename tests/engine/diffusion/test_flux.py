@@ -64,7 +64,8 @@ def _jobs(base, name: str, tmp_path, count: int, folder: str, **extra) -> list[P
         class_uris = None
         if settings.with_prior_preservation:
             class_uris = ClassImageCache(str(tmp_path / "class_images")).ensure(base, CLASS_PROMPT, settings).uris
-        subject = Subject(sid, uris, PROMPT, CLASS_PROMPT, seed=100 + i)
+        captions = (f"{PROMPT}, on blue", f"{PROMPT}, to the right") if sid == "c" else ()  # a prompt per photo
+        subject = Subject(sid, uris, PROMPT, CLASS_PROMPT, seed=100 + i, instance_prompts=captions)
         jobs.append(PackJob(subject, settings, str(tmp_path / folder / sid), class_uris))
     return jobs
 

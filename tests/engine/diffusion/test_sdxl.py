@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from engine.diffusion.base_model import load_base_model, resolve_base_model
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.generation import render_subject
-from engine.diffusion.unet import make_scheduler
 from engine.diffusion.subject import Subject
 from engine.diffusion.train import PackJob, train_pack, train_subject
+from engine.diffusion.unet import make_scheduler
 from engine.diffusion.weights import load_subject_weights
 from engine.hub import ModelError, fingerprint
 from engine.settings import load_settings
@@ -164,7 +164,9 @@ def test_a_packed_pair_trains_like_each_subject_alone(sdxl, tmp_path):
         uris = tuple(str(draw_subject(folder / f"{k}.png", shift=i + k)) for k in range(2))
         settings = _settings(learning_rate=lr, max_train_steps=steps, train_text_encoder=True)
         class_uris = _class_images(sdxl, settings, tmp_path, f"a photo of a {cls}")
-        subject = Subject(sid, uris, f"a photo of sks {cls}", f"a photo of a {cls}", seed=100 + i)
+        captions = tuple(f"a photo of sks {cls}, {k} of 2" for k in range(2)) if sid == "b" else ()  # per photo
+        subject = Subject(sid, uris, f"a photo of sks {cls}", f"a photo of a {cls}", seed=100 + i,
+                          instance_prompts=captions)  # fmt: skip
         jobs.append(PackJob(subject, settings, str(tmp_path / "packed" / sid), class_uris))
     ended = train_pack(sdxl, jobs, capacity=2)
     assert [e.error for e in ended] == [None, None]

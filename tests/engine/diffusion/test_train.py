@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from engine.diffusion.base_model import load_base_model
 from engine.diffusion.checkpoints import CheckpointError, complete_steps
 from engine.diffusion.class_images import ClassImageCache
+from engine.diffusion.families import family_of
 from engine.diffusion.instance_data import load_pixels
 from engine.diffusion.subject import Subject
 from engine.diffusion.subject_training import training_identity
@@ -65,6 +68,10 @@ def test_resuming_with_other_settings_is_refused(base, subject_images, tmp_path)
     changed = settings.with_overrides({"lora_rank": 2})
     with pytest.raises(CheckpointError, match="other training settings"):
         train_subject(base, _subject(subject_images), changed, str(tmp_path / "s"), class_uris)
+    # Per-photo prompts (instance_prompt_mode: caption) are another training too: a resumed run never mixes modes
+    captioned = replace(_subject(subject_images), instance_prompts=tuple(f"{PROMPT}, a ball" for _ in subject_images))
+    with pytest.raises(CheckpointError, match="other training settings"):
+        train_subject(base, captioned, settings, str(tmp_path / "s"), class_uris)
 
 
 def test_training_identity_names_the_layers_trained_not_who_chose_them(base, subject_images):
@@ -150,6 +157,29 @@ def test_latents_and_frozen_prompt_embeddings_are_computed_once(base, subject_im
     assert calls == {"vae": 2, "text": 2}  # one batch of instance + one of class images; two prompts
 
 
+def test_each_instance_sample_trains_with_its_own_photos_prompt(base, subject_images, tmp_path):
+    """Per-photo prompts (curation's captions): each instance sample of a step is conditioned on the prompt of the
+    photo it drew; the fixed prompt conditions every sample alike, and the same draws give another loss."""
+    settings = load_settings("tiny", overrides={"max_train_steps": 1, "train_batch_size": 4,
+                                                "with_prior_preservation": False})  # fmt: skip
+    prompts = tuple(f"{PROMPT}, {caption}" for caption in ("on blue", "seen from above", "in the shade", "small"))
+    captioned = replace(_subject(subject_images), instance_prompts=prompts)
+    seen = []  # the UNet's encoder_hidden_states at each step
+    hook = base.unet.register_forward_pre_hook(lambda module, args: seen.append(args[2].detach().clone()))
+    try:
+        with_captions = train_subject(base, captioned, settings, str(tmp_path / "captioned"))
+        fixed = train_subject(base, _subject(subject_images), settings, str(tmp_path / "fixed"))
+    finally:
+        hook.remove()
+    drawn = torch.randint(len(subject_images), (4,), generator=torch.Generator().manual_seed(7))  # the step's draw
+    assert len(set(drawn.tolist())) > 1  # the draw holds different photos
+    with torch.no_grad():
+        expected = family_of(base).encode(base, [prompts[i] for i in drawn], settings).hidden
+    torch.testing.assert_close(seen[0], expected)
+    assert all(torch.equal(row, seen[1][0]) for row in seen[1])  # the fixed prompt: every sample alike
+    assert with_captions.losses != fixed.losses
+
+
 def test_a_non_finite_loss_fails_the_subject_with_the_step(tiny_path, subject_images, tmp_path):
     broken = load_base_model(tiny_path)
     with torch.no_grad():
@@ -215,7 +245,11 @@ def _pack_jobs(base, tmp_path, count: int, folder: str, **extra):
         uris = tuple(str(draw_subject(images / f"{k}.png", shift=i + k)) for k in range(3))
         settings = load_settings("tiny", overrides={"checkpointing_steps": 3, **overrides, **extra.get(sid, {})})
         class_uris = ClassImageCache(str(tmp_path / "class_images")).ensure(base, f"a photo of a {cls}", settings).uris
-        subject = Subject(sid, uris, f"a photo of sks {cls}", f"a photo of a {cls}", seed=100 + i)
+        # b and c train with a prompt per photo (curation's captions), a with the fixed one: packing keeps each
+        # sample's own prompt
+        captions = tuple(f"a photo of sks {cls}, {k} of 3" for k in range(3)) if sid != "a" else ()
+        subject = Subject(sid, uris, f"a photo of sks {cls}", f"a photo of a {cls}", seed=100 + i,
+                          instance_prompts=captions)  # fmt: skip
         jobs.append(PackJob(subject, settings, str(tmp_path / folder / sid), class_uris))
     return jobs
 
