@@ -1,12 +1,14 @@
 """The FLUX families: FLUX.1 (CLIP pooled + T5 hidden states, 2x2-packed latents with VAE shift and scale, a
 guidance embedding on [dev]) and FLUX.2 [klein] (stacked Qwen3 hidden states, batch-normalised 2x2-patchified latents,
-true CFG). Both train by flow matching (engine/diffusion/flow_matching.py) and sample with FlowMatch Euler at the
-resolution-dependent shift, through their stock pipelines."""
+true CFG, both halves in one transformer call). Both train by flow matching (engine/diffusion/flow_matching.py) and
+sample with FlowMatch Euler at the resolution-dependent shift: FLUX.1 through its stock pipeline's call, [klein]
+through the stock pipeline's parts with the CFG halves batched."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -47,8 +49,8 @@ class FlowFamily(Family):
         return SAMPLER
 
     def objective(self, base: BaseModel, settings: Settings) -> FlowMatching:
-        scheme = dict(weighting_scheme=settings.weighting_scheme, logit_mean=settings.logit_mean,
-                      logit_std=settings.logit_std, mode_scale=settings.mode_scale)  # fmt: skip
+        scheme = {"weighting_scheme": settings.weighting_scheme, "logit_mean": settings.logit_mean,
+                  "logit_std": settings.logit_std, "mode_scale": settings.mode_scale}  # fmt: skip
         key = (id(base.noise_scheduler), *scheme.values())
         if key not in self._objectives:
             self._objectives[key] = FlowMatching.from_scheduler(base.noise_scheduler.config, **scheme)
@@ -94,6 +96,10 @@ class FluxFamily(FlowFamily):
         "ff_context.net.2", "proj_mlp",
     )  # fmt: skip
 
+    def check(self, base: BaseModel, settings: Settings) -> None:
+        super().check(base, settings)
+        _refuse_negative_prompt(settings)
+
     def latent_moments(self, base: BaseModel, dist) -> tuple[torch.Tensor, torch.Tensor]:
         config = base.vae.config
         return (dist.mean - config.shift_factor) * config.scaling_factor, dist.std * config.scaling_factor
@@ -137,6 +143,7 @@ class FluxFamily(FlowFamily):
     ) -> list[Image.Image]:  # fmt: skip
         from diffusers import FluxPipeline
 
+        _refuse_negative_prompt(settings)  # generation alone (class images, rendering) is refused too
         side, channels = 2 * self._latent_grid(base, settings.resolution), base.transformer.config.in_channels // 4
         noise = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
         latents = FluxPipeline._pack_latents(noise, len(prompts), channels, side, side).to(base.device)
@@ -165,9 +172,7 @@ class Flux2Family(FlowFamily):
     def latent_moments(self, base: BaseModel, dist) -> tuple[torch.Tensor, torch.Tensor]:
         from diffusers import Flux2KleinPipeline
 
-        bn = base.vae.bn
-        mean = bn.running_mean.view(1, -1, 1, 1)
-        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + base.vae.config.batch_norm_eps)
+        mean, std = _latent_norm(base)
         patchify = Flux2KleinPipeline._patchify_latents
         return (patchify(dist.mean) - mean) / std, patchify(dist.std) / std
 
@@ -202,14 +207,63 @@ class Flux2Family(FlowFamily):
         self, base: BaseModel, pipe, prompts: list[str], generators: list[torch.Generator], settings: Settings,
         slots: list[int] | None,
     ) -> list[Image.Image]:  # fmt: skip
+        """The stock pipeline's sampling (its timesteps, FlowMatch Euler steps and decoding) with both CFG halves in
+        one transformer call per step: the stock call runs the prompt half and then the negative half as two passes.
+        The negative half encodes `negative_prompt` (the stock pipeline always encodes "", the setting's default)."""
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+
+        n, steps, device = len(prompts), settings.num_inference_steps, base.device
+        guided = settings.guidance_scale > 1 and not pipe.config.is_distilled  # as the stock pipeline decides
+        halves = 2 if guided else 1
         side, channels = self._latent_grid(base, settings.resolution), base.transformer.config.in_channels
-        latents = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators]).to(base.device)
-        # The stock pipeline runs the prompt half and then the empty-prompt half, each over the whole batch: both
-        # passes go through each image's slot.
-        with settings.autocast(base.device.type), routed(base, transformer=slots):
-            out = pipe(
-                prompt=prompts, height=settings.resolution, width=settings.resolution,
-                num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                latents=latents, max_sequence_length=max_sequence_length(settings), output_type="pil",
-            )  # fmt: skip
-        return out.images
+        noise = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
+        # Rows [prompts; negatives]: each image's slot on both of its halves
+        with settings.autocast(device.type), routed(base, transformer=slots and slots * halves):
+            texts = list(prompts) + [settings.negative_prompt] * n if guided else list(prompts)
+            embeddings, text_ids = pipe.encode_prompt(
+                prompt=texts, device=device, max_sequence_length=max_sequence_length(settings)
+            )
+            latents = noise.to(device, embeddings.dtype)
+            image_ids = pipe._prepare_latent_ids(latents).to(device)
+            latents = pipe._pack_latents(latents)
+            flow_sigmas = getattr(pipe.scheduler.config, "use_flow_sigmas", False)
+            sigmas = None if flow_sigmas else np.linspace(1.0, 1 / steps, steps)
+            mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=steps)
+            timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
+            pipe.scheduler.set_begin_index(0)
+            for t in timesteps:
+                velocity = base.transformer(
+                    hidden_states=latents.to(base.transformer.dtype).repeat(halves, 1, 1),
+                    timestep=t.expand(n * halves).to(latents.dtype) / 1000, guidance=None,
+                    encoder_hidden_states=embeddings, txt_ids=text_ids, img_ids=image_ids.repeat(halves, 1, 1),
+                    return_dict=False,
+                )[0]  # fmt: skip
+                if guided:
+                    cond, uncond = velocity.chunk(2)
+                    velocity = uncond + settings.guidance_scale * (cond - uncond)
+                latents = pipe.scheduler.step(velocity, t, latents, return_dict=False)[0]
+            return self._decode(base, pipe, latents, image_ids, side)
+
+    def _decode(self, base: BaseModel, pipe, latents: torch.Tensor, image_ids: torch.Tensor, side: int) -> list:
+        """Packed latents to images, as the stock pipeline ends: unpack, undo the VAE's batch norm, unpatchify."""
+        latents = pipe._unpack_latents_with_ids(latents, image_ids, side, side)
+        mean, std = (m.to(latents.device, latents.dtype) for m in _latent_norm(base))
+        latents = pipe._unpatchify_latents(latents * std + mean)
+        return pipe.image_processor.postprocess(base.vae.decode(latents, return_dict=False)[0], output_type="pil")
+
+
+def _latent_norm(base: BaseModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FLUX.2 VAE's batch-norm mean and std [1, C, 1, 1]: patchified latents are normalised by them."""
+    bn = base.vae.bn
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + base.vae.config.batch_norm_eps)
+    return bn.running_mean.view(1, -1, 1, 1), std
+
+
+def _refuse_negative_prompt(settings: Settings) -> None:
+    """FLUX.1 [dev] is guidance-distilled ([schnell] timestep-distilled): it samples with no unconditional pass, so a
+    negative prompt would be silently dropped. A user who sets one expects it to act: refuse it instead."""
+    if settings.negative_prompt:
+        raise SettingsError(
+            f"negative_prompt: {settings.negative_prompt!r} is not used by FLUX.1 bases (guidance-distilled: no "
+            "unconditional pass to condition on it); leave it empty. FLUX.2 [klein] bases honour it."
+        )

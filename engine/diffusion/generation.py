@@ -1,6 +1,7 @@
 """Generation on a resident base model through its stock pipeline (SD 1.x/2.x, SDXL: classifier-free guidance over
-the chosen scheduler; FLUX.1 [dev]: guidance embedding; FLUX.2 [klein]: true CFG; both FLUX with FlowMatch Euler at
-the resolution-dependent shift), one seed per image, several subjects per batch.
+the chosen scheduler; FLUX.1 [dev]: guidance embedding, no negative prompt; FLUX.2 [klein]: true CFG, both halves in
+one transformer call; both FLUX with FlowMatch Euler at the resolution-dependent shift), one seed per image, several
+subjects per batch.
 
 Each image's starting noise comes from its own generator, so an image is the same whatever batch it lands in.
 With a LoRA pack on the model (engine/packed_lora.py), each image of a batch (both of its CFG halves, and its

@@ -152,10 +152,45 @@ def test_packed_flux_rendering_equals_rendering_alone(flux, tmp_path):
         base.reset()
 
 
+def test_klein_batches_both_cfg_halves_and_equals_the_stock_two_pass_call(bases):
+    """dreamfleet's [klein] sampling runs [prompts; negatives] as one transformer call a step; its images equal the stock
+    Flux2KleinPipeline's (two calls a step) within 1/255 from the same seeds. A negative prompt is what the second half
+    is conditioned on, and it changes the images (the tiny random base reads text weakly: by a level or so)."""
+    from engine.diffusion.flux import Flux2Family
+
+    path, base = bases["tiny-flux2"]
+    settings = _settings("tiny-flux2", num_inference_steps=4)
+    calls = []
+    hook = base.transformer.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    try:
+        ours = generate(base, [PROMPT] * 2, [0, 1], settings, batch_size=2)
+        negative = generate(base, [PROMPT] * 2, [0, 1], settings.with_overrides({"negative_prompt": "blurry"}), 2)
+    finally:
+        hook.remove()
+    steps = settings.num_inference_steps
+    assert [len(c["hidden_states"]) for c in calls] == [4] * 2 * steps  # both halves of both images, one call a step
+    stock = _stock("tiny-flux2", path)(
+        prompt=[PROMPT] * 2, height=32, width=32, num_inference_steps=steps, guidance_scale=settings.guidance_scale,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)], max_sequence_length=32,
+    ).images  # fmt: skip
+    for a, b in zip(ours, stock):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+    blurry = Flux2Family().encode(base, ["blurry"] * 2, settings).hidden
+    assert torch.allclose(calls[steps]["encoder_hidden_states"][2:], blurry, atol=1e-6)
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(ours, negative))
+
+
+def test_flux1_refuses_a_negative_prompt_it_would_not_use(dev):
+    _, base = dev
+    settings = _settings("tiny-flux", negative_prompt="blurry")
+    with pytest.raises(SettingsError, match="negative_prompt: 'blurry' is not used by FLUX.1 bases"):
+        generate(base, [PROMPT], [1], settings, batch_size=1)
+
+
 def test_full_fine_tuning_trains_the_transformer_alone_and_restores_the_base(dev, tmp_path):
     from diffusers import FluxTransformer2DModel
 
-    path, base = dev
+    _, base = dev
     settings = _settings("tiny-flux", mode="full", max_train_steps=3, with_prior_preservation=False)
     before = generate(base, [PROMPT], [1], settings, batch_size=1)[0]
     subject = Subject("s", (str(draw_subject(tmp_path / "0.png")),), PROMPT, CLASS_PROMPT, seed=3)
@@ -170,6 +205,7 @@ def test_full_fine_tuning_trains_the_transformer_alone_and_restores_the_base(dev
         ({"resolution": 33}, "resolution: 33 is not a multiple of 2"),
         ({"lora_target_modules": ["norm1"]}, "lora_target_modules: .*norm1 is a AdaLayerNormZero"),
         ({"train_text_encoder": True}, "train_text_encoder: not supported on FLUX"),
+        ({"negative_prompt": "blurry"}, "negative_prompt: 'blurry' is not used by FLUX.1 bases"),
     ],
 )
 def test_bad_flux_settings_are_refused_naming_the_setting(dev, tmp_path, overrides, match):
