@@ -107,6 +107,8 @@ class PackTrainer:
         text_encoders = [getattr(self.base, name) for name in names]
         for module in [self.base.denoiser, *text_encoders]:
             module.train()
+        if not self.train_text_encoder:  # steps read cached embeddings: the encoders wait on the CPU until close()
+            self.base.park_text_encoders()
         if self.gradient_checkpointing:
             self.base.denoiser.enable_gradient_checkpointing()
             for module in text_encoders:

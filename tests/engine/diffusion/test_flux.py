@@ -16,7 +16,7 @@ from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.flow_matching import FlowMatching
 from engine.diffusion.generation import RenderJob, generate, render_pack
 from engine.diffusion.subject import Subject
-from engine.diffusion.train import PackJob, train_pack, train_subject
+from engine.diffusion.train import PackJob, PackTrainer, train_pack, train_subject
 from engine.settings import SettingsError, load_settings
 from tests.helpers.subjects import draw_subject
 from tests.helpers.training import Interrupted, assert_same_training, lora_weights, stop_at
@@ -110,6 +110,32 @@ def _stock_render(pipe, settings) -> np.ndarray:
                generator=[torch.Generator().manual_seed(i) for i in range(2)], max_sequence_length=32,
                output_type="np")  # fmt: skip
     return out.images * 255.0
+
+
+def test_frozen_text_encoders_run_only_at_admission_and_come_back_for_generation(dev, tmp_path):
+    """A pack on cached prompt embeddings parks its text encoders on the CPU from its start to its close (a GPU then
+    holds the transformer and the VAE alone): its steps never run them, admitting a subject does (brought to the
+    device for it), and after close they are back for class images and rendering. On this CPU-only machine the device
+    is the CPU, so what is checked is that mechanism, not where the weights are."""
+    _, base = dev
+    job = _jobs(base, "tiny-flux", tmp_path, 1, "s", max_train_steps=2)[0]  # its class images rendered before
+    calls: list[str] = []
+    hooks = [getattr(base, n).register_forward_hook(lambda *_, n=n: calls.append(n)) for n in base.text_encoder_names]
+    trainer = PackTrainer(base, job.settings, capacity=2)
+    try:
+        assert base.text_encoders_parked
+        trainer.admit(job.subject, job.settings, job.subject_dir, job.class_image_uris)
+        assert sorted(set(calls)) == ["text_encoder", "text_encoder_2"]  # instance and class prompts, once each
+        calls.clear()
+        while trainer.members:
+            trainer.step()
+        assert calls == [] and base.text_encoders_parked
+    finally:
+        trainer.close()
+        for hook in hooks:
+            hook.remove()
+    assert not base.text_encoders_parked
+    assert generate(base, [PROMPT], [1], job.settings, batch_size=1)[0].size == (32, 32)
 
 
 def test_the_stock_flux_pipelines_load_the_exported_lora_and_it_changes_their_output(flux, tmp_path):
