@@ -96,8 +96,7 @@ class FluxFamily(FlowFamily):
         "ff_context.net.2", "proj_mlp",
     )  # fmt: skip
 
-    def check(self, base: BaseModel, settings: Settings) -> None:
-        super().check(base, settings)
+    def check_rendering(self, base: BaseModel, settings: Settings) -> None:
         _refuse_negative_prompt(settings)
 
     def latent_moments(self, base: BaseModel, dist) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +142,6 @@ class FluxFamily(FlowFamily):
     ) -> list[Image.Image]:  # fmt: skip
         from diffusers import FluxPipeline
 
-        _refuse_negative_prompt(settings)  # generation alone (class images, rendering) is refused too
         side, channels = 2 * self._latent_grid(base, settings.resolution), base.transformer.config.in_channels // 4
         noise = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
         latents = FluxPipeline._pack_latents(noise, len(prompts), channels, side, side).to(base.device)

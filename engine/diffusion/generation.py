@@ -80,6 +80,8 @@ def generate(
     if len(prompts) != len(seeds) or (slots is not None and len(slots) != len(prompts)):
         raise ValueError("one seed (and one slot, if any) per prompt is required")
     family = family_of(base)
+    family.check(base, settings)  # e.g. a FLUX resolution off its patch grid: refused, not rendered at another size
+    family.check_rendering(base, settings)
     pipe = family.pipeline(base, settings)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):

@@ -164,6 +164,7 @@ class PackTrainer:
 
         if not self.fits(settings):
             raise ValueError(f"subject {subject.subject_id!r} does not fit this pack (full, or another pack shape)")
+        self.family.check_rendering(self.base, settings)  # e.g. a FLUX.1 negative prompt: refused before training
         use_prior = settings.with_prior_preservation
         if use_prior and not class_image_uris:
             raise ValueError("with_prior_preservation is on but no class images were given")
