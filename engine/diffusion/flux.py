@@ -83,11 +83,64 @@ class FlowFamily(Family):
         """The side of the 2x2-patched latent grid at `resolution` (the image token grid)."""
         return resolution // (base.vae_scale * 2)
 
+    # -- what differs between FLUX.1 and FLUX.2: the latent layout, its image tokens, the text's position ids -------
+
+    pooled: bool  # whether the transformer takes a pooled text embedding (FLUX.1: CLIP's)
+
+    def latent_shape(self, base: BaseModel, resolution: int) -> tuple[int, int, int]:
+        """One image's latent [C, H, W] at `resolution`, in the layout the transformer trains on (before packing)."""
+        raise NotImplementedError
+
+    def to_tokens(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [n, C, H, W] as the transformer's image tokens [n, tokens, width], and their position ids."""
+        raise NotImplementedError
+
+    def from_tokens(self, tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Image tokens back to latents of `shape` (the inverse of `to_tokens`)."""
+        raise NotImplementedError
+
+    def text_ids(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The position ids of the prompt's tokens."""
+        raise NotImplementedError
+
+    # -- shared by both, through the methods above --------------------------------------------------------------
+
+    def encode(self, base: BaseModel, prompts: Sequence[str], settings: Settings) -> PromptEmbeddings:
+        # FLUX.1's encode_prompt returns (T5 hidden states, CLIP pooled, text ids); FLUX.2's (hidden states, text ids)
+        out = self.pipeline(base, settings).encode_prompt(
+            prompt=list(prompts), device=base.device, max_sequence_length=max_sequence_length(settings)
+        )
+        return PromptEmbeddings(out[0], out[1] if self.pooled else None)
+
+    def predict(
+        self,
+        base: BaseModel,
+        denoiser: torch.nn.Module,
+        noised: Noised,
+        embeddings: PromptEmbeddings,
+        guidance: torch.Tensor | None,
+        resolution: int,
+    ) -> torch.Tensor:
+        tokens, image_ids = self.to_tokens(noised.noisy)
+        pooled = {"pooled_projections": embeddings.pooled} if self.pooled else {}
+        prediction = denoiser(
+            hidden_states=tokens, timestep=noised.timesteps / 1000, guidance=guidance,
+            encoder_hidden_states=embeddings.hidden, txt_ids=self.text_ids(embeddings.hidden), img_ids=image_ids,
+            return_dict=False, **pooled,
+        )[0]  # fmt: skip
+        return self.from_tokens(prediction, noised.noisy.shape)
+
+    def _noise(self, base: BaseModel, generators: list[torch.Generator], settings: Settings) -> torch.Tensor:
+        """Each image's starting latent from its own generator alone, in the layout of `latent_shape`."""
+        shape = self.latent_shape(base, settings.resolution)
+        return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
 
 class FluxFamily(FlowFamily):
     """FLUX.1 [dev] (guidance-distilled: a guidance embedding) and [schnell] (none)."""
 
     name = "flux"
+    pooled = True
     # diffusers' train_dreambooth_lora_flux.py's default layers, and the single blocks' MLP input. The single blocks'
     # `proj_out` is left out: its name is also the transformer's final projection, which a suffix match would take.
     lora_targets = (
@@ -103,54 +156,41 @@ class FluxFamily(FlowFamily):
         config = base.vae.config
         return (dist.mean - config.shift_factor) * config.scaling_factor, dist.std * config.scaling_factor
 
-    def encode(self, base: BaseModel, prompts: Sequence[str], settings: Settings) -> PromptEmbeddings:
-        hidden, pooled, _ = self.pipeline(base, settings).encode_prompt(
-            prompt=list(prompts), prompt_2=None, device=base.device, max_sequence_length=max_sequence_length(settings)
-        )
-        return PromptEmbeddings(hidden, pooled)
+    def latent_shape(self, base: BaseModel, resolution: int) -> tuple[int, int, int]:
+        side = 2 * self._latent_grid(base, resolution)  # the VAE's latents, packed 2x2 into tokens
+        return base.transformer.config.in_channels // 4, side, side
+
+    def to_tokens(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers import FluxPipeline
+
+        n, c, h, w = latents.shape
+        image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, latents.device, latents.dtype)
+        return FluxPipeline._pack_latents(latents, n, c, h, w), image_ids
+
+    def from_tokens(self, tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._unpack_latents(tokens, shape[2], shape[3], 1)  # `shape` is in latent cells: scale 1
+
+    def text_ids(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(hidden.shape[1], 3, device=hidden.device, dtype=hidden.dtype)
 
     def guidance(self, base: BaseModel, settings: Settings, n: int) -> torch.Tensor | None:
         if not base.transformer.config.guidance_embeds:
             return None  # [schnell]: no guidance input
         return torch.full((n,), settings.train_guidance_scale, device=base.device)
 
-    def predict(
-        self,
-        base: BaseModel,
-        denoiser: torch.nn.Module,
-        noised: Noised,
-        embeddings: PromptEmbeddings,
-        guidance: torch.Tensor | None,
-        resolution: int,
-    ) -> torch.Tensor:
-        from diffusers import FluxPipeline
-
-        n, c, h, w = noised.noisy.shape
-        packed = FluxPipeline._pack_latents(noised.noisy, n, c, h, w)
-        image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, packed.device, packed.dtype)
-        text_ids = torch.zeros(embeddings.hidden.shape[1], 3, device=packed.device, dtype=packed.dtype)
-        prediction = denoiser(
-            hidden_states=packed, timestep=noised.timesteps / 1000, guidance=guidance,
-            pooled_projections=embeddings.pooled, encoder_hidden_states=embeddings.hidden, txt_ids=text_ids,
-            img_ids=image_ids, return_dict=False,
-        )[0]  # fmt: skip
-        return FluxPipeline._unpack_latents(prediction, h * base.vae_scale, w * base.vae_scale, base.vae_scale)
-
     def render(
         self, base: BaseModel, pipe, prompts: list[str], generators: list[torch.Generator], settings: Settings,
         slots: list[int] | None,
     ) -> list[Image.Image]:  # fmt: skip
-        from diffusers import FluxPipeline
-
-        side, channels = 2 * self._latent_grid(base, settings.resolution), base.transformer.config.in_channels // 4
-        noise = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
-        latents = FluxPipeline._pack_latents(noise, len(prompts), channels, side, side).to(base.device)
+        latents, _ = self.to_tokens(self._noise(base, generators, settings))
         # [dev] takes the guidance scale as an embedding: one transformer pass per step, each image's slot once
         with settings.autocast(base.device.type), routed(base, transformer=slots):
             out = pipe(
                 prompt=prompts, height=settings.resolution, width=settings.resolution,
                 num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                latents=latents, max_sequence_length=max_sequence_length(settings), output_type="pil",
+                latents=latents.to(base.device), max_sequence_length=max_sequence_length(settings), output_type="pil",
             )  # fmt: skip
         return out.images
 
@@ -159,6 +199,7 @@ class Flux2Family(FlowFamily):
     """FLUX.2 [klein]: undistilled, true classifier-free guidance."""
 
     name = "flux2"
+    pooled = False
     # diffusers' FLUX.2 layers: both attention streams, both feed-forwards, and the single blocks' fused QKV+MLP input
     # (their output `attn.to_out` shares its suffix with the double blocks' ModuleList, so it cannot be named alone).
     lora_targets = (
@@ -174,32 +215,22 @@ class Flux2Family(FlowFamily):
         patchify = Flux2KleinPipeline._patchify_latents
         return (patchify(dist.mean) - mean) / std, patchify(dist.std) / std
 
-    def encode(self, base: BaseModel, prompts: Sequence[str], settings: Settings) -> PromptEmbeddings:
-        hidden, _ = self.pipeline(base, settings).encode_prompt(
-            prompt=list(prompts), device=base.device, max_sequence_length=max_sequence_length(settings)
-        )
-        return PromptEmbeddings(hidden)
+    def latent_shape(self, base: BaseModel, resolution: int) -> tuple[int, int, int]:
+        side = self._latent_grid(base, resolution)  # the latents come patchified 2x2 (latent_moments)
+        return base.transformer.config.in_channels, side, side
 
-    def predict(
-        self,
-        base: BaseModel,
-        denoiser: torch.nn.Module,
-        noised: Noised,
-        embeddings: PromptEmbeddings,
-        guidance: torch.Tensor | None,
-        resolution: int,
-    ) -> torch.Tensor:
+    def to_tokens(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from diffusers import Flux2KleinPipeline
 
-        n, c, h, w = noised.noisy.shape
-        packed = noised.noisy.reshape(n, c, h * w).permute(0, 2, 1)
-        image_ids = Flux2KleinPipeline._prepare_latent_ids(noised.noisy).to(packed.device)
-        text_ids = Flux2KleinPipeline._prepare_text_ids(embeddings.hidden).to(packed.device)
-        prediction = denoiser(
-            hidden_states=packed, timestep=noised.timesteps / 1000, guidance=None,
-            encoder_hidden_states=embeddings.hidden, txt_ids=text_ids, img_ids=image_ids, return_dict=False,
-        )[0]  # fmt: skip
-        return prediction.permute(0, 2, 1).reshape(n, c, h, w)
+        return Flux2KleinPipeline._pack_latents(latents), Flux2KleinPipeline._prepare_latent_ids(latents).to(latents.device)
+
+    def from_tokens(self, tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return tokens.permute(0, 2, 1).reshape(shape)
+
+    def text_ids(self, hidden: torch.Tensor) -> torch.Tensor:
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline._prepare_text_ids(hidden).to(hidden.device)
 
     def render(
         self, base: BaseModel, pipe, prompts: list[str], generators: list[torch.Generator], settings: Settings,
@@ -213,17 +244,14 @@ class Flux2Family(FlowFamily):
         n, steps, device = len(prompts), settings.num_inference_steps, base.device
         guided = settings.guidance_scale > 1 and not pipe.config.is_distilled  # as the stock pipeline decides
         halves = 2 if guided else 1
-        side, channels = self._latent_grid(base, settings.resolution), base.transformer.config.in_channels
-        noise = torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
+        noise = self._noise(base, generators, settings)
         # Rows [prompts; negatives]: each image's slot on both of its halves
         with settings.autocast(device.type), routed(base, transformer=slots and slots * halves):
             texts = list(prompts) + [settings.negative_prompt] * n if guided else list(prompts)
             embeddings, text_ids = pipe.encode_prompt(
                 prompt=texts, device=device, max_sequence_length=max_sequence_length(settings)
             )
-            latents = noise.to(device, embeddings.dtype)
-            image_ids = pipe._prepare_latent_ids(latents).to(device)
-            latents = pipe._pack_latents(latents)
+            latents, image_ids = self.to_tokens(noise.to(device, embeddings.dtype))
             flow_sigmas = getattr(pipe.scheduler.config, "use_flow_sigmas", False)
             sigmas = None if flow_sigmas else np.linspace(1.0, 1 / steps, steps)
             mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=steps)
@@ -240,11 +268,10 @@ class Flux2Family(FlowFamily):
                     cond, uncond = velocity.chunk(2)
                     velocity = uncond + settings.guidance_scale * (cond - uncond)
                 latents = pipe.scheduler.step(velocity, t, latents, return_dict=False)[0]
-            return self._decode(base, pipe, latents, image_ids, side)
+            return self._decode(base, pipe, self.from_tokens(latents, noise.shape))
 
-    def _decode(self, base: BaseModel, pipe, latents: torch.Tensor, image_ids: torch.Tensor, side: int) -> list:
-        """Packed latents to images, as the stock pipeline ends: unpack, undo the VAE's batch norm, unpatchify."""
-        latents = pipe._unpack_latents_with_ids(latents, image_ids, side, side)
+    def _decode(self, base: BaseModel, pipe, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents to images, as the stock pipeline ends: undo the VAE's batch norm, unpatchify, decode."""
         mean, std = (m.to(latents.device, latents.dtype) for m in _latent_norm(base))
         latents = pipe._unpatchify_latents(latents * std + mean)
         return pipe.image_processor.postprocess(base.vae.decode(latents, return_dict=False)[0], output_type="pil")
