@@ -216,6 +216,56 @@ def test_full_fine_tuning_trains_the_transformer_alone_and_restores_the_base(dev
     assert generate(base, [PROMPT], [1], settings, batch_size=1)[0].tobytes() == before.tobytes()
 
 
+@pytest.fixture(scope="module")
+def flux_prior(model_cache):
+    """(path, base) of tiny-flux-prior, built once per session (about 110 CPU s cold; engine/tiny/flux_prior.py)."""
+    path = resolve_base_model("tiny-flux-prior", model_cache)
+    return path, load_base_model(path, "cpu")
+
+
+def _flux_prior_renders(path, weights: str | None = None) -> np.ndarray:
+    pipe = _stock("tiny-flux", path, weights)  # FluxPipeline, with the exported LoRA loaded
+    generators = [torch.Generator().manual_seed(i) for i in range(8)]
+    out = pipe([PROMPT] * 8, height=32, width=32, num_inference_steps=20, guidance_scale=3.5, generator=generators,
+               max_sequence_length=32, output_type="np")  # fmt: skip
+    return out.images * 255.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_on_a_flow_base_learns_the_subject(flux_prior, subject_images, tmp_path, seed):
+    """The instance prompt's images move towards the subject's photos, for every training seed, on tiny-flux-prior (a
+    FLUX.1 [dev]-layout base pretrained on drawn shapes, whose built seed renders "ball"): the trained renders close at
+    least half of the gap between the untrained renders and the floor that the VAE's own reconstruction of the photos
+    sets (the VAE, not the transformer, limits how near they can get: bench/RESULTS.md, "tiny-flux-prior").
+
+    Predicted before the first run, from the bench's scratch loop: 0.6-0.85 of the gap closed. Measured (mean |pixel|
+    distance to the photos; untrained 52.8, floor 46.8): at the default training guidance input 3.5, 49.7 / 49.2 /
+    49.9 for seeds 0 / 1 / 2 (0.52 / 0.60 / 0.49 of the gap: seed 2 misses the bound); at guidance input 1 (the
+    distilled base's plain conditional velocity, what the scratch loop trained at), 48.4 / 48.7 / 48.6 (0.73 / 0.68 /
+    0.70). The test trains at 1, with seeds 0 and 1 to keep it short.
+    """
+    from engine.diffusion.instance_data import load_pixels
+
+    path, base = flux_prior
+    settings = load_settings("tiny-flux-prior", overrides={"train_guidance_scale": 1.0})
+    class_uris = ClassImageCache(str(tmp_path / "class_images")).ensure(base, CLASS_PROMPT, settings).uris
+    subject = Subject("ball-1", tuple(subject_images), PROMPT, CLASS_PROMPT, seed=seed)
+    result = train_subject(base, subject, settings, str(tmp_path / "s"), class_uris)
+    pixels = load_pixels(subject_images, settings)
+    with torch.no_grad():
+        reconstructed = base.vae.decode(base.vae.encode(pixels).latent_dist.mean).sample
+    photos = ((pixels + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+
+    def distance(images: np.ndarray) -> float:
+        return float(np.abs(images[:, None] - photos[None]).mean())
+
+    floor = distance(((reconstructed / 2 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1).numpy())
+    untrained = distance(_flux_prior_renders(path))
+    trained = distance(_flux_prior_renders(path, result.weights_uri))
+    assert untrained - trained >= 0.5 * (untrained - floor), (untrained, trained, floor)
+
+
 @pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"])
 def test_flow_matching_draws_come_from_the_subject_generator_alone(dev, scheme):
     _, base = dev
