@@ -4,6 +4,8 @@ tests/ray_jobs/test_bad_input_catalogue.py, through the CLI."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -223,6 +225,7 @@ def flux_prior(model_cache):
     return path, load_base_model(path, "cpu")
 
 
+@functools.cache  # the untrained renders once for all seeds (trained ones differ by weights URI)
 def _flux_prior_renders(path, weights: str | None = None) -> np.ndarray:
     pipe = _stock("tiny-flux", path, weights)  # FluxPipeline, with the exported LoRA loaded
     generators = [torch.Generator().manual_seed(i) for i in range(8)]
