@@ -7,7 +7,9 @@ weights, and `reset()` returns it to the base weights in memory, never by reload
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +123,7 @@ class BaseModel:
     # under autocast on every step); the VAE stays fp32. LoRA weights and fully fine-tuned weights train in fp32.
     weights_dtype: torch.dtype = torch.float32
     lora: LoraPack | None = None  # the LoRA slots attached now, if any (see engine/packed_lora.py)
+    text_encoders_parked: bool = False  # on the CPU while a pack trains on cached prompt embeddings
     _base_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -168,8 +171,41 @@ class BaseModel:
         if not getattr(self.denoiser, "_compiled_call_impl", None):
             self.denoiser.compile()
 
+    def park_text_encoders(self) -> None:
+        """Move the frozen text encoders to the CPU. A pack that trains on cached prompt embeddings runs them only when
+        it admits a subject (`text_encoders_on_device`), so between admissions the device holds the denoiser and the
+        VAE alone (FLUX.1's T5-XXL is ~9.5 GB in bf16, [klein]'s Qwen3 4-8 GB). `reset()` brings them back."""
+        for name in self.text_encoder_names:
+            getattr(self, name).to("cpu")
+        self.text_encoders_parked = True
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """The text encoders on the device for the block (an admitted subject's prompts), parked again after.
+
+        Why not encode on the CPU instead: T5-XXL or Qwen3 takes seconds per prompt there (and bf16 matmuls are slow
+        on many CPUs), while copying their weights over PCIe takes well under one each way. A subject is admitted
+        between steps, when no activations are held, so the encoders share the device with the weights and
+        optimizer states alone."""
+        if not self.text_encoders_parked:
+            yield
+            return
+        for name in self.text_encoder_names:
+            getattr(self, name).to(self.device)
+        try:
+            yield
+        finally:
+            for name in self.text_encoder_names:
+                getattr(self, name).to("cpu")
+
     def reset(self) -> None:
-        """Back to the base weights: take any LoRA pack off, restore fully fine-tuned weights, freeze everything."""
+        """Back to the base weights: take any LoRA pack off, restore fully fine-tuned weights, freeze everything, and
+        parked text encoders back on the device (class images and generation encode prompts there, as the stock
+        pipelines do: their prompts are few and the denoiser holds no optimizer state then)."""
+        if self.text_encoders_parked:
+            for name in self.text_encoder_names:
+                getattr(self, name).to(self.device)
+            self.text_encoders_parked = False
         if self.lora is not None:
             self.lora.detach()
             self.lora = None

@@ -80,7 +80,12 @@ class Family:
     training_keys: tuple[str, ...] = ()
 
     def check(self, base: BaseModel, settings: Settings) -> None:
-        """Raise SettingsError for settings this base cannot train or render with (the message names the setting)."""
+        """Raise SettingsError for shape settings (those a pack shares) this base cannot train or render with (the
+        message names the setting)."""
+
+    def check_rendering(self, base: BaseModel, settings: Settings) -> None:
+        """Raise SettingsError for a subject's generation setting this base cannot honour: checked before its
+        training too, so that a subject is not trained only to fail at rendering."""
 
     def sampler(self, settings: Settings) -> str:
         """The sampler generation uses, as recorded with each image and in a class-image set's identity."""

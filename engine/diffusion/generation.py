@@ -1,6 +1,7 @@
 """Generation on a resident base model through its stock pipeline (SD 1.x/2.x, SDXL: classifier-free guidance over
-the chosen scheduler; FLUX.1 [dev]: guidance embedding; FLUX.2 [klein]: true CFG; both FLUX with FlowMatch Euler at
-the resolution-dependent shift), one seed per image, several subjects per batch.
+the chosen scheduler; FLUX.1 [dev]: guidance embedding, no negative prompt; FLUX.2 [klein]: true CFG, both halves in
+one transformer call; both FLUX with FlowMatch Euler at the resolution-dependent shift), one seed per image, several
+subjects per batch.
 
 Each image's starting noise comes from its own generator, so an image is the same whatever batch it lands in.
 With a LoRA pack on the model (engine/packed_lora.py), each image of a batch (both of its CFG halves, and its
@@ -79,6 +80,8 @@ def generate(
     if len(prompts) != len(seeds) or (slots is not None and len(slots) != len(prompts)):
         raise ValueError("one seed (and one slot, if any) per prompt is required")
     family = family_of(base)
+    family.check(base, settings)  # e.g. a FLUX resolution off its patch grid: refused, not rendered at another size
+    family.check_rendering(base, settings)
     pipe = family.pipeline(base, settings)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):

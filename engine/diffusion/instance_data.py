@@ -96,7 +96,7 @@ def prepare_examples(
         class_ids = family.tokenize(base, class_prompt or "", settings)
     cached = None
     if not settings.train_text_encoder:
-        with torch.no_grad():
+        with torch.no_grad(), base.text_encoders_on_device():  # parked on the CPU while a pack trains
             cached = {"instance": family.encode(base, prompts, settings)}
             if class_ids is not None:
                 cached["class"] = family.encode(base, [class_prompt or ""], settings)

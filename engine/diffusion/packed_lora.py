@@ -93,23 +93,27 @@ class LoraPack:
     ) -> LoraPack:
         """Wrap the target Linears of each component (name -> (module, target names)) with `capacity` slots."""
         routes = {component: Route() for component in components}
-        layers: dict[str, dict[str, RoutedLoraLinear]] = {}
-        for component, (module, targets) in components.items():
-            found = [(n, m) for n, m in module.named_modules() if n and _matches(n, targets)]
-            if not found:
-                raise LoraLayoutError(f"{component}: no layer matches the LoRA targets {list(targets)}")
-            layers[component] = {}
-            for name, layer in found:
-                if type(layer) is not nn.Linear:
-                    raise LoraLayoutError(
-                        f"{component}.{name} is a {type(layer).__name__}; LoRA targets must be Linear layers"
-                    )
-                routed = RoutedLoraLinear(layer, rank, capacity, routes[component])
-                parent_name, _, child = name.rpartition(".")
-                setattr(module.get_submodule(parent_name) if parent_name else module, child, routed)
-                layers[component][name] = routed
         modules = {component: module for component, (module, _) in components.items()}
-        return cls(rank, capacity, layers, modules, routes, [0.0] * capacity)
+        pack = cls(rank, capacity, {}, modules, routes, [0.0] * capacity)
+        try:
+            for component, (module, targets) in components.items():
+                found = [(n, m) for n, m in module.named_modules() if n and _matches(n, targets)]
+                if not found:
+                    raise LoraLayoutError(f"{component}: no layer matches the LoRA targets {list(targets)}")
+                pack.layers[component] = {}
+                for name, layer in found:
+                    if type(layer) is not nn.Linear:
+                        raise LoraLayoutError(
+                            f"{component}.{name} is a {type(layer).__name__}; LoRA targets must be Linear layers"
+                        )
+                    routed = RoutedLoraLinear(layer, rank, capacity, routes[component])
+                    parent_name, _, child = name.rpartition(".")
+                    setattr(module.get_submodule(parent_name) if parent_name else module, child, routed)
+                    pack.layers[component][name] = routed
+        except LoraLayoutError:
+            pack.detach()  # the layers wrapped before the error (an earlier component's, too) come off again
+            raise
+        return pack
 
     def detach(self) -> None:
         """Put every original Linear back: the model is the base model again, parameter names included."""

@@ -108,6 +108,8 @@ class PackTrainer:
         text_encoders = [getattr(self.base, name) for name in names]
         for module in [self.base.denoiser, *text_encoders]:
             module.train()
+        if not self.train_text_encoder:  # steps read cached embeddings: the encoders wait on the CPU until close()
+            self.base.park_text_encoders()
         if self.gradient_checkpointing:
             self.base.denoiser.enable_gradient_checkpointing()
             for module in text_encoders:
@@ -163,6 +165,7 @@ class PackTrainer:
 
         if not self.fits(settings):
             raise ValueError(f"subject {subject.subject_id!r} does not fit this pack (full, or another pack shape)")
+        self.family.check_rendering(self.base, settings)  # e.g. a FLUX.1 negative prompt: refused before training
         use_prior = settings.with_prior_preservation
         if use_prior and not class_image_uris:
             raise ValueError("with_prior_preservation is on but no class images were given")

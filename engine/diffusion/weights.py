@@ -58,8 +58,7 @@ def attach_lora_pack(base: BaseModel, settings: Settings, capacity: int) -> Lora
     components = {c: (getattr(base, c), lora_targets(base, settings, c)) for c in trained_components(base, settings)}
     try:
         base.lora = LoraPack.attach(components, settings.lora_rank, capacity)
-    except LoraLayoutError as err:
-        base.reset()  # whatever was wrapped before the error comes off again
+    except LoraLayoutError as err:  # the pack took off whatever it had wrapped before the error
         raise SettingsError(f"lora_target_modules: {err}") from None
     return base.lora
 

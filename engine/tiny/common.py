@@ -71,3 +71,11 @@ def build_once(path: Path, marker: str, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def ensure_pipeline(name: str, version: int, build: Callable[[Path, int], None], cache_dir: Path | None, seed: int) -> Path:
+    """The tiny diffusers pipeline `name` of `seed` in the cache (default: `default_cache_dir()`), built by
+    `build(staging, seed)` on first use; `version` is in the folder's name, so a changed build is never taken from a
+    stale cache."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return build_once(root / f"{name}-v{version}-seed{seed}", "model_index.json", lambda staging: build(staging, seed))

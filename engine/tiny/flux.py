@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.tiny.common import _byte_alphabet, build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
+from engine.tiny.common import _byte_alphabet, build_clip_tokenizer, ensure_pipeline, tiny_clip_config
 from engine.tiny.vlm import chat_template
 
 # Bump when the architecture or construction changes, so stale caches are rebuilt rather than reused.
@@ -126,13 +126,9 @@ def build_tiny_flux2(path: Path, seed: int = 0) -> None:
 
 def ensure_tiny_flux(cache_dir: Path | None = None, seed: int = 0) -> Path:
     """The tiny FLUX.1 directory in the cache, built on first use."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return build_once(root / f"tiny-flux-v{TINY_FLUX_VERSION}-seed{seed}", "model_index.json",
-                      lambda staging: build_tiny_flux(staging, seed=seed))  # fmt: skip
+    return ensure_pipeline("tiny-flux", TINY_FLUX_VERSION, build_tiny_flux, cache_dir, seed)
 
 
 def ensure_tiny_flux2(cache_dir: Path | None = None, seed: int = 0) -> Path:
     """The tiny FLUX.2 [klein] directory in the cache, built on first use."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return build_once(root / f"tiny-flux2-v{TINY_FLUX2_VERSION}-seed{seed}", "model_index.json",
-                      lambda staging: build_tiny_flux2(staging, seed=seed))  # fmt: skip
+    return ensure_pipeline("tiny-flux2", TINY_FLUX2_VERSION, build_tiny_flux2, cache_dir, seed)

@@ -40,10 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.library_logging import quiet_libraries
-from engine.tiny.common import build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
+from engine.tiny.common import build_clip_tokenizer, ensure_pipeline, tiny_clip_config
 from engine.tiny.flux import FLUX_SCHEDULER, build_t5_tokenizer
-from engine.tiny.prior import CLASSES, _encode_pool, _separate_prompts, _train_vae, class_prompt
+from engine.tiny.prior import CLASSES, build_pretrained, class_prompt, encode_pool, separate_prompts, train_vae
 
 # Bump when the dataset, the training or its length changes, so stale caches are rebuilt rather than reused.
 TINY_FLUX_PRIOR_VERSION = 1
@@ -52,7 +51,6 @@ RESOLUTION = 32
 TEXT_LENGTH = 32  # T5 tokens the prior is trained with: pass it as the pipeline's `max_sequence_length`
 EMPTY_PROMPT_RATE = 0.1
 GUIDANCE_RANGE = (1.0, 5.0)  # guidance inputs the distilled transformer is trained on ([dev]'s default 3.5 inside)
-BUILD_THREADS = 1  # fixed, so a seed gives the same weights whatever the machine's default thread count
 
 FLOW_STEPS, FLOW_BATCH, FLOW_LR = 1200, 16, 2e-3
 DISTILL_STEPS, DISTILL_LR = 300, 5e-4
@@ -118,7 +116,7 @@ class _FlowBatches:
         from diffusers import FluxPipeline
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        mean, std, labels = _encode_pool(pipe.vae, rng)
+        mean, std, labels = encode_pool(pipe.vae, rng)
         shift, scale = float(mean.mean()), 1.0 / float(mean.std())
         pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)  # FLUX's recipe: (z - shift) * scale
         self.mean, self.std, self.labels = (mean - shift) * scale, std * scale, torch.tensor(labels)
@@ -193,31 +191,22 @@ def _distill_guidance(pipe, prompts: _Prompts, batches: _FlowBatches) -> None:
     student.eval().requires_grad_(False)
 
 
+def _pretrain(pipe, rng: random.Random, generator: torch.Generator) -> None:
+    train_vae(pipe.vae, rng)
+    prompts = _Prompts(pipe)
+    separate_prompts(pipe.text_encoder, prompts.clip_ids)
+    separate_prompts(pipe.text_encoder_2, prompts.t5_ids)
+    batches = _FlowBatches(pipe, rng, generator)
+    _train_flow(pipe, prompts, batches)
+    _distill_guidance(pipe, prompts, batches)
+
+
 def build_tiny_flux_prior(path: Path, seed: int = 0) -> None:
     """Write the tiny-flux-prior pipeline directory at `path`: tiny FLUX.1 [dev] layout of `seed`, pretrained on the
     shapes."""
-    quiet_libraries()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    try:
-        pipe = _start_pipeline(seed)
-        rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the VAE's posterior sampling draws from the global stream
-            _train_vae(pipe.vae, rng)
-            prompts = _Prompts(pipe)
-            _separate_prompts(pipe.text_encoder, prompts.clip_ids)
-            _separate_prompts(pipe.text_encoder_2, prompts.t5_ids)
-            batches = _FlowBatches(pipe, rng, generator)
-            _train_flow(pipe, prompts, batches)
-            _distill_guidance(pipe, prompts, batches)
-        pipe.save_pretrained(path, safe_serialization=True)
-    finally:
-        torch.set_num_threads(threads)
+    build_pretrained(path, seed, _start_pipeline, _pretrain)
 
 
 def ensure_tiny_flux_prior(cache_dir: Path | None = None, seed: int = 0) -> Path:
     """The tiny-flux-prior directory in the cache, built on first use."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return build_once(root / f"tiny-flux-prior-v{TINY_FLUX_PRIOR_VERSION}-seed{seed}", "model_index.json",
-                      lambda staging: build_tiny_flux_prior(staging, seed=seed))  # fmt: skip
+    return ensure_pipeline("tiny-flux-prior", TINY_FLUX_PRIOR_VERSION, build_tiny_flux_prior, cache_dir, seed)

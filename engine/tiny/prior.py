@@ -34,7 +34,9 @@ from __future__ import annotations
 import colorsys
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from engine.library_logging import quiet_libraries
-from engine.tiny.common import build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
+from engine.tiny.common import build_clip_tokenizer, ensure_pipeline, tiny_clip_config
 from engine.tiny.sd import sd_scheduler
 
 # Bump when the dataset, the training or its length changes, so stale caches are rebuilt rather than reused.
@@ -124,7 +126,7 @@ def _draw_batch(rng: random.Random, count: int) -> tuple[torch.Tensor, list[int]
     return _to_tensor([draw_class_image(CLASSES[k], rng) for k in labels]), labels
 
 
-def _train_vae(vae, rng: random.Random) -> None:
+def train_vae(vae, rng: random.Random) -> None:
     """The VAE as an autoencoder of the drawn shapes (MSE plus a light KL), so that its decoded latents are images."""
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
@@ -140,13 +142,13 @@ def _train_vae(vae, rng: random.Random) -> None:
 
 
 @torch.no_grad()
-def _encode_pool(vae, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def encode_pool(vae, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     pixels, labels = _draw_batch(rng, POOL_PER_CLASS * len(CLASSES))
     posterior = vae.encode(pixels).latent_dist
     return posterior.mean, posterior.std, labels
 
 
-def _separate_prompts(text_encoder, ids: torch.Tensor) -> None:
+def separate_prompts(text_encoder, ids: torch.Tensor) -> None:
     """Push the random text encoder's embeddings of the class prompts (and "") apart before the denoiser trains: at
     random initialisation they are nearly equal (cosine ~0.99), and the UNet learns to use the text far sooner when
     the prompts it must tell apart already look different. Cheap: five prompts, forward and backward."""
@@ -167,7 +169,7 @@ def _train_denoiser(pipe, rng: random.Random, generator: torch.Generator) -> Non
 
     pipe.scheduler.register_to_config(prediction_type=PREDICTION)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    mean, std, labels = _encode_pool(pipe.vae, rng)
+    mean, std, labels = encode_pool(pipe.vae, rng)
     scale = 1.0 / float(mean.std())
     pipe.vae.register_to_config(scaling_factor=scale)  # SD's recipe: latents of unit variance for the UNet
     prompts = [class_prompt(name) for name in CLASSES] + [""]
@@ -175,7 +177,7 @@ def _train_denoiser(pipe, rng: random.Random, generator: torch.Generator) -> Non
                          truncation=True, return_tensors="pt").input_ids  # fmt: skip
     labels_t = torch.tensor(labels)
     unet, text_encoder = pipe.unet, pipe.text_encoder
-    _separate_prompts(text_encoder, ids)
+    separate_prompts(text_encoder, ids)
     for module in (unet, text_encoder):
         module.train().requires_grad_(True)
     optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=DENOISER_LR, weight_decay=0.0)
@@ -223,25 +225,36 @@ def _start_pipeline(seed: int):
                                    requires_safety_checker=False)  # fmt: skip
 
 
-def build_tiny_prior(path: Path, seed: int = 0) -> None:
-    """Write the tiny-prior pipeline directory at `path`: tiny SD of `seed`, pretrained on the shapes."""
+def build_pretrained(
+    path: Path, seed: int, start: Callable[[int], Any], pretrain: Callable[[Any, random.Random, torch.Generator], None]
+) -> None:
+    """Write a tiny pipeline pretrained on the drawn shapes at `path`: `start(seed)` makes it at random,
+    `pretrain(pipe, rng, generator)` trains it. On BUILD_THREADS threads and with the global RNG seeded as well (the
+    VAE's posterior sampling draws from it), so a seed gives the same bytes (tiny-prior and tiny-flux-prior)."""
     quiet_libraries()
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        pipe = _start_pipeline(seed)
+        pipe = start(seed)
         rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the VAE's posterior sampling draws from the global stream
-            _train_vae(pipe.vae, rng)
-            _train_denoiser(pipe, rng, generator)
+            torch.manual_seed(seed)
+            pretrain(pipe, rng, generator)
         pipe.save_pretrained(path, safe_serialization=True)
     finally:
         torch.set_num_threads(threads)
 
 
+def _pretrain(pipe, rng: random.Random, generator: torch.Generator) -> None:
+    train_vae(pipe.vae, rng)
+    _train_denoiser(pipe, rng, generator)
+
+
+def build_tiny_prior(path: Path, seed: int = 0) -> None:
+    """Write the tiny-prior pipeline directory at `path`: tiny SD of `seed`, pretrained on the shapes."""
+    build_pretrained(path, seed, _start_pipeline, _pretrain)
+
+
 def ensure_tiny_prior(cache_dir: Path | None = None, seed: int = 0) -> Path:
     """The tiny-prior directory in the cache, built on first use."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return build_once(root / f"tiny-prior-v{TINY_PRIOR_VERSION}-seed{seed}", "model_index.json",
-                      lambda staging: build_tiny_prior(staging, seed=seed))  # fmt: skip
+    return ensure_pipeline("tiny-prior", TINY_PRIOR_VERSION, build_tiny_prior, cache_dir, seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.library_logging import quiet_libraries
-from engine.tiny.common import build_clip_tokenizer, build_once, default_cache_dir, tiny_clip_config
+from engine.tiny.common import build_clip_tokenizer, ensure_pipeline, tiny_clip_config
 
 # Bump when the architecture or construction changes, so stale caches are rebuilt rather than reused.
 TINY_SD_VERSION = 1
@@ -127,13 +127,9 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
 
 def ensure_tiny_sd(cache_dir: Path | None = None, seed: int = 0) -> Path:
     """The tiny SD directory in the cache, built on first use."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return build_once(root / f"tiny-sd-v{TINY_SD_VERSION}-seed{seed}", "model_index.json",
-                      lambda staging: build_tiny_sd(staging, seed=seed))  # fmt: skip
+    return ensure_pipeline("tiny-sd", TINY_SD_VERSION, build_tiny_sd, cache_dir, seed)
 
 
 def ensure_tiny_sdxl(cache_dir: Path | None = None, seed: int = 0) -> Path:
     """The tiny SDXL directory in the cache, built on first use."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return build_once(root / f"tiny-sdxl-v{TINY_SDXL_VERSION}-seed{seed}", "model_index.json",
-                      lambda staging: build_tiny_sdxl(staging, seed=seed))  # fmt: skip
+    return ensure_pipeline("tiny-sdxl", TINY_SDXL_VERSION, build_tiny_sdxl, cache_dir, seed)

@@ -122,8 +122,12 @@ class SubjectWorker:
         then train until at least one resident subject ends, or, with slots free, for REFILL_SECONDS."""
         ended: list[Outcome] = []
         if admit and self.trainer is None:
-            self._compile(admit[0][1])
-            self.trainer = PackTrainer(self.base, admit[0][1], capacity)
+            try:
+                self._compile(admit[0][1])
+                self.trainer = PackTrainer(self.base, admit[0][1], capacity)
+            except Exception as err:  # the pack's shape does not fit the base (a LoRA target that is not Linear): the
+                # subjects of that shape fail, and the worker stays for the others
+                return TrainCall([_failure(s.subject_id, err) for s, _, _ in admit], sorted(self.residents))
             self.packs += 1
         for subject, settings, class_uris in admit:
             ended += self._admit(run, subject, settings, class_uris)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 
 from engine import storage
+from engine.diffusion.base_model import resolve_base_model
 from engine.settings import Settings
 from ray_jobs.cli import main
 from ray_jobs.report.run_report import write_run_report
@@ -168,6 +170,43 @@ def test_each_bad_subject_row_gets_its_reason_and_every_good_row_trains(ray_clus
     assert statuses["case-prompt-over-77-tokens"].warnings == [cut] and not statuses["s0"].warnings
     assert f"subject case-prompt-over-77-tokens: {cut}" in capsys.readouterr().err
     assert cut in Path(write_run_report(run.uri)).read_text()
+
+
+# -- FLUX bases: a folder that is not a whole base stops the command; a setting the base cannot take fails its row --
+
+FLUX_ROWS = [
+    # case, the row's params, expected message
+    ("lora-target-not-linear", {"lora_target_modules": ["norm1"]},
+     "lora_target_modules: transformer.transformer_blocks.0.norm1 is a AdaLayerNormZero; LoRA targets must be Linear"),
+    ("resolution-off-the-patch-grid", {"resolution": 33},
+     "resolution: 33 is not a multiple of 2 (this base's VAE scale 1 x its 2x2 latent patches)"),
+    ("text-encoder-training", {"train_text_encoder": True}, "train_text_encoder: not supported on FLUX bases"),
+    ("negative-prompt-on-flux1", {"negative_prompt": "blurry"}, "negative_prompt: 'blurry' is not used by FLUX.1 bases"),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_each_flux_setting_the_base_cannot_take_fails_its_row_and_the_good_row_trains(ray_cluster, tmp_path):
+    good = make_subject_rows(tmp_path / "images", 1)[0]
+    rows = [good, *({**good, "subject_id": f"case-{case}", "params": json.dumps(params)} for case, params, _ in FLUX_ROWS)]
+    manifest, run = str(tmp_path / "subjects.parquet"), RunDirectory(str(tmp_path / "run"))
+    write_subjects_manifest(manifest, rows)
+    assert main(["train", manifest, "--out", run.uri, "--base-model", "tiny-flux", *FAST]) == 1
+    statuses = run.read_statuses()
+    assert statuses["s0"].state == "trained"
+    for case, _, expect in FLUX_ROWS:
+        status = statuses[f"case-{case}"]
+        assert status.state == "failed" and expect in (status.error or ""), (case, status.state, status.error)
+
+
+def test_a_flux_folder_missing_a_component_stops_the_command(model_cache, tmp_path, capsys):
+    broken = tmp_path / "flux"
+    shutil.copytree(resolve_base_model("tiny-flux", model_cache), broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    manifest, run = str(tmp_path / "subjects.parquet"), tmp_path / "run"
+    write_subjects_manifest(manifest, make_subject_rows(tmp_path / "images", 1))
+    assert main(["train", manifest, "--out", str(run), "--base-model", str(broken), *FAST]) == 2
+    assert f"{broken}: missing component folder 'text_encoder_2'" in capsys.readouterr().err and not run.exists()
 
 
 # -- images manifest rows (a VLM pass) -----------------------------------------------------------------------

@@ -1,23 +1,23 @@
 """FLUX bases on the shared loop: packed training equals alone, resume is exact, stock pipelines load the exported
-LoRAs, packed rendering equals alone, and the FLUX bad inputs are refused with the setting named."""
+LoRAs, packed rendering equals alone, [klein]'s batched CFG equals the stock call. The FLUX bad inputs are in
+tests/ray_jobs/test_bad_input_catalogue.py, through the CLI."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import functools
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from engine.diffusion.base_model import ModelError, load_base_model, resolve_base_model
+from engine.diffusion.base_model import load_base_model, resolve_base_model
 from engine.diffusion.class_images import ClassImageCache
 from engine.diffusion.flow_matching import FlowMatching
 from engine.diffusion.generation import RenderJob, generate, render_pack
 from engine.diffusion.subject import Subject
-from engine.diffusion.train import PackJob, train_pack, train_subject
-from engine.settings import SettingsError, load_settings
+from engine.diffusion.train import PackJob, PackTrainer, train_pack, train_subject
+from engine.settings import load_settings
 from tests.helpers.subjects import draw_subject
 from tests.helpers.training import Interrupted, assert_same_training, lora_weights, stop_at
 
@@ -113,6 +113,32 @@ def _stock_render(pipe, settings) -> np.ndarray:
     return out.images * 255.0
 
 
+def test_frozen_text_encoders_run_only_at_admission_and_come_back_for_generation(dev, tmp_path):
+    """A pack on cached prompt embeddings parks its text encoders on the CPU from its start to its close (a GPU then
+    holds the transformer and the VAE alone): its steps never run them, admitting a subject does (brought to the
+    device for it), and after close they are back for class images and rendering. On this CPU-only machine the device
+    is the CPU, so what is checked is that mechanism, not where the weights are."""
+    _, base = dev
+    job = _jobs(base, "tiny-flux", tmp_path, 1, "s", max_train_steps=2)[0]  # its class images rendered before
+    calls: list[str] = []
+    hooks = [getattr(base, n).register_forward_hook(lambda *_, n=n: calls.append(n)) for n in base.text_encoder_names]
+    trainer = PackTrainer(base, job.settings, capacity=2)
+    try:
+        assert base.text_encoders_parked
+        trainer.admit(job.subject, job.settings, job.subject_dir, job.class_image_uris)
+        assert sorted(set(calls)) == ["text_encoder", "text_encoder_2"]  # instance and class prompts, once each
+        calls.clear()
+        while trainer.members:
+            trainer.step()
+        assert calls == [] and base.text_encoders_parked
+    finally:
+        trainer.close()
+        for hook in hooks:
+            hook.remove()
+    assert not base.text_encoders_parked
+    assert generate(base, [PROMPT], [1], job.settings, batch_size=1)[0].size == (32, 32)
+
+
 def test_the_stock_flux_pipelines_load_the_exported_lora_and_it_changes_their_output(flux, tmp_path):
     name, path, base = flux
     settings = _settings(name, max_train_steps=6, with_prior_preservation=False, learning_rate=3e-2)
@@ -153,10 +179,38 @@ def test_packed_flux_rendering_equals_rendering_alone(flux, tmp_path):
         base.reset()
 
 
+def test_klein_batches_both_cfg_halves_and_equals_the_stock_two_pass_call(bases):
+    """dreamfleet's [klein] sampling runs [prompts; negatives] as one transformer call a step; its images equal the stock
+    Flux2KleinPipeline's (two calls a step) within 1/255 from the same seeds. A negative prompt is what the second half
+    is conditioned on, and it changes the images (the tiny random base reads text weakly: by a level or so)."""
+    from engine.diffusion.flux import Flux2Family
+
+    path, base = bases["tiny-flux2"]
+    settings = _settings("tiny-flux2", num_inference_steps=4)
+    calls = []
+    hook = base.transformer.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    try:
+        ours = generate(base, [PROMPT] * 2, [0, 1], settings, batch_size=2)
+        negative = generate(base, [PROMPT] * 2, [0, 1], settings.with_overrides({"negative_prompt": "blurry"}), 2)
+    finally:
+        hook.remove()
+    steps = settings.num_inference_steps
+    assert [len(c["hidden_states"]) for c in calls] == [4] * 2 * steps  # both halves of both images, one call a step
+    stock = _stock("tiny-flux2", path)(
+        prompt=[PROMPT] * 2, height=32, width=32, num_inference_steps=steps, guidance_scale=settings.guidance_scale,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)], max_sequence_length=32,
+    ).images  # fmt: skip
+    for a, b in zip(ours, stock):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+    blurry = Flux2Family().encode(base, ["blurry"] * 2, settings).hidden
+    assert torch.allclose(calls[steps]["encoder_hidden_states"][2:], blurry, atol=1e-6)
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(ours, negative))
+
+
 def test_full_fine_tuning_trains_the_transformer_alone_and_restores_the_base(dev, tmp_path):
     from diffusers import FluxTransformer2DModel
 
-    path, base = dev
+    _, base = dev
     settings = _settings("tiny-flux", mode="full", max_train_steps=3, with_prior_preservation=False)
     before = generate(base, [PROMPT], [1], settings, batch_size=1)[0]
     subject = Subject("s", (str(draw_subject(tmp_path / "0.png")),), PROMPT, CLASS_PROMPT, seed=3)
@@ -165,30 +219,55 @@ def test_full_fine_tuning_trains_the_transformer_alone_and_restores_the_base(dev
     assert generate(base, [PROMPT], [1], settings, batch_size=1)[0].tobytes() == before.tobytes()
 
 
-@pytest.mark.parametrize(
-    "overrides, match",
-    [
-        ({"resolution": 33}, "resolution: 33 is not a multiple of 2"),
-        ({"lora_target_modules": ["norm1"]}, "lora_target_modules: .*norm1 is a AdaLayerNormZero"),
-        ({"train_text_encoder": True}, "train_text_encoder: not supported on FLUX"),
-    ],
-)
-def test_bad_flux_settings_are_refused_naming_the_setting(dev, tmp_path, overrides, match):
-    _, base = dev
-    settings = _settings("tiny-flux", max_train_steps=2, with_prior_preservation=False, **overrides)
-    subject = Subject("s", (str(draw_subject(tmp_path / "0.png")),), PROMPT, CLASS_PROMPT, seed=3)
-    with pytest.raises(SettingsError, match=match):
-        train_subject(base, subject, settings, str(tmp_path / "s"))
+@pytest.fixture(scope="module")
+def flux_prior(model_cache):
+    """(path, base) of tiny-flux-prior, built once per session (about 110 CPU s cold; engine/tiny/flux_prior.py)."""
+    path = resolve_base_model("tiny-flux-prior", model_cache)
+    return path, load_base_model(path, "cpu")
 
 
-def test_a_flux_folder_missing_a_component_is_refused(dev, tmp_path):
-    path, _ = dev
-    broken = tmp_path / "flux"
-    shutil.copytree(path, broken)
-    shutil.rmtree(broken / "text_encoder_2")
-    with pytest.raises(ModelError, match="missing component folder 'text_encoder_2'"):
-        load_base_model(broken)
-    assert json.loads((broken / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+@functools.cache  # the untrained renders once for all seeds (trained ones differ by weights URI)
+def _flux_prior_renders(path, weights: str | None = None) -> np.ndarray:
+    pipe = _stock("tiny-flux", path, weights)  # FluxPipeline, with the exported LoRA loaded
+    generators = [torch.Generator().manual_seed(i) for i in range(8)]
+    out = pipe([PROMPT] * 8, height=32, width=32, num_inference_steps=20, guidance_scale=3.5, generator=generators,
+               max_sequence_length=32, output_type="np")  # fmt: skip
+    return out.images * 255.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_on_a_flow_base_learns_the_subject(flux_prior, subject_images, tmp_path, seed):
+    """The instance prompt's images move towards the subject's photos, for every training seed, on tiny-flux-prior (a
+    FLUX.1 [dev]-layout base pretrained on drawn shapes, whose built seed renders "ball"): the trained renders close at
+    least half of the gap between the untrained renders and the floor that the VAE's own reconstruction of the photos
+    sets (the VAE, not the transformer, limits how near they can get: bench/RESULTS.md, "tiny-flux-prior").
+
+    Predicted before the first run, from the bench's scratch loop: 0.6-0.85 of the gap closed. Measured (mean |pixel|
+    distance to the photos; untrained 52.8, floor 46.8): at the default training guidance input 3.5, 49.7 / 49.2 /
+    49.9 for seeds 0 / 1 / 2 (0.52 / 0.60 / 0.49 of the gap: seed 2 misses the bound); at guidance input 1 (the
+    distilled base's plain conditional velocity, what the scratch loop trained at), 48.4 / 48.7 / 48.6 (0.73 / 0.68 /
+    0.70). The test trains at 1, with seeds 0 and 1 to keep it short.
+    """
+    from engine.diffusion.instance_data import load_pixels
+
+    path, base = flux_prior
+    settings = load_settings("tiny-flux-prior", overrides={"train_guidance_scale": 1.0})
+    class_uris = ClassImageCache(str(tmp_path / "class_images")).ensure(base, CLASS_PROMPT, settings).uris
+    subject = Subject("ball-1", tuple(subject_images), PROMPT, CLASS_PROMPT, seed=seed)
+    result = train_subject(base, subject, settings, str(tmp_path / "s"), class_uris)
+    pixels = load_pixels(subject_images, settings)
+    with torch.no_grad():
+        reconstructed = base.vae.decode(base.vae.encode(pixels).latent_dist.mean).sample
+    photos = ((pixels + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+
+    def distance(images: np.ndarray) -> float:
+        return float(np.abs(images[:, None] - photos[None]).mean())
+
+    floor = distance(((reconstructed / 2 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1).numpy())
+    untrained = distance(_flux_prior_renders(path))
+    trained = distance(_flux_prior_renders(path, result.weights_uri))
+    assert untrained - trained >= 0.5 * (untrained - floor), (untrained, trained, floor)
 
 
 @pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"])
