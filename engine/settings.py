@@ -314,7 +314,10 @@ def _validate(values: dict[str, Any], *, source: str) -> Settings:
 TINY_FLUX_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-flux": {"max_sequence_length": 32, "guidance_scale": 3.5},
     "tiny-flux2": {"max_sequence_length": 32, "guidance_scale": 4.0},
-    "tiny-flux-prior": {"max_sequence_length": 32, "guidance_scale": 3.5},  # it was pretrained with 32 T5 tokens
+    # Pretrained with 32 T5 tokens; its flow matching saw guidance input 1 (distillation taught the higher values for
+    # sampling), and LoRA trained at 1 learns the subject best (bench/RESULTS.md, "tiny-flux-prior": 0.68-0.73 of the
+    # gap to the VAE's floor closed, 0.49-0.60 at 3.5), as diffusers' FLUX DreamBooth examples pass --guidance_scale=1.
+    "tiny-flux-prior": {"max_sequence_length": 32, "guidance_scale": 3.5, "train_guidance_scale": 1.0},
 }
 
 
