@@ -1,4 +1,5 @@
-"""One subject's own share of a pack: its training identity, optimizer, schedule, RNG, step log and checkpoints."""
+"""One subject's own share of a pack: its training identity, loss, optimizer, schedule, RNG, step log and
+checkpoints."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from engine import storage
 from engine.diffusion.base_model import BaseModel
 from engine.diffusion.checkpoints import TrainingState, save_checkpoint
 from engine.diffusion.families import family_of
+from engine.diffusion.family import Noised
 from engine.diffusion.instance_data import TrainingExamples
 from engine.diffusion.subject import CHECKPOINTS, TRAIN_LOG, Subject
 from engine.settings import Settings
@@ -107,6 +110,16 @@ class SubjectTraining:
     totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, instance, prior of this step
     step_began: float = field(default_factory=time.perf_counter)
 
+    def loss(self, prediction: torch.Tensor, noised: Noised) -> list[torch.Tensor]:
+        """The subject's DreamBooth loss over its own samples: [loss, instance loss, prior loss]."""
+        if self.examples.class_ is None:
+            loss = _mse(prediction, noised.target, noised.weights)
+            return [loss, loss.detach(), torch.zeros((), device=loss.device)]
+        halves = zip(prediction.chunk(2), noised.target.chunk(2), _halves(noised.weights))
+        instance_loss, prior_loss = (_mse(p, t, w) for p, t, w in halves)
+        loss = instance_loss + self.settings.prior_loss_weight * prior_loss
+        return [loss, instance_loss.detach(), prior_loss.detach()]
+
     @property
     def checkpoints_uri(self) -> str:
         return storage.join(self.subject_dir, CHECKPOINTS)
@@ -124,6 +137,18 @@ class SubjectTraining:
         )  # fmt: skip
         save_checkpoint(self.checkpoints_uri, state, keep=self.settings.checkpoints_total_limit)
         write_train_log(self.subject_dir, self.log)
+
+
+def _mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error; with per-sample weights, each sample's weighted mean, then their mean (diffusers' FLUX)."""
+    if weights is None:
+        return F.mse_loss(prediction, target.float())
+    squared = weights.float().reshape(-1, *([1] * (prediction.ndim - 1))) * (prediction - target.float()) ** 2
+    return squared.reshape(squared.shape[0], -1).mean(dim=1).mean()
+
+
+def _halves(weights: torch.Tensor | None) -> tuple:
+    return weights.chunk(2) if weights is not None else (None, None)
 
 
 def write_train_log(subject_dir: str, log: list[dict[str, Any]]) -> None:

@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine import storage
 from engine.diffusion import data_parallel
@@ -317,7 +316,7 @@ class PackTrainer:
         losses, offset = [], 0
         for m, part in zip(members, noised):
             n = len(part.timesteps)
-            losses.append(self._loss(m, prediction[offset : offset + n].float(), part))
+            losses.append(m.loss(prediction[offset : offset + n].float(), part))
             offset += n
         values = torch.stack([torch.stack(parts) for parts in losses]).detach()
         if self.world_size > 1:  # the global means: every rank logs, and finds non-finite, the same values
@@ -412,16 +411,6 @@ class PackTrainer:
         if self.pack is not None:
             self.pack.route(component, slots)
 
-    @staticmethod
-    def _loss(m: SubjectTraining, prediction: torch.Tensor, noised: Noised) -> list[torch.Tensor]:
-        """The subject's DreamBooth loss over its own samples: [loss, instance loss, prior loss]."""
-        if m.examples.class_ is None:
-            loss = _mse(prediction, noised.target, noised.weights)
-            return [loss, loss.detach(), torch.zeros((), device=loss.device)]
-        halves = zip(prediction.chunk(2), noised.target.chunk(2), _halves(noised.weights))
-        instance_loss, prior_loss = (_mse(p, t, w) for p, t, w in halves)
-        return [instance_loss + m.settings.prior_loss_weight * prior_loss, instance_loss.detach(), prior_loss.detach()]
-
     def _optimizer_step(self, m: SubjectTraining) -> tuple[StepRecord, Ended | None]:
         if self.averaged_by_hand:  # data-parallel: DDP averaged the UNet's gradients in the backward, not these
             data_parallel.average_gradients(self.averaged_by_hand)
@@ -444,18 +433,6 @@ class PackTrainer:
             ended = self._finish(m)
             self._release(m.slot)
         return record, ended
-
-
-def _mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error; with per-sample weights, each sample's weighted mean, then their mean (diffusers' FLUX)."""
-    if weights is None:
-        return F.mse_loss(prediction, target.float())
-    squared = weights.float().reshape(-1, *([1] * (prediction.ndim - 1))) * (prediction - target.float()) ** 2
-    return squared.reshape(squared.shape[0], -1).mean(dim=1).mean()
-
-
-def _halves(weights: torch.Tensor | None) -> tuple:
-    return weights.chunk(2) if weights is not None else (None, None)
 
 
 @dataclass
