@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DREAMFLEET_CACHE", Path.home() / ".cache" / "dreamfleet"))
+    # An empty value means unset: Path("") is the working directory, where builds would land among the user's files.
+    return Path(os.environ.get("DREAMFLEET_CACHE") or Path.home() / ".cache" / "dreamfleet")
 
 
 def _byte_alphabet() -> list[str]:
