@@ -175,9 +175,12 @@ class BaseModel:
         """Move the frozen text encoders to the CPU. A pack that trains on cached prompt embeddings runs them only when
         it admits a subject (`text_encoders_on_device`), so between admissions the device holds the denoiser and the
         VAE alone (FLUX.1's T5-XXL is ~9.5 GB in bf16, [klein]'s Qwen3 4-8 GB). `reset()` brings them back."""
-        for name in self.text_encoder_names:
-            getattr(self, name).to("cpu")
+        self._text_encoders_to("cpu")
         self.text_encoders_parked = True
+
+    def _text_encoders_to(self, device: str | torch.device) -> None:
+        for name in self.text_encoder_names:
+            getattr(self, name).to(device)
 
     @contextlib.contextmanager
     def text_encoders_on_device(self) -> Iterator[None]:
@@ -190,21 +193,18 @@ class BaseModel:
         if not self.text_encoders_parked:
             yield
             return
-        for name in self.text_encoder_names:
-            getattr(self, name).to(self.device)
+        self._text_encoders_to(self.device)
         try:
             yield
         finally:
-            for name in self.text_encoder_names:
-                getattr(self, name).to("cpu")
+            self._text_encoders_to("cpu")
 
     def reset(self) -> None:
         """Back to the base weights: take any LoRA pack off, restore fully fine-tuned weights, freeze everything, and
         parked text encoders back on the device (class images and generation encode prompts there, as the stock
         pipelines do: their prompts are few and the denoiser holds no optimizer state then)."""
         if self.text_encoders_parked:
-            for name in self.text_encoder_names:
-                getattr(self, name).to(self.device)
+            self._text_encoders_to(self.device)
             self.text_encoders_parked = False
         if self.lora is not None:
             self.lora.detach()
