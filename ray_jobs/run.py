@@ -200,15 +200,19 @@ def withhold_unsafe(run: RunDirectory, request: FleetRequest) -> None:
 def gate_subjects(run: RunDirectory, manifest: SubjectsManifest, curated: list[Subject], request: FleetRequest) -> None:
     """The quality gate after evaluation (ray_jobs/gate.py): each retrain round is a `run` of its own under
     RUN/gate/; the subjects still under the gate end `below_gate`, which leaves the exit status as it is. A retrain
-    trains on the photos curation kept in RUN (its crops), not curating them again."""
+    trains on the photos curation kept in RUN (its crops), not curating them again, unless photos train with their
+    captions: a manifest carries no per-photo prompts, so those retrains curate the original photos again (greedy
+    decoding gives the same verdicts and captions)."""
+    recurate = any(s.instance_prompts for s in curated)
 
     def run_attempt(manifest_uri: str, out: str, settings: Settings) -> None:
         # --extend: a later invocation may gate other subjects into the same round's folder
-        attempt = replace(request, manifest=manifest_uri, out=out, settings=settings.with_overrides(
-            {"curate": False}, source="quality gate"), extend=True, command="run")  # fmt: skip
+        if not recurate:
+            settings = settings.with_overrides({"curate": False}, source="quality gate")
+        attempt = replace(request, manifest=manifest_uri, out=out, settings=settings, extend=True, command="run")
         run_manifest(attempt, ("train", "generate", "moderate", "evaluate"))
 
-    kept_photos = {s.subject_id: s for s in curated}
+    kept_photos = {} if recurate else {s.subject_id: s for s in curated}
     subjects = [_curated(s, kept_photos[s.subject_id]) if s.subject_id in kept_photos else s for s in manifest.subjects]
     judged = run_quality_gate(run, subjects, request.manifest, request.settings, run_attempt)
     if not judged:

@@ -121,3 +121,19 @@ def test_a_driver_killed_in_the_gates_retrain_loses_at_most_that_retrains_work(r
         assert status.evaluation["dino"] == status.gate["attempts"][1]["scores"]["dino"]
     assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
     assert not list(run.rglob("*.checkpoint/*.pending.parquet"))
+
+
+def test_a_subject_training_on_its_captions_is_retrained_on_them(ray_cluster, tmp_path):
+    """A manifest has no per-photo prompts, so a caption-mode retrain curates its photos again rather than training
+    without the captions (or refusing its settings)."""
+    rows = make_subject_rows(tmp_path / "images", 1)
+    rows[0]["prompts"] = ["a photo of sks ball on a table"]
+    manifest, run = str(tmp_path / "subjects.parquet"), tmp_path / "run"
+    write_subjects_manifest(manifest, rows)
+    args = ["run", manifest, "--out", str(run), *TINY, "--set", "gate_min_dino=1.0", "--set", "curate=true",
+            "--set", "instance_prompt_mode=caption", "--set", "moderation_threshold=1.01"]  # fmt: skip
+    assert main(args) == 0
+    status = RunDirectory(str(run)).read_status("s0")
+    assert status.state == "below_gate" and len(status.gate["attempts"]) == 2
+    retrain = pq.read_table(run / "gate/attempt-1/curation.parquet").to_pylist()
+    assert len(retrain) == 3 and all(r["caption"] is not None for r in retrain)
